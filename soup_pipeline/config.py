@@ -1,0 +1,172 @@
+"""Typed, validated parameters. params.yaml is the single source of truth; unknown keys fail loudly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import SoupError
+
+
+class Strict(BaseModel):
+    """Base for every params section: unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SoupParams(Strict):
+    """How a soup is learned (DESIGN.md section 2)."""
+
+    method: str = "mehl_soup_plus"  # registry name of the method run by default
+    model_batch: int = Field(2, gt=0)  # b: ingredients in memory at once (clamped to K)
+    model_epochs: int = Field(1, gt=0)  # passes over the K ingredients (MEHL-Soup); HL-Soup uses 1
+    passes: float = Field(5.0, gt=0)  # S, in passes over the held-out data, per block
+    lr: float = Field(0.05, gt=0)  # AdamW learning rate on the coefficients (raw directions)
+    weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay on the coefficients (towards uniform)
+    warmup_frac: float = Field(0.2, ge=0, lt=1)  # linear warm-up share of each block's steps
+    grad_clip: float | None = Field(1.0, gt=0)  # max global norm of grad_theta before projection; None = off
+    normalize_directions: bool = False  # use d/|d| (the official script) instead of raw d
+    grouping: Literal["tensor", "block", "model"] | list[str] = "tensor"  # layers for the "+" variants
+    batch_size: int = Field(128, gt=0)  # held-out mini-batch size
+    seed: int = 0  # seeds the ingredient permutations and the held-out stream
+    prefetch: bool = True  # load the next block on a background thread
+    storage_dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = None  # ingredient dtype in memory
+    device: str = "auto"  # "auto" takes the GPU when there is one; else "cpu", "cuda", "cuda:1"
+    learned_lr: float = Field(0.05, gt=0)  # Learned-Soup(+) AdamW rate (reference setting)
+    learned_epochs: int = Field(5, gt=0)  # Learned-Soup(+) passes over the held-out data
+
+    @model_validator(mode="after")
+    def _grouping_patterns(self) -> "SoupParams":
+        if isinstance(self.grouping, list) and not self.grouping:
+            raise ValueError("grouping: an empty pattern list; give regex patterns or 'tensor', 'block', 'model'")
+        return self
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per bad key: `section.key: what is wrong (got value)`."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "<root>"
+        got = err.get("input")
+        lines.append(f"{key}: {err['msg']} (got {got!r})")
+    return f"invalid parameters in {source}:\n  " + "\n  ".join(lines)
+
+
+def parse_section(model: type[Strict], data: dict | None, source: str = "params") -> Strict:
+    """Validate a dict against a params model, raising SoupError that names each bad key."""
+    try:
+        return model.model_validate(data or {})
+    except ValidationError as exc:
+        raise SoupError(format_validation_error(exc, source)) from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, with a clear error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SoupError(f"params file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise SoupError(f"params file {path} must hold a mapping at the top level")
+    return data
+
+
+# -- model, data, pre-training and sweep (DESIGN.md section 3) -------------------------------
+
+Augmentation = Literal["none", "light", "strong"]  # presets in soup_pipeline.data.AUGMENTATIONS
+
+
+def _check_range(name: str, bounds: tuple[float, float]) -> None:
+    if bounds[0] > bounds[1]:
+        raise ValueError(f"{name}: low {bounds[0]} is above high {bounds[1]}; give [low, high]")
+
+
+class ModelParams(Strict):
+    """Which open_clip model is fine-tuned."""
+
+    arch: str = "soup-tiny-vit"  # open_clip architecture name; the default is the tiny ViT shipped in the package
+    pretrained: str | None = None  # None: pre-train `arch` here first; else a local weights file or an open_clip tag in the local cache
+    cache_dir: str | None = None  # cache to resolve open_clip tags from; None = the Hugging Face default cache
+
+
+class DataParams(Strict):
+    """Where the images come from and how they are split."""
+
+    source: Literal["digits", "image_folder", "torchvision"] = "digits"  # digits = scikit-learn's, the embedded default
+    root: str | None = None  # image_folder: a folder with train/ heldout/ test/ [test_shift/]; torchvision: the data set's root
+    torchvision_name: str | None = None  # torchvision.datasets class already on disk, e.g. "CIFAR10" (never downloaded)
+    templates: list[str] | None = None  # prompt templates, each with one {} for the class name; None = the source's default
+    image_size: int = Field(32, gt=0)  # digits: side the 8x8 images are upscaled to (the model's image size)
+    pretrain_size: int = Field(500, ge=0)  # digits: images for contrastive pre-training
+    train_size: int = Field(300, gt=0)  # digits: fine-tuning images
+    heldout_size: int = Field(500, gt=0)  # held-out images (torchvision: taken from its train split)
+    test_size: int = Field(497, gt=0)  # digits: test images
+    split_seed: int = 0  # seeds the split permutation
+    shift_rotation: float = Field(35.0, ge=0)  # digits: max |rotation| in degrees of the shifted test variant
+    shift_noise: float = Field(0.15, ge=0)  # digits: std of Gaussian pixel noise (pixels in [0, 1]) of the shifted test variant
+    shift_seed: int = 1  # seeds the shifted test variant
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> "DataParams":
+        if self.source != "digits" and not self.root:
+            raise ValueError(f"data.root: source {self.source!r} needs a root folder")
+        if self.source == "torchvision" and not self.torchvision_name:
+            raise ValueError("data.torchvision_name: source 'torchvision' needs a data set class name, e.g. 'CIFAR10'")
+        return self
+
+
+class PretrainParams(Strict):
+    """Contrastive pre-training of the tiny model on the pre-training split."""
+
+    epochs: int = Field(40, gt=0)  # passes over the pre-training split
+    lr: float = Field(1e-3, gt=0)  # AdamW peak learning rate
+    weight_decay: float = Field(0.1, ge=0)  # AdamW weight decay (matrices only)
+    batch_size: int = Field(128, gt=0)  # image-caption pairs per step
+    warmup_frac: float = Field(0.1, ge=0, lt=1)  # linear warm-up share of the steps, cosine decay after
+    seed: int = 0  # seeds the initialisation, the shuffling and the caption choice
+    device: str = "auto"  # "auto" takes the GPU when there is one; "cpu" for byte-identical reruns
+
+
+class FinetuneParams(Strict):
+    """The hyperparameters of one fine-tune (one sweep member); recorded in the ingredient's sidecar."""
+
+    lr: float = Field(1e-4, gt=0)  # AdamW peak learning rate
+    weight_decay: float = Field(0.1, ge=0)  # AdamW weight decay
+    augmentation: Augmentation = "light"  # augmentation preset
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # cross-entropy label smoothing
+    epochs: int = Field(10, gt=0)  # passes over the train split
+    seed: int = 0  # seeds the shuffling and the augmentation
+    batch_size: int = Field(64, gt=0)  # images per step
+    warmup_frac: float = Field(0.1, ge=0, lt=1)  # linear warm-up share of the steps, cosine decay after
+
+
+class SweepParams(Strict):
+    """Seeded random search: member k's hyperparameters depend only on (seed, k)."""
+
+    members: int = Field(12, gt=0)  # K, the number of fine-tunes
+    seed: int = 0  # seeds every member's draw
+    lr_range: tuple[float, float] = (1e-5, 3e-4)  # learning rate, drawn log-uniformly
+    weight_decay_range: tuple[float, float] = (0.0, 0.2)  # weight decay, drawn uniformly
+    label_smoothing_range: tuple[float, float] = (0.0, 0.2)  # label smoothing, drawn uniformly
+    epochs_range: tuple[int, int] = (4, 12)  # epochs, an integer drawn uniformly, both ends included
+    augmentations: list[Augmentation] = ["none", "light", "strong"]  # presets drawn uniformly
+    batch_size: int = Field(64, gt=0)  # images per step, the same for every member
+    warmup_frac: float = Field(0.1, ge=0, lt=1)  # linear warm-up share of the steps, the same for every member
+    device: str = "auto"  # "auto" takes the GPU when there is one; "cpu" for byte-identical reruns
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "SweepParams":
+        for name in ("lr_range", "weight_decay_range", "label_smoothing_range", "epochs_range"):
+            _check_range(name, getattr(self, name))
+        if self.lr_range[0] <= 0:
+            raise ValueError(f"lr_range: low {self.lr_range[0]} must be > 0 (drawn log-uniformly)")
+        if self.weight_decay_range[0] < 0 or not 0 <= self.label_smoothing_range[0] <= self.label_smoothing_range[1] < 1:
+            raise ValueError("weight_decay_range must be >= 0 and label_smoothing_range within [0, 1)")
+        if self.epochs_range[0] < 1:
+            raise ValueError(f"epochs_range: low {self.epochs_range[0]} must be >= 1")
+        if not self.augmentations:
+            raise ValueError("augmentations: empty; list presets from 'none', 'light', 'strong'")
+        return self

@@ -1,0 +1,362 @@
+"""The ingredient store: fine-tuned state dicts on disk, checked as a set, loaded a block at a time.
+
+An ingredient is `NAME.safetensors` (the state dict) plus `NAME.json` (hyperparameters, held-out
+accuracy, base model id, content hash). The store checks keys, shapes and dtypes of the whole set
+from the file headers before any tensor is read, loads one ingredient or a stacked block lazily,
+streams the centre (float64 accumulation), and prefetches the next block on a background thread.
+It counts the ingredients it has handed out that are still alive, so tests can assert the
+memory contract. Nothing here unpickles: external checkpoints go through `import_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .atomic import atomic_path, write_json
+from .errors import IngredientError
+
+SUFFIX = ".safetensors"
+
+
+@dataclass(frozen=True)
+class Ingredient:
+    """One fine-tuned model on disk: its weights file and its sidecar metadata."""
+
+    path: Path
+    meta: Mapping = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.name[: -len(SUFFIX)] if self.path.name.endswith(SUFFIX) else self.path.stem
+
+    @property
+    def val_acc(self) -> float | None:
+        value = self.meta.get("val_acc")
+        return None if value is None else float(value)
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """The JSON sidecar that belongs to a weights file."""
+    path = Path(path)
+    return path.with_name(path.name[: -len(SUFFIX)] + ".json") if path.name.endswith(SUFFIX) else path.with_suffix(".json")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise if a floating tensor holds NaN or Inf, naming the source and the key."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise IngredientError(
+                f"{source}: tensor '{key}' contains NaN or Inf; re-export this checkpoint or drop it from the set"
+            )
+
+
+def save_ingredient(state_dict: Mapping[str, torch.Tensor], path: str | Path, *, meta: Mapping | None = None) -> Ingredient:
+    """Write a state dict and its sidecar atomically; the sidecar records the file's SHA-256."""
+    path = Path(path)
+    if not path.name.endswith(SUFFIX):
+        raise IngredientError(f"ingredient path {path} must end with {SUFFIX}")
+    state = {key: tensor.detach().cpu().contiguous() for key, tensor in state_dict.items()}
+    check_finite(state, str(path))
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+        sha256 = file_sha256(tmp)
+    full_meta = {**dict(meta or {}), "sha256": sha256}
+    write_json(sidecar_path(path), full_meta)
+    return Ingredient(path=path, meta=full_meta)
+
+
+def read_ingredient(path: str | Path) -> Ingredient:
+    """Open an ingredient's sidecar (an absent sidecar gives empty metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise IngredientError(f"ingredient file {path} does not exist; run the sweep or check the path")
+    side = sidecar_path(path)
+    meta = json.loads(side.read_text()) if side.is_file() else {}
+    return Ingredient(path=path, meta=meta)
+
+
+def _header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Keys, shapes and dtypes from a safetensors header, without reading tensor data."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            result = {}
+            for key in handle.keys():
+                sl = handle.get_slice(key)
+                result[key] = (tuple(sl.get_shape()), sl.get_dtype())
+            return result
+    except Exception as exc:  # safetensors raises its own error types
+        raise IngredientError(
+            f"{path} is not a readable safetensors file ({exc}); it may be truncated or in another format. "
+            "Re-export it, or import external checkpoints with soup_pipeline.ingredients.import_checkpoint"
+        ) from exc
+
+
+class _Resident(dict):
+    """A dict of tensors handed out by the store; the store counts it while it is alive."""
+
+
+class IngredientStore:
+    """A checked set of K ingredients, loaded lazily and counted while resident.
+
+    storage_dtype: hold loaded floating tensors in this dtype (e.g. torch.bfloat16); None keeps
+    the file's dtype. Accumulations done by callers should be in float32 or better.
+    """
+
+    def __init__(self, ingredients: Sequence[Ingredient | str | Path], *, storage_dtype: torch.dtype | None = None):
+        self.ingredients = [i if isinstance(i, Ingredient) else read_ingredient(i) for i in ingredients]
+        if not self.ingredients:
+            raise IngredientError("no ingredients given (K = 0); a soup needs at least one fine-tuned model")
+        self.storage_dtype = storage_dtype
+        self.header = self._check_compatible()
+        self._lock = threading.Lock()
+        self.resident_count = 0
+        self.resident_bytes = 0
+        self.peak_resident_count = 0
+        self.peak_resident_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.ingredients)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def _check_compatible(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        first = self.ingredients[0]
+        reference = _header(first.path)
+        bases = {i.meta.get("base_model") for i in self.ingredients} - {None}
+        if len(bases) > 1:
+            raise IngredientError(
+                f"ingredients come from different base models {sorted(bases)}; soup only fine-tunes of one pre-trained model"
+            )
+        for ingredient in self.ingredients[1:]:
+            header = _header(ingredient.path)
+            missing, extra = sorted(set(reference) - set(header)), sorted(set(header) - set(reference))
+            if missing or extra:
+                raise IngredientError(
+                    f"{ingredient.path} does not match {first.path}: missing keys {missing[:5]}, extra keys {extra[:5]}; "
+                    "all ingredients must be fine-tunes of the same architecture"
+                )
+            for key, (shape, dtype) in reference.items():
+                if header[key] != (shape, dtype):
+                    raise IngredientError(
+                        f"{ingredient.path}: tensor '{key}' is {header[key][1]} {list(header[key][0])} but "
+                        f"{first.path} has {dtype} {list(shape)}; export all ingredients with the same architecture and dtype"
+                    )
+        return reference
+
+    # -- residency accounting -------------------------------------------------------------
+    def _track(self, tensors: dict[str, torch.Tensor], count: int) -> _Resident:
+        resident = _Resident(tensors)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        with self._lock:
+            self.resident_count += count
+            self.resident_bytes += nbytes
+            self.peak_resident_count = max(self.peak_resident_count, self.resident_count)
+            self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+        weakref.finalize(resident, self._release, count, nbytes)
+        return resident
+
+    def _release(self, count: int, nbytes: int) -> None:
+        with self._lock:
+            self.resident_count -= count
+            self.resident_bytes -= nbytes
+
+    def ingredient_bytes(self, keys: Iterable[str] | None = None) -> int:
+        """Bytes one ingredient occupies once loaded (in the storage dtype)."""
+        total = 0
+        for key in self.keys if keys is None else keys:
+            shape, _ = self.header[key]
+            total += torch.Size(shape).numel() * self._loaded_dtype(key).itemsize
+        return total
+
+    def _loaded_dtype(self, key: str) -> torch.dtype:
+        file_dtype = _SAFETENSORS_DTYPES[self.header[key][1]]
+        if self.storage_dtype is not None and file_dtype.is_floating_point:
+            return self.storage_dtype
+        return file_dtype
+
+    # -- loading -----------------------------------------------------------------------------
+    def _read(self, index: int, keys: Sequence[str]) -> Iterable[tuple[str, torch.Tensor]]:
+        ingredient = self.ingredients[index]
+        try:
+            handle_ctx = safe_open(str(ingredient.path), framework="pt")
+        except Exception as exc:
+            raise IngredientError(f"{ingredient.path} cannot be opened ({exc}); re-export it") from exc
+        with handle_ctx as handle:
+            for key in keys:
+                try:
+                    tensor = handle.get_tensor(key)
+                except Exception as exc:
+                    raise IngredientError(f"{ingredient.path}: tensor '{key}' cannot be read ({exc}); the file may be truncated, re-export it") from exc
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise IngredientError(
+                        f"{ingredient.path}: tensor '{key}' contains NaN or Inf; re-export this checkpoint or drop it from the set"
+                    )
+                if self.storage_dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(self.storage_dtype)
+                yield key, tensor
+
+    def load(self, index: int, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Load one ingredient (all keys or the chosen ones) on the CPU; counted while alive."""
+        keys = self.keys if keys is None else keys
+        return self._track(dict(self._read(index, keys)), count=1)
+
+    def load_stacked(self, indices: Sequence[int], keys: Sequence[str], *, pin_memory: bool = False) -> dict[str, torch.Tensor]:
+        """Load a block of ingredients as one [b, *shape] tensor per key; counted as b while alive."""
+        stacked: dict[str, torch.Tensor] = {}
+        for key in keys:
+            shape, _ = self.header[key]
+            stacked[key] = torch.empty((len(indices), *shape), dtype=self._loaded_dtype(key), pin_memory=pin_memory)
+        for row, index in enumerate(indices):
+            for key, tensor in self._read(index, keys):
+                stacked[key][row].copy_(tensor)
+        return self._track(stacked, count=len(indices))
+
+    def centre(self, keys: Sequence[str] | None = None, *, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The uniform average of all ingredients, one streaming pass, accumulated in float64.
+
+        Non-floating entries must be identical across ingredients; a difference names the key.
+        Floating results are returned in `dtype` (the files' dtype when None).
+        """
+        keys = self.keys if keys is None else list(keys)
+        total: dict[str, torch.Tensor] = {}
+        for index in range(len(self)):
+            current = self.load(index, keys)
+            for key, tensor in current.items():
+                if not tensor.is_floating_point():
+                    if key not in total:
+                        total[key] = tensor.clone()
+                    elif not torch.equal(total[key], tensor):
+                        raise IngredientError(
+                            f"non-floating entry '{key}' differs between {self.ingredients[0].path} and "
+                            f"{self.ingredients[index].path}; such entries must be identical across ingredients"
+                        )
+                elif key in total:
+                    total[key] += tensor.to(torch.float64)
+                else:
+                    total[key] = tensor.to(torch.float64, copy=True)
+            del current
+        K = len(self)
+        out = {}
+        for key in keys:
+            tensor = total.pop(key)
+            if tensor.is_floating_point():
+                target = dtype or _SAFETENSORS_DTYPES[self.header[key][1]]
+                tensor = (tensor / K).to(target)
+            out[key] = tensor
+        return out
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class BlockPrefetcher:
+    """Loads the next block on a background thread while the current one trains.
+
+    `blocks` is the sequence of index lists in the order they will be requested. On a CUDA
+    device a block is staged in pinned host memory and copied to the device on a side stream,
+    in the background too. With `enabled=False` each block is loaded when asked for, so at most
+    one block is resident.
+    """
+
+    def __init__(self, store: IngredientStore, blocks: Sequence[Sequence[int]], keys: Sequence[str], *,
+                 enabled: bool = True, device: torch.device | str = "cpu"):
+        self.store, self.blocks, self.keys = store, [list(b) for b in blocks], list(keys)
+        self.device = torch.device(device)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1) if enabled else None
+        self._pending: dict[int, concurrent.futures.Future] = {}
+
+    def _load(self, position: int) -> dict[str, torch.Tensor]:
+        on_cuda = self.device.type == "cuda"
+        block = self.store.load_stacked(self.blocks[position], self.keys, pin_memory=on_cuda)
+        if on_cuda:
+            stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(stream):
+                for key in self.keys:  # replaced in place, so the store keeps counting the block
+                    block[key] = block[key].to(self.device, non_blocking=True)
+            stream.synchronize()
+        return block
+
+    def get(self, position: int) -> dict[str, torch.Tensor]:
+        """The block at `position` (on the device); starts loading the one after it in the background."""
+        future = self._pending.pop(position, None)
+        block = future.result() if future is not None else self._load(position)
+        if self._pool is not None and position + 1 < len(self.blocks):
+            self._pending[position + 1] = self._pool.submit(self._load, position + 1)
+        return block
+
+    def close(self) -> None:
+        """Stop the background thread and drop any block it loaded ahead."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
+
+    def __enter__(self) -> "BlockPrefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _unwrap_state_dict(obj: object, source: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise IngredientError(f"{source} does not hold a state dict of tensors; export model.state_dict() and retry")
+    return {str(k): v for k, v in obj.items()}
+
+
+def import_checkpoint(source: str | Path, destination: str | Path, *, meta: Mapping | None = None,
+                      strip_prefix: str = "") -> Ingredient:
+    """Turn an external checkpoint into an ingredient, never unpickling arbitrary objects.
+
+    `.safetensors` files are read directly; anything else goes through
+    `torch.load(weights_only=True)`, which refuses pickles that carry code.
+    """
+    source = Path(source)
+    if not source.is_file():
+        raise IngredientError(f"checkpoint {source} does not exist")
+    if source.name.endswith(SUFFIX):
+        try:
+            with safe_open(str(source), framework="pt") as handle:
+                state = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as exc:
+            raise IngredientError(f"{source} is not a readable safetensors file ({exc}); re-export it") from exc
+    else:
+        try:
+            loaded = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise IngredientError(
+                f"{source} was refused by the restricted loader (torch.load(weights_only=True)): {exc}. "
+                "It may carry code; re-save it with safetensors or as a plain state dict of tensors"
+            ) from exc
+        state = _unwrap_state_dict(loaded, source)
+    if strip_prefix:
+        state = {k[len(strip_prefix):] if k.startswith(strip_prefix) else k: v for k, v in state.items()}
+    info = {"imported_from": str(source), **dict(meta or {})}
+    return save_ingredient(state, destination, meta=info)

@@ -1,0 +1,50 @@
+"""Souping methods behind a small registry: a method is one module plus one line here."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+from ..config import SoupParams
+from ..errors import SoupError
+from ..ingredients import IngredientStore
+from ..meters import measure
+from .base import Objective, SoupResult, resolve_device
+from .ensemble import ensemble
+from .greedy import greedy_soup
+from .hyperplane import hl_soup, hyperplane_soup
+from .learned import learned_soup
+from .uniform import uniform_soup
+
+Method = Callable[..., SoupResult]
+
+METHODS: dict[str, Method] = {
+    "uniform": uniform_soup,
+    "greedy": greedy_soup,
+    "ensemble": ensemble,
+    "learned_soup": functools.partial(learned_soup, layerwise=False),
+    "learned_soup_plus": functools.partial(learned_soup, layerwise=True),
+    "hl_soup": functools.partial(hl_soup, layerwise=False),
+    "hl_soup_plus": functools.partial(hl_soup, layerwise=True),
+    "mehl_soup": functools.partial(hyperplane_soup, layerwise=False),
+    "mehl_soup_plus": functools.partial(hyperplane_soup, layerwise=True),
+}
+
+
+def get_method(name: str) -> Method:
+    """The method registered under `name`; an unknown name lists the known ones."""
+    if name not in METHODS:
+        raise SoupError(f"unknown soup method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def run_method(name: str, store: IngredientStore, objective: Objective, params: SoupParams, **options) -> SoupResult:
+    """Run one method, timing it and measuring its peak memory (CPU RSS; CUDA allocator on a GPU)."""
+    method = get_method(name)
+    with measure(resolve_device(params.device)) as meter:
+        result = method(store, objective, params, name=name, **options)
+    result.seconds, result.peak_bytes = meter.seconds, meter.peak_bytes
+    return result
+
+
+__all__ = ["METHODS", "Objective", "SoupResult", "get_method", "run_method"]

@@ -1,0 +1,185 @@
+"""What every souping method shares: the objective, the result, the held-out stream, the model setup."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset, default_collate
+
+from ..errors import SoupError
+from ..ingredients import IngredientStore
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Objective:
+    """What a soup is fitted to: a model to hold the weights, held-out data and a loss.
+
+    model_factory: returns a fresh module whose state_dict has the ingredients' keys.
+    heldout: (input, target) pairs, disjoint from fine-tuning and test data.
+    """
+
+    model_factory: Callable[[], nn.Module]
+    heldout: Dataset
+    batch_size: int = 128
+    loss_fn: LossFn = F.cross_entropy
+
+
+@dataclass
+class SoupResult:
+    """A method's output. `state_dict` is None for the ensemble, which is not a soup."""
+
+    method: str
+    state_dict: dict[str, torch.Tensor] | None
+    beta: torch.Tensor  # K x L mixing weights, columns sum to 1
+    layer_names: list[str]
+    ingredient_names: list[str]
+    seconds: float = 0.0
+    peak_bytes: dict[str, int] = field(default_factory=dict)
+    history: list[float] = field(default_factory=list)  # held-out loss per step, where learned
+    info: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SoupError(f"device '{name}' asked for but no CUDA GPU is available; use device: auto or cpu")
+    return device
+
+
+def fetch_batch(dataset: Dataset, indices: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (inputs, targets) of the given examples, by tensor indexing when the data set allows."""
+    if isinstance(dataset, TensorDataset):
+        index = torch.as_tensor(indices, dtype=torch.long)
+        inputs, targets = dataset.tensors[0][index], dataset.tensors[1][index]
+        return inputs, targets
+    return default_collate([dataset[int(i)] for i in indices])
+
+
+def sequential_batches(dataset: Dataset, batch_size: int):
+    """Batches in data set order, for evaluation."""
+    n = len(dataset)
+    for start in range(0, n, batch_size):
+        yield fetch_batch(dataset, range(start, min(n, start + batch_size)))
+
+
+class HeldOutStream:
+    """Seeded mini-batches of held-out indices, reshuffled every pass, running on across blocks.
+
+    With `batches` given, that explicit sequence is used instead (for step-by-step comparisons).
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, batches: Sequence[Sequence[int]] | None = None):
+        if size <= 0:
+            raise SoupError("held-out data set is empty; souping needs held-out examples")
+        self.size, self.batch_size = size, min(batch_size, size)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.explicit = [list(b) for b in batches] if batches is not None else None
+        self.order = torch.empty(0, dtype=torch.long)
+        self.position = 0
+
+    @property
+    def batches_per_pass(self) -> int:
+        return -(-self.size // self.batch_size)
+
+    def next(self) -> list[int]:
+        """The next mini-batch of indices."""
+        if self.explicit is not None:
+            if self.position >= len(self.explicit):
+                raise SoupError(f"the explicit batch sequence ran out after {self.position} steps; give more batches")
+            self.position += 1
+            return self.explicit[self.position - 1]
+        if self.position >= len(self.order):
+            self.order = torch.randperm(self.size, generator=self.generator)
+            self.position = 0
+        batch = self.order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return batch.tolist()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Everything needed to continue the stream exactly."""
+        return {"generator": self.generator.get_state(), "order": self.order.clone(),
+                "position": torch.tensor([self.position], dtype=torch.long)}
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+        self.order = state["order"].clone()
+        self.position = int(state["position"][0])
+
+
+def check_ingredient_count(store: IngredientStore) -> None:
+    """Warn for K = 1 (the soup is that model)."""
+    if len(store) == 1:
+        warnings.warn("only one ingredient (K = 1): the soup is that model", stacklevel=3)
+
+
+def mixable_keys(model: nn.Module, store: IngredientStore) -> tuple[list[str], list[str]]:
+    """Split the state dict: (floating parameters, floating buffers), checked against the store.
+
+    Every other entry must be identical across ingredients (checked when the centre is streamed).
+    """
+    state_keys = set(model.state_dict())
+    missing, extra = sorted(state_keys - set(store.keys)), sorted(set(store.keys) - state_keys)
+    if missing or extra:
+        raise SoupError(
+            f"the model and the ingredients disagree: keys missing from the ingredients {missing[:5]}, "
+            f"keys the model lacks {extra[:5]}; build the objective's model with the ingredients' architecture"
+        )
+    params = [name for name, p in model.named_parameters() if p.is_floating_point()]
+    param_set = set(params)
+    buffers = [k for k in model.state_dict() if k not in param_set and model.state_dict()[k].is_floating_point()]
+    return params, buffers
+
+
+def model_at(objective: Objective, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """A fresh model from the factory holding `state`, on `device`, in eval mode."""
+    model = objective.model_factory()
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def heldout_metrics(model: nn.Module, objective: Objective, device: torch.device) -> tuple[float, float]:
+    """(mean loss, accuracy) of a model over the whole held-out set."""
+    loss_sum, correct, count = 0.0, 0, 0
+    for inputs, targets in sequential_batches(objective.heldout, objective.batch_size):
+        logits = model(inputs.to(device))
+        targets = targets.to(device)
+        loss_sum += float(objective.loss_fn(logits, targets)) * len(targets)
+        correct += int((logits.argmax(-1) == targets).sum())
+        count += len(targets)
+    return loss_sum / count, correct / count
+
+
+def step_loss(model: Callable[[torch.Tensor], torch.Tensor], objective: Objective, stream: HeldOutStream, device: torch.device,
+              where: str) -> torch.Tensor:
+    """Forward one held-out mini-batch; a non-finite loss stops the run, naming where it happened."""
+    inputs, targets = fetch_batch(objective.heldout, stream.next())
+    loss = objective.loss_fn(model(inputs.to(device)), targets.to(device))
+    if not torch.isfinite(loss):
+        raise SoupError(f"non-finite held-out loss ({float(loss)}) at {where}; lower the learning rate or check the ingredients")
+    return loss
+
+
+def uniform_beta(K: int, L: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Mixing weights of the uniform soup."""
+    return torch.full((K, L), 1.0 / K, dtype=dtype)
+
+
+def warn_overfitting(K: int, L: int, heldout_size: int) -> None:
+    """Warn when the learned coefficients outnumber the held-out examples (DESIGN.md, overfitting guard)."""
+    if K * L > heldout_size:
+        warnings.warn(
+            f"{K * L} learned coefficients (K={K} x L={L}) exceed the {heldout_size} held-out examples: "
+            "the soup may overfit the held-out data; use coarser grouping (grouping: block) or weight decay",
+            stacklevel=3,
+        )

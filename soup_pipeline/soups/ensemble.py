@@ -1,0 +1,32 @@
+"""Output ensemble: the average of the K models' logits. Reported for accuracy; it is not a soup."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.utils.data import Dataset
+
+from ..config import SoupParams
+from ..ingredients import IngredientStore
+from .base import Objective, SoupResult, check_ingredient_count, model_at, resolve_device, sequential_batches, uniform_beta
+
+
+@torch.no_grad()
+def ensemble_logits(store: IngredientStore, objective: Objective, device: torch.device, dataset: Dataset) -> torch.Tensor:
+    """Mean logits of the K models over a data set, one model resident at a time."""
+    total = None
+    for index in range(len(store)):
+        model = model_at(objective, store.load(index), device)
+        logits = torch.cat([model(x.to(device)).double().cpu() for x, _ in sequential_batches(dataset, objective.batch_size)])
+        total = logits if total is None else total + logits
+        del model
+    return (total / len(store)).float()
+
+
+def ensemble(store: IngredientStore, objective: Objective, params: SoupParams, *, name: str = "ensemble") -> SoupResult:
+    """The ensemble as a result with no state dict; `info["predict"](dataset)` gives its logits."""
+    check_ingredient_count(store)
+    predict = functools.partial(ensemble_logits, store, objective, resolve_device(params.device))
+    return SoupResult(method=name, state_dict=None, beta=uniform_beta(len(store), 1), layer_names=["model"],
+                      ingredient_names=[i.name for i in store.ingredients], info={"K": len(store), "predict": predict})

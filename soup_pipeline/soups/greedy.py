@@ -1,0 +1,70 @@
+"""Greedy soup (Wortsman et al., 2022): add ingredients in order of held-out accuracy while it improves."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import SoupParams
+from ..ingredients import IngredientStore
+from .base import Objective, SoupResult, check_ingredient_count, heldout_metrics, model_at, resolve_device
+
+
+def heldout_order(store: IngredientStore, objective: Objective, device: torch.device) -> list[tuple[int, float]]:
+    """(index, held-out accuracy) by accuracy, descending; a stable sort, so ties keep ingredient order.
+
+    Accuracies come from the sidecars; a missing one is measured on the objective's held-out data.
+    """
+    scored = []
+    for index, ingredient in enumerate(store.ingredients):
+        acc = ingredient.val_acc
+        if acc is None:
+            acc = heldout_metrics(model_at(objective, store.load(index), device), objective, device)[1]
+        scored.append((index, acc))
+    return sorted(scored, key=lambda pair: -pair[1])
+
+
+def greedy_soup(store: IngredientStore, objective: Objective, params: SoupParams, *, name: str = "greedy") -> SoupResult:
+    """Start from the best ingredient; keep each next one only if the held-out accuracy strictly improves.
+
+    Memory: the float64 running sum, one ingredient and the candidate.
+    """
+    check_ingredient_count(store)
+    device = resolve_device(params.device)
+    dtype = next(objective.model_factory().parameters()).dtype
+    order = heldout_order(store, objective, device)
+    first = order[0][0]
+    total = {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in store.load(first).items()}
+    members = [first]
+    best = heldout_metrics(model_at(objective, _average(total, 1, dtype), device), objective, device)[1]
+    trail = [{"ingredient": store.ingredients[first].name, "heldout_acc": best, "kept": True}]
+    for index, _ in order[1:]:
+        current = store.load(index)
+        candidate = _average(total, len(members) + 1, dtype, extra=current)
+        acc = heldout_metrics(model_at(objective, candidate, device), objective, device)[1]
+        kept = acc > best
+        if kept:
+            for key, value in total.items():
+                if value.is_floating_point():
+                    value += current[key]
+            members.append(index)
+            best = acc
+        trail.append({"ingredient": store.ingredients[index].name, "heldout_acc": acc, "kept": kept})
+        del current, candidate
+    beta = torch.zeros(len(store), 1, dtype=torch.float64)
+    beta[members] = 1.0 / len(members)
+    return SoupResult(method=name, state_dict=_average(total, len(members), dtype), beta=beta, layer_names=["model"],
+                      ingredient_names=[i.name for i in store.ingredients],
+                      info={"K": len(store), "members": [store.ingredients[i].name for i in members],
+                            "heldout_acc": best, "trail": trail})
+
+
+def _average(total: dict[str, torch.Tensor], count: int, dtype: torch.dtype,
+             extra: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """(total [+ extra]) / count in `dtype`, one tensor at a time; non-floating entries pass through."""
+    out = {}
+    for key, value in total.items():
+        if value.is_floating_point():
+            out[key] = ((value if extra is None else value + extra[key]) / count).to(dtype)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,191 @@
+"""HL-Soup(+) and MEHL-Soup(+): coefficients on the hyperplane through the uniform soup (DESIGN.md s.2).
+
+theta_l(alpha) = c_l + sum_k alpha_{k,l} d_{k,l}, with c the uniform soup and d_k = theta_k - c.
+MEHL walks a seeded permutation of the K ingredients in blocks of b; for each block it holds only
+those b directions, runs S AdamW steps (warm-up then cosine) on alpha[B], and rebuilds the soup
+from the block's base after every step. dL/dalpha_{k,l} = <grad_theta_l L, d_{k,l}>: one
+forward/backward through the combined model, then the projections. HL-Soup is b = K, one epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ..config import SoupParams
+from ..errors import SoupError
+from ..ingredients import BlockPrefetcher, IngredientStore
+from .base import (HeldOutStream, Objective, SoupResult, check_ingredient_count, mixable_keys, resolve_device,
+                   step_loss, warn_overfitting)
+from .layers import group_layers
+from .mixing import combine_, project_block, row_norms
+from .resume import fingerprint, load_state, save_state, state_path
+
+MASK_RTOL = 1e-6  # a direction with |d_{k,l}| <= MASK_RTOL * |c_l| is masked (its coefficient stays 0)
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What a step hook sees after each inner step."""
+
+    position: int  # index of the block in the run (over all model epochs)
+    block: list[int]  # the ingredients loaded
+    step: int  # inner step within the block
+    loss: float  # held-out mini-batch loss before the step
+    coefficients: torch.Tensor  # K x L coefficients now (the block's live values included)
+
+
+StepHook = Callable[[StepEvent], None]
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor before optimizer step `step` (0-based): linear warm-up, then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def coefficient_scale(norms: torch.Tensor, centre_norm: torch.Tensor, normalized: bool) -> torch.Tensor:
+    """alpha = X * scale: 1/|d_{k,l}| with normalised directions, else 1; 0 where (k, l) is masked."""
+    mask = norms <= MASK_RTOL * centre_norm
+    unit = 1.0 / norms if normalized else torch.ones_like(norms)
+    return torch.where(mask, torch.zeros_like(unit), unit)
+
+
+def clamp_model_batch(model_batch: int, K: int) -> int:
+    """b in [1, K]: b <= 0 is an error, b > K is clamped with a warning."""
+    if model_batch <= 0:
+        raise SoupError(f"model_batch (b) = {model_batch}; it must be a positive number of ingredients")
+    if model_batch > K:
+        warnings.warn(f"model_batch (b) = {model_batch} exceeds K = {K}; using b = {K}", stacklevel=3)
+        return K
+    return model_batch
+
+
+def model_permutations(K: int, epochs: int, seed: int, given: Sequence[Sequence[int]] | None) -> list[list[int]]:
+    """One permutation of the K ingredients per model epoch: seeded, or given explicitly."""
+    if given is None:
+        generator = torch.Generator().manual_seed(seed)
+        return [torch.randperm(K, generator=generator).tolist() for _ in range(epochs)]
+    perms = [list(p) for p in given]
+    if len(perms) != epochs or any(sorted(p) != list(range(K)) for p in perms):
+        raise SoupError(f"permutations: give {epochs} permutations of range({K}), one per model epoch")
+    return perms
+
+
+def hyperplane_soup(store: IngredientStore, objective: Objective, params: SoupParams, *, layerwise: bool,
+                    model_batch: int | None = None, model_epochs: int | None = None,
+                    permutations: Sequence[Sequence[int]] | None = None, batches: Sequence[Sequence[int]] | None = None,
+                    resume_dir: str | Path | None = None, on_step: StepHook | None = None,
+                    name: str = "mehl_soup") -> SoupResult:
+    """Learn the soup by block coordinate descent on the hyperplane; see the module docstring.
+
+    permutations / batches: explicit ingredient order per epoch and held-out index batches, to
+    compare implementations step by step. resume_dir: save state after each block and resume.
+    """
+    K = len(store)
+    check_ingredient_count(store)
+    b = clamp_model_batch(params.model_batch if model_batch is None else model_batch, K)
+    epochs = params.model_epochs if model_epochs is None else model_epochs
+    device = resolve_device(params.device)
+
+    model = objective.model_factory()
+    param_keys, _ = mixable_keys(model, store)
+    dtype = next(model.parameters()).dtype
+    grouping = group_layers(param_keys, params.grouping if layerwise else "model")
+    L = grouping.size
+    warn_overfitting(K, L, len(objective.heldout))
+
+    model.load_state_dict(store.centre(dtype=dtype))
+    model.to(device).eval()
+    soup = dict(model.named_parameters())
+    soup_params = [soup[key] for key in param_keys]
+    centre = {key: soup[key].detach().clone() for key in param_keys}
+    centre_norm = row_norms({k: v.unsqueeze(0) for k, v in centre.items()}, grouping)[0]
+
+    perms = model_permutations(K, epochs, params.seed, permutations)
+    blocks = [perm[i : i + b] for perm in perms for i in range(0, K, b)]
+    stream = HeldOutStream(len(objective.heldout), params.batch_size, params.seed, batches)
+    steps = max(1, round(params.passes * stream.batches_per_pass))
+    warmup = int(params.warmup_frac * steps)
+
+    X = torch.zeros(K, L, dtype=dtype)
+    norms = torch.full((K, L), float("nan"), dtype=torch.float64)
+    history: list[float] = []
+    start = 0
+    saved_at = None
+    if resume_dir is not None:
+        settings = {**params.model_dump(), "layerwise": layerwise, "b": b, "epochs": epochs,
+                    "perms": perms, "batches": batches, "dtype": str(dtype)}
+        saved_at = state_path(resume_dir, fingerprint(store, settings))
+        state = load_state(saved_at)
+        if state is not None:
+            start, X, norms, history = state["next_block"], state["X"], state["norms"], state["history"]
+            stream.restore(state["stream"])
+            with torch.no_grad():
+                for key, value in state["soup"].items():
+                    soup[key].copy_(value)
+
+    with BlockPrefetcher(store, blocks[start:], param_keys, enabled=params.prefetch, device=device) as prefetcher:
+        for position in range(start, len(blocks)):
+            block = blocks[position]
+            directions = prefetcher.get(position - start)
+            for key in param_keys:  # in place, so the store keeps counting these b ingredients
+                directions[key].sub_(centre[key])
+            block_norms = row_norms(directions, grouping)
+            norms[block] = block_norms
+            scale = coefficient_scale(block_norms, centre_norm, params.normalize_directions).to(device, dtype)
+
+            coeffs = X[block].to(device).requires_grad_(True)
+            with torch.no_grad():
+                base = {key: soup[key].detach().clone() for key in param_keys}
+                start_alpha = -(coeffs * scale)
+                for key in param_keys:
+                    combine_(base[key], start_alpha[:, grouping.group_of[key]], directions[key])
+            optimizer = torch.optim.AdamW([coeffs], lr=params.lr, weight_decay=params.weight_decay)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
+            for step in range(steps):
+                model.zero_grad(set_to_none=False)
+                loss = step_loss(model, objective, stream, device, f"block {position} (ingredients {block}), step {step}")
+                loss.backward()
+                if params.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(soup_params, params.grad_clip)
+                grads = {key: soup[key].grad for key in param_keys}
+                coeffs.grad = project_block(grads, directions, grouping, dtype) * scale
+                optimizer.step()
+                schedule.step()
+                with torch.no_grad():
+                    alpha = coeffs * scale
+                    for key in param_keys:
+                        soup[key].copy_(base[key])
+                        combine_(soup[key], alpha[:, grouping.group_of[key]], directions[key])
+                history.append(loss.item())
+                if on_step is not None:
+                    now = X.clone()
+                    now[block] = coeffs.detach().cpu()
+                    on_step(StepEvent(position, block, step, history[-1], now))
+            X[block] = coeffs.detach().cpu()
+            del directions, base
+            if saved_at is not None:
+                save_state(saved_at, next_block=position + 1, X=X, norms=norms,
+                           soup={k: soup[k] for k in param_keys}, stream=stream.state(), history=history)
+
+    alpha = X.to(torch.float64) * coefficient_scale(norms, centre_norm, params.normalize_directions)
+    beta = alpha + (1.0 - alpha.sum(0, keepdim=True)) / K
+    state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return SoupResult(method=name, state_dict=state_dict, beta=beta, layer_names=grouping.names,
+                      ingredient_names=[i.name for i in store.ingredients], history=history,
+                      info={"K": K, "L": L, "b": b, "model_epochs": epochs, "steps_per_block": steps,
+                            "coefficients": X, "masked": int((norms <= MASK_RTOL * centre_norm).sum())})
+
+
+def hl_soup(store: IngredientStore, objective: Objective, params: SoupParams, *, layerwise: bool,
+            name: str = "hl_soup", **options) -> SoupResult:
+    """HL-Soup(+): all K directions in one block, one model epoch."""
+    return hyperplane_soup(store, objective, params, layerwise=layerwise, model_batch=len(store), model_epochs=1,
+                           name=name, **options)

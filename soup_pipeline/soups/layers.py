@@ -1,0 +1,66 @@
+"""Layer grouping: which mixable tensors share one mixing coefficient."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import SoupError
+
+# A transformer block index in common naming schemes: resblocks.3., layers.3., blocks.3., h.3., layer.3.
+_BLOCK = re.compile(r"^(.*?\b(?:resblocks|layers|blocks|h|layer)\.\d+)\.")
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """L groups over the mixable keys: `names[l]` and, per key, its group index."""
+
+    names: list[str]
+    group_of: dict[str, int]
+
+    @property
+    def size(self) -> int:
+        return len(self.names)
+
+
+def _from_labels(keys: list[str], labels: list[str]) -> Grouping:
+    names: list[str] = []
+    index: dict[str, int] = {}
+    group_of = {}
+    for key, label in zip(keys, labels):
+        if label not in index:
+            index[label] = len(names)
+            names.append(label)
+        group_of[key] = index[label]
+    return Grouping(names=names, group_of=group_of)
+
+
+def group_layers(keys: list[str], grouping: str | list[str]) -> Grouping:
+    """Group mixable keys.
+
+    "tensor": one group per tensor (weight and bias separate; the default for the "+" methods).
+    "model": one group for the whole model (the non-layer-wise methods).
+    "block": one group per transformer block; tensors outside blocks keep their own group.
+    [patterns]: a key joins the first regex that matches it (by re.search); unmatched keys keep
+    their own group.
+    """
+    if not keys:
+        raise SoupError("the model has no floating-point parameters to mix")
+    if grouping == "tensor":
+        return _from_labels(keys, keys)
+    if grouping == "model":
+        return _from_labels(keys, ["model"] * len(keys))
+    if grouping == "block":
+        labels = []
+        for key in keys:
+            match = _BLOCK.match(key)
+            labels.append(match.group(1) if match else key)
+        return _from_labels(keys, labels)
+    if isinstance(grouping, (list, tuple)):
+        try:
+            patterns = [re.compile(p) for p in grouping]
+        except re.error as exc:
+            raise SoupError(f"grouping: bad regex pattern ({exc}); give valid Python regular expressions") from None
+        labels = [next((p.pattern for p in patterns if p.search(key)), key) for key in keys]
+        return _from_labels(keys, labels)
+    raise SoupError(f"grouping: unknown value {grouping!r}; use 'tensor', 'block', 'model' or a list of regex patterns")

@@ -1,0 +1,65 @@
+"""Learned-Soup(+) (Wortsman et al., 2022): softmax mixing weights, all K ingredients resident.
+
+theta_l = sum_k softmax_k(w)_{k,l} theta_{k,l}, w = 0 at the start (uniform), one column for the
+whole model or one per layer (+), and a learned logit temperature starting at 1. The gradient
+flows through the combination by autograd; the K ingredients are held once (no copies).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call
+
+from ..config import SoupParams
+from ..ingredients import IngredientStore
+from .base import (HeldOutStream, Objective, SoupResult, check_ingredient_count, mixable_keys, resolve_device,
+                   step_loss, warn_overfitting)
+from .layers import group_layers
+from .mixing import Mix
+
+
+def learned_soup(store: IngredientStore, objective: Objective, params: SoupParams, *, layerwise: bool,
+                 name: str = "learned_soup") -> SoupResult:
+    """Fit softmax weights with AdamW at a constant rate over `params.learned_epochs` held-out passes."""
+    K = len(store)
+    check_ingredient_count(store)
+    device = resolve_device(params.device)
+    model = objective.model_factory()
+    param_keys, _ = mixable_keys(model, store)
+    dtype = next(model.parameters()).dtype
+    grouping = group_layers(param_keys, params.grouping if layerwise else "model")
+    warn_overfitting(K, grouping.size, len(objective.heldout))
+
+    other_keys = [k for k in store.keys if k not in set(param_keys)]
+    model.load_state_dict(store.centre(other_keys, dtype=dtype), strict=False)
+    model.to(device).eval()
+    stacked = {k: v.to(device) for k, v in store.load_stacked(range(K), param_keys).items()}
+
+    logits_w = torch.zeros(K, grouping.size, dtype=dtype, device=device, requires_grad=True)
+    temperature = torch.ones((), dtype=dtype, device=device, requires_grad=True)
+    optimizer = torch.optim.AdamW([logits_w, temperature], lr=params.learned_lr, weight_decay=0.0)
+    stream = HeldOutStream(len(objective.heldout), params.batch_size, params.seed)
+    history = []
+
+    def mixed(weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: Mix.apply(weights[:, grouping.group_of[k]], stacked[k]) for k in param_keys}
+
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, mixed(torch.softmax(logits_w, 0)), (inputs,), strict=False) * temperature
+
+    steps = params.learned_epochs * stream.batches_per_pass
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss = step_loss(forward, objective, stream, device, f"step {step}")
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+
+    with torch.no_grad():
+        weights = torch.softmax(logits_w, 0)
+        for key, value in mixed(weights).items():
+            model.get_parameter(key).copy_(value)
+    state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return SoupResult(method=name, state_dict=state_dict, beta=weights.detach().cpu().double(), layer_names=grouping.names,
+                      ingredient_names=[i.name for i in store.ingredients], history=history,
+                      info={"K": K, "L": grouping.size, "steps": steps, "temperature": float(temperature)})

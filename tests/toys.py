@@ -1,0 +1,51 @@
+"""Tiny models and ingredient sets for the soup-engine tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from soup_pipeline.ingredients import IngredientStore, save_ingredient
+from soup_pipeline.soups import Objective
+
+
+class Toy(nn.Module):
+    """A few Linear / LayerNorm layers, with a float buffer and an integer buffer."""
+
+    def __init__(self, dtype: torch.dtype = torch.float64, inputs: int = 6, classes: int = 3):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(inputs, 12), nn.LayerNorm(12), nn.Tanh(), nn.Linear(12, classes))
+        self.register_buffer("shift", torch.zeros(inputs))
+        self.register_buffer("steps", torch.tensor(7))
+        self.to(dtype)
+
+    def forward(self, x):
+        return self.net(x - self.shift)
+
+
+def toy_data(n: int = 120, inputs: int = 6, seed: int = 0, dtype=torch.float64) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, inputs, generator=g, dtype=dtype)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return TensorDataset(x, y)
+
+
+def toy_ingredients(folder: Path, K: int, *, dtype=torch.float64, spread: float = 0.3, seed: int = 0) -> IngredientStore:
+    """K perturbations of one random Toy, saved as ingredients with sidecar accuracies."""
+    torch.manual_seed(seed)
+    base = Toy(dtype)
+    paths = []
+    for k in range(K):
+        state = {key: (v + spread * torch.randn_like(v)) if key.startswith("net.") else v.clone()
+                 for key, v in base.state_dict().items()}
+        state["shift"] = state["shift"] + 0.01 * k  # a float buffer: averaged uniformly
+        paths.append(save_ingredient(state, folder / f"toy{k:02d}.safetensors",
+                                     meta={"val_acc": 0.5 + 0.01 * k, "base_model": "toy"}))
+    return IngredientStore(paths)
+
+
+def toy_objective(dtype=torch.float64, batch_size: int = 32, n: int = 120) -> Objective:
+    return Objective(model_factory=lambda: Toy(dtype), heldout=toy_data(n, dtype=dtype), batch_size=batch_size)
