@@ -62,4 +62,4 @@ def learned_soup(store: IngredientStore, objective: Objective, params: SoupParam
     state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return SoupResult(method=name, state_dict=state_dict, beta=weights.detach().cpu().double(), layer_names=grouping.names,
                       ingredient_names=[i.name for i in store.ingredients], history=history,
-                      info={"K": K, "L": grouping.size, "steps": steps, "temperature": float(temperature)})
+                      info={"K": K, "L": grouping.size, "steps": steps, "temperature": float(temperature.detach())})

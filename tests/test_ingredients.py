@@ -1,0 +1,178 @@
+"""Bad input: one clear error naming the file or key and the fix, and no partial output."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+
+import pytest
+import torch
+
+from soup_pipeline.config import SoupParams, parse_section
+from soup_pipeline.errors import IngredientError, SoupError
+from soup_pipeline.ingredients import IngredientStore, import_checkpoint, read_ingredient, save_ingredient
+from soup_pipeline.soups import run_method
+
+from toys import Toy, toy_ingredients, toy_objective
+
+PARAMS = SoupParams(device="cpu", batch_size=32, passes=1.0)
+
+
+def _save(tmp_path, name, state):
+    return save_ingredient(state, tmp_path / f"{name}.safetensors", meta={"val_acc": 0.5})
+
+
+def test_sidecar_records_hash_and_round_trips(tmp_path):
+    state = Toy().state_dict()
+    ingredient = save_ingredient(state, tmp_path / "a.safetensors", meta={"val_acc": 0.7, "hparams": {"lr": 1e-3}})
+    again = read_ingredient(tmp_path / "a.safetensors")
+    assert again.meta["val_acc"] == 0.7 and len(again.meta["sha256"]) == 64
+    assert ingredient.name == "a"
+    loaded = IngredientStore([again]).load(0)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda s: s.pop("net.3.bias"), "missing keys ['net.3.bias']"),
+    (lambda s: s.__setitem__("net.3.bias", torch.zeros(4, dtype=torch.float64)), "'net.3.bias' is F64 [4]"),
+    (lambda s: s.__setitem__("net.3.bias", s["net.3.bias"].float()), "'net.3.bias' is F32 [3]"),
+])
+def test_mismatched_ingredients_are_named(tmp_path, change, needle):
+    good = _save(tmp_path, "good", Toy().state_dict())
+    state = Toy().state_dict()
+    change(state)
+    bad = _save(tmp_path, "bad", state)
+    with pytest.raises(IngredientError) as err:
+        IngredientStore([good, bad])
+    assert needle in str(err.value) and "bad.safetensors" in str(err.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_ingredient_is_refused_with_the_key(tmp_path, value):
+    state = Toy().state_dict()
+    state["net.0.weight"][0, 0] = value
+    with pytest.raises(IngredientError, match="'net.0.weight' contains NaN or Inf"):
+        save_ingredient(state, tmp_path / "nan.safetensors")
+    assert list(tmp_path.iterdir()) == []  # nothing partial left behind
+    # a file written by someone else is caught when it is loaded
+    from safetensors.torch import save_file
+
+    save_file(state, str(tmp_path / "ext.safetensors"))
+    store = IngredientStore([_save(tmp_path, "ok", Toy().state_dict()), tmp_path / "ext.safetensors"])
+    with pytest.raises(IngredientError, match=r"ext.safetensors: tensor 'net.0.weight' contains NaN or Inf"):
+        run_method("uniform", store, toy_objective(), PARAMS)
+
+
+def test_truncated_file_names_the_file(tmp_path):
+    ingredient = _save(tmp_path, "cut", Toy().state_dict())
+    data = ingredient.path.read_bytes()
+    ingredient.path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(IngredientError, match="cut.safetensors is not a readable safetensors file"):
+        IngredientStore([_save(tmp_path, "whole", Toy().state_dict()), ingredient.path])
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_with_a_payload_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "executed"
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"state_dict": {"w": _Payload(marker)}}))
+    with pytest.raises(IngredientError, match="refused by the restricted loader"):
+        import_checkpoint(evil, tmp_path / "out.safetensors")
+    assert not marker.exists()
+    assert not (tmp_path / "out.safetensors").exists()
+    # the same file renamed to look like an ingredient is refused as well
+    fake = tmp_path / "fake.safetensors"
+    fake.write_bytes(evil.read_bytes())
+    with pytest.raises(IngredientError, match="fake.safetensors is not a readable safetensors file"):
+        IngredientStore([fake])
+    assert not marker.exists()
+
+
+def test_plain_state_dict_checkpoint_imports(tmp_path):
+    state = Toy().state_dict()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "ext.pt")
+    ingredient = import_checkpoint(tmp_path / "ext.pt", tmp_path / "imp.safetensors", strip_prefix="module.",
+                                   meta={"val_acc": 0.6})
+    assert ingredient.meta["imported_from"].endswith("ext.pt")
+    loaded = IngredientStore([ingredient]).load(0)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_no_ingredients(tmp_path):
+    with pytest.raises(IngredientError, match="K = 0"):
+        IngredientStore([])
+
+
+def test_one_ingredient_is_the_soup_with_a_warning(tmp_path):
+    store = toy_ingredients(tmp_path, K=1)
+    with pytest.warns(UserWarning, match="K = 1"):
+        result = run_method("mehl_soup_plus", store, toy_objective(), PARAMS)
+    only = store.load(0)
+    assert all(torch.allclose(result.state_dict[k].double(), only[k].double()) for k in only)
+
+
+def test_model_batch_bounds(tmp_path):
+    store = toy_ingredients(tmp_path, K=3)
+    with pytest.warns(UserWarning, match="exceeds K = 3; using b = 3"):
+        result = run_method("mehl_soup", store, toy_objective(), PARAMS.model_copy(update={"model_batch": 5}))
+    assert result.info["b"] == 3
+    with pytest.raises(SoupError, match="invalid parameters in soup:\n  model_batch: Input should be greater than 0 .got 0."):
+        parse_section(SoupParams, {"model_batch": 0}, "soup")
+    with pytest.raises(SoupError, match="model_batch .b. = 0"):
+        run_method("mehl_soup", store, toy_objective(), PARAMS.model_copy(update={"model_batch": 0}))
+
+
+def test_unknown_method_and_unknown_param(tmp_path):
+    store = toy_ingredients(tmp_path, K=2)
+    with pytest.raises(SoupError, match="unknown soup method 'best_soup'; choose one of"):
+        run_method("best_soup", store, toy_objective(), PARAMS)
+    with pytest.raises(SoupError, match="learning_rate: Extra inputs are not permitted"):
+        parse_section(SoupParams, {"learning_rate": 0.1}, "soup")
+
+
+def test_non_finite_loss_stops_naming_block_and_step(tmp_path):
+    store = toy_ingredients(tmp_path, K=4)
+    objective = toy_objective()
+    calls = {"n": 0}
+
+    def flaky_loss(logits, targets):
+        calls["n"] += 1
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        return loss * float("nan") if calls["n"] == 7 else loss
+
+    objective.loss_fn = flaky_loss
+    params = PARAMS.model_copy(update={"model_batch": 2, "passes": 1.0})  # 4 steps per block
+    with pytest.raises(SoupError, match=r"non-finite held-out loss \(nan\) at block 1 \(ingredients \[\d, \d\]\), step 2"):
+        run_method("mehl_soup_plus", store, objective, params)
+
+
+def test_non_floating_entries_must_match(tmp_path):
+    a, b = Toy().state_dict(), Toy().state_dict()
+    b["steps"] = torch.tensor(8)
+    store = IngredientStore([_save(tmp_path, "a", a), _save(tmp_path, "b", b)])
+    with pytest.raises(IngredientError, match="non-floating entry 'steps' differs"):
+        run_method("uniform", store, toy_objective(), PARAMS)
+
+
+def test_ingredients_of_other_base_models_are_refused(tmp_path):
+    a = save_ingredient(Toy().state_dict(), tmp_path / "a.safetensors", meta={"base_model": "x"})
+    b = save_ingredient(Toy().state_dict(), tmp_path / "b.safetensors", meta={"base_model": "y"})
+    with pytest.raises(IngredientError, match="different base models"):
+        IngredientStore([a, b])
+
+
+def test_overfitting_guard_warns(tmp_path):
+    store = toy_ingredients(tmp_path, K=4)
+    with pytest.warns(UserWarning, match="24 learned coefficients .K=4 x L=6. exceed the 20 held-out examples"):
+        run_method("hl_soup_plus", store, toy_objective(n=20), PARAMS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_method("hl_soup", store, toy_objective(n=20), PARAMS)
