@@ -14,9 +14,9 @@ from soup_pipeline.errors import IngredientError, SoupError
 from soup_pipeline.ingredients import IngredientStore, import_checkpoint, read_ingredient, save_ingredient
 from soup_pipeline.soups import run_method
 
-from toys import Toy, toy_ingredients, toy_objective
+from toys import DEVICE, Toy, toy_ingredients, toy_objective
 
-PARAMS = SoupParams(device="cpu", batch_size=32, passes=1.0)
+PARAMS = SoupParams(device=DEVICE, batch_size=32, passes=1.0)
 
 
 def _save(tmp_path, name, state):

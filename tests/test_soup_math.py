@@ -15,9 +15,9 @@ from soup_pipeline.soups.hyperplane import hyperplane_soup
 from soup_pipeline.soups.layers import group_layers
 from soup_pipeline.soups.mixing import project_block
 
-from toys import Toy, toy_ingredients, toy_objective
+from toys import DEVICE, Toy, toy_ingredients, toy_objective
 
-PARAMS = dict(device="cpu", batch_size=32, passes=1.0, lr=0.05, seed=3, prefetch=False)
+PARAMS = dict(device=DEVICE, batch_size=32, passes=1.0, lr=0.05, seed=3, prefetch=False)
 
 
 def _full_set(store, objective):

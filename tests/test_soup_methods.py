@@ -13,9 +13,9 @@ from soup_pipeline.soups import Objective, run_method
 from soup_pipeline.soups.base import heldout_metrics, model_at
 from soup_pipeline.soups.hyperplane import hyperplane_soup
 
-from toys import toy_ingredients, toy_objective
+from toys import DEVICE, toy_ingredients, toy_objective
 
-PARAMS = dict(device="cpu", batch_size=32, passes=2.0, seed=0)
+PARAMS = dict(device=DEVICE, batch_size=32, passes=2.0, seed=0)
 
 
 def test_uniform_is_the_mean(tmp_path):

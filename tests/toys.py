@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -10,6 +11,8 @@ from torch.utils.data import TensorDataset
 
 from soup_pipeline.ingredients import IngredientStore, save_ingredient
 from soup_pipeline.soups import Objective
+
+DEVICE = os.environ.get("SOUP_TEST_DEVICE", "cpu")  # set to "cuda" to run the engine tests on a GPU
 
 
 class Toy(nn.Module):

@@ -1,0 +1,173 @@
+"""Peak memory and time per inner step of Learned-Soup+, HL-Soup+ and MEHL-Soup+ against a fine-tuning step.
+
+Ingredients are one random open_clip image tower perturbed K times (memory and time need no
+trained weights). Every configuration runs in a fresh process; peak memory is measured above
+that process's baseline (CPU RSS by sampling; the CUDA allocator peak on a GPU). Prints a
+Markdown table. Example (the README's table):
+
+    python benchmarks/soup_memory.py --arch ViT-B-32 --ks 4 8 16 32 --bs 1 2 4 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+from soup_pipeline.config import SoupParams
+from soup_pipeline.ingredients import IngredientStore, save_ingredient
+from soup_pipeline.meters import measure
+from soup_pipeline.models import classifier_from_spec, classifier_spec
+from soup_pipeline.soups import Objective, run_method
+from soup_pipeline.soups.base import resolve_device
+
+NUM_CLASSES = 10
+
+
+def make_ingredients(folder: Path, arch: str, K: int, image_size: int) -> list[Path]:
+    """K perturbations (relative scale 1e-2) of one seeded random init; reused when already on disk."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{arch}-{k:03d}.safetensors" for k in range(K)]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        torch.manual_seed(0)
+        base = classifier_from_spec(classifier_spec(arch, NUM_CLASSES)).state_dict()
+        for path in missing:
+            k = int(path.stem.rsplit("-", 1)[1])
+            gen = torch.Generator().manual_seed(1000 + k)
+            state = {key: v + 1e-2 * v.std().nan_to_num(1.0) * torch.randn(v.shape, generator=gen)
+                     if v.is_floating_point() and v.numel() > 1 else v for key, v in base.items()}
+            save_ingredient(state, path, meta={"val_acc": 0.5, "base_model": f"{arch}-random"})
+    return paths
+
+
+def heldout(image_size: int, batch: int, steps: int) -> TensorDataset:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch * steps, 3, image_size, image_size, generator=gen)
+    return TensorDataset(images, torch.randint(0, NUM_CLASSES, (batch * steps,), generator=gen))
+
+
+class StepClock:
+    """Wraps the loss: a timestamp per call; a step is the time between consecutive calls in a block."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.stamps = device, []
+
+    def __call__(self, logits, targets):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+        return torch.nn.functional.cross_entropy(logits, targets)
+
+    def step_seconds(self, steps_per_block: int) -> float:
+        gaps = [b - a for i, (a, b) in enumerate(zip(self.stamps, self.stamps[1:])) if (i + 1) % steps_per_block]
+        return statistics.median(gaps) if gaps else float("nan")
+
+
+def finetune_floor(args, device: torch.device) -> dict:
+    """One plain fine-tuning step (forward, backward, AdamW) on the same model and batch."""
+    model = classifier_from_spec(classifier_spec(args.arch, NUM_CLASSES)).to(device).train()
+    data = heldout(args.image_size, args.batch, 1)
+    images, labels = data.tensors[0].to(device), data.tensors[1].to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    times = []
+    with measure(device) as meter:
+        for _ in range(args.steps + 1):
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+    model_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    return {"step_s": statistics.median(times[1:]), "peak_bytes": meter.peak_bytes, "ingredient_bytes": model_bytes}
+
+
+def run_one(args) -> dict:
+    """One configuration in this process; returns its measurements."""
+    device = resolve_device(args.device)
+    if args.method == "finetune":
+        return finetune_floor(args, device)
+    paths = make_ingredients(Path(args.workdir), args.arch, args.K, args.image_size)
+    store = IngredientStore(paths, storage_dtype=getattr(torch, args.storage_dtype) if args.storage_dtype else None)
+    clock = StepClock(device)
+    objective = Objective(lambda: classifier_from_spec(classifier_spec(args.arch, NUM_CLASSES)),
+                          heldout(args.image_size, args.batch, args.steps), batch_size=args.batch, loss_fn=clock)
+    params = SoupParams(device=args.device, model_batch=args.b, passes=1.0, learned_epochs=1, batch_size=args.batch,
+                        prefetch=not args.no_prefetch, storage_dtype=args.storage_dtype)
+    result = run_method(args.method, store, objective, params)
+    steps_per_block = result.info.get("steps_per_block", result.info.get("steps"))
+    return {"step_s": clock.step_seconds(steps_per_block), "peak_bytes": result.peak_bytes, "seconds": result.seconds,
+            "resident_peak": store.peak_resident_count, "ingredient_bytes": store.ingredient_bytes()}
+
+
+def configurations(args) -> list[tuple[str, int, int]]:
+    rows = [("finetune", 0, 0)]
+    for K in args.ks:
+        rows.append(("learned_soup_plus", K, K))
+        rows.append(("hl_soup_plus", K, K))
+        rows += [("mehl_soup_plus", K, b) for b in args.bs if b <= K]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="ViT-B-32")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--bs", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--batch", type=int, default=32, help="held-out mini-batch size")
+    parser.add_argument("--steps", type=int, default=3, help="inner steps per block")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--storage-dtype", default=None, choices=[None, "bfloat16", "float16", "float32"])
+    parser.add_argument("--no-prefetch", action="store_true")
+    parser.add_argument("--skip", nargs="*", default=[], help="methods to leave out, e.g. learned_soup_plus")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "soup-bench-ingredients"))
+    parser.add_argument("--one", nargs=3, metavar=("METHOD", "K", "B"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.one:
+        args.method, args.K, args.b = args.one[0], int(args.one[1]), int(args.one[2])
+        print(json.dumps(run_one(args)))
+        return
+    make_ingredients(Path(args.workdir), args.arch, max(args.ks), args.image_size)
+    model_bytes = None
+    floor = None
+    print(f"arch {args.arch}, batch {args.batch}, {args.steps} steps per block, device {resolve_device(args.device)}, "
+          f"storage {args.storage_dtype or 'file dtype'}, prefetch {not args.no_prefetch}")
+    print("| method | K | b | peak memory (GiB) | peak / model size | time per inner step (s) | step / fine-tune step |")
+    print("|---|---|---|---|---|---|---|")
+    passthrough = [f"--arch={args.arch}", f"--image-size={args.image_size}", f"--batch={args.batch}",
+                   f"--steps={args.steps}", f"--device={args.device}", f"--workdir={args.workdir}"]
+    passthrough += [f"--storage-dtype={args.storage_dtype}"] if args.storage_dtype else []
+    passthrough += ["--no-prefetch"] if args.no_prefetch else []
+    for method, K, b in configurations(args):
+        if method in args.skip:
+            continue
+        out = subprocess.run([sys.executable, __file__, "--one", method, str(K), str(b), *passthrough],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"| {method} | {K} | {b} | failed: {out.stderr.strip().splitlines()[-1][:80]} | | | |", flush=True)
+            continue
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        peak = row["peak_bytes"].get("cuda", row["peak_bytes"]["cpu_rss"])
+        if method == "finetune":
+            floor = row["step_s"]
+        model_bytes = row.get("ingredient_bytes", model_bytes)
+        ratio = f"{peak / model_bytes:.1f}" if model_bytes else ""
+        speed = f"{row['step_s'] / floor:.2f}" if floor else ""
+        print(f"| {method} | {K or ''} | {b or ''} | {peak / 2**30:.2f} | {ratio} | {row['step_s']:.3f} | {speed} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
