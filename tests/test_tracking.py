@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import time
 import uuid
 from typing import Iterator
@@ -32,6 +34,7 @@ def tiny_classifier(spec: dict) -> torch.nn.Module:
 
 
 def images(n: int = 5, seed: int = 0) -> np.ndarray:
+    """A float32 N x 1 x 8 x 8 batch of noise."""
     return np.random.default_rng(seed).standard_normal((n, 1, 8, 8)).astype(np.float32)
 
 
@@ -98,7 +101,7 @@ def test_flatten_params_uses_dotted_keys():
     assert flat == {"soup.lr": "0.05", "soup.grouping": '["a.*", "b"]', "seed": "0", "x": "None"}
 
 
-def test_parent_and_nested_runs_carry_params_and_metrics(backend, tmp_path, monkeypatch):
+def test_parent_and_nested_runs_carry_params_and_metrics(backend, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
     with tracking.pipeline_run(unique("exp"), uri=backend, run_name="pipeline", tags={"seed": 0}) as parent_id:
         tracking.log_params({"soup": {"lr": 0.05, "model_batch": 2}, "seed": 0})
@@ -206,10 +209,15 @@ def test_register_needs_a_run_and_weights_that_fit_before_logging(local_uri):
     assert MlflowClient().list_artifacts(run_id) == []
 
 
-def test_unreachable_server_fails_fast_with_the_fix(tmp_path):
+def test_unreachable_server_fails_fast_with_the_fix():
     uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     with pytest.raises(SoupError, match=f"{uri} is not reachable.*unset MLFLOW_TRACKING_URI"):
         with tracking.pipeline_run("never", uri=uri):
             pytest.fail("the run body must not start")
     assert time.monotonic() - start < 10
+
+
+def test_tracking_imports_mlflow_lazily():
+    code = "import sys, soup_pipeline.tracking; assert 'mlflow' not in sys.modules, 'mlflow imported eagerly'"
+    subprocess.run([sys.executable, "-c", code], check=True)

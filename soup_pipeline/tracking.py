@@ -1,0 +1,415 @@
+"""MLflow tracking and model registry for the pipeline; the only module that imports MLflow (lazily).
+
+One parent run per pipeline execution (`pipeline_run`), one nested run per fine-tune and per
+soup method (`nested_run`). Params are logged flattened (`soup.lr`), step series in batches,
+the mixing weights beta (K x L) as JSON plus a heatmap, tables as JSON, CSV and Markdown.
+Soups are registered as pyfunc models (safetensors + JSON, see `pyfunc_model`); the `champion`
+alias moves only to a version whose held-out accuracy strictly beats the current champion's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import http.client
+import importlib.util
+import json
+import os
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .errors import SoupError
+
+CHAMPION = "champion"
+MODEL_NAME = "model"  # name of the logged pyfunc model inside its run
+MIXING_DIR = "mixing_weights"  # artifact folder of beta.json and beta.png
+TABLES_DIR = "tables"  # artifact folder of logged tables
+REQUIREMENTS = ("mlflow", "torch", "numpy", "safetensors", "open_clip_torch")  # pinned from this env
+COMPARE_COLUMNS = ("version", "aliases", "method", "K", "b", "val_acc", "test_acc", "shifted_test_acc", "git_commit")
+
+
+def _mlflow():
+    """Import MLflow on first use, so the core never pays for it."""
+    import mlflow
+
+    return mlflow
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+# --- where to track ---------------------------------------------------------------------------
+
+
+def tracking_uri(default_dir: str | Path) -> str:
+    """MLFLOW_TRACKING_URI if set, else a local SQLite store `<default_dir>/mlflow.db`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(default_dir).resolve() / 'mlflow.db'}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """For a SQLite store, artifacts go beside the database (`mlartifacts/`); a server decides its own."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return None
+    return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """For an http(s) URI, GET /health once; raise SoupError naming the URI and the fix if it fails."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    health = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout_s) as response:
+            status = response.status
+    except (OSError, http.client.HTTPException) as exc:  # URLError and timeouts are OSErrors
+        reason = getattr(exc, "reason", exc)
+    else:
+        if status == 200:
+            return
+        reason = f"HTTP {status}"
+    raise SoupError(
+        f"MLflow tracking server {uri} is not reachable ({reason}); start it "
+        f"(mlflow server --backend-store-uri sqlite:///mlflow.db --host HOST --port PORT) "
+        f"or unset MLFLOW_TRACKING_URI to track in a local SQLite file"
+    )
+
+
+def connect(uri: str) -> None:
+    """Point MLflow's tracking and registry at `uri`, after checking that a server answers."""
+    check_reachable(uri)
+    mlflow = _mlflow()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
+def use_experiment(name: str, uri: str) -> str:
+    """Make `name` the active experiment, creating it (artifacts beside a SQLite store); return its id."""
+    mlflow = _mlflow()
+    experiment = mlflow.get_experiment_by_name(name)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment is not None
+        else mlflow.create_experiment(name, artifact_location=artifact_location(uri))
+    )
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+# --- runs -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def pipeline_run(
+    experiment: str,
+    *,
+    uri: str,
+    run_name: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    system_metrics: bool = True,
+) -> Iterator[str]:
+    """The parent run of one pipeline execution; yields its run id. Fails fast if `uri` is down."""
+    connect(uri)
+    use_experiment(experiment, uri)
+    mlflow = _mlflow()
+    log_system = system_metrics and importlib.util.find_spec("psutil") is not None
+    with mlflow.start_run(run_name=run_name, tags=_strings(tags or {}), log_system_metrics=log_system) as run:
+        yield run.info.run_id
+
+
+@contextlib.contextmanager
+def nested_run(
+    run_name: str, *, kind: str, tags: Mapping[str, Any] | None = None, parent_run_id: str | None = None
+) -> Iterator[str]:
+    """A child run (kind "finetune" or "soup") of the active run, or of `parent_run_id` from another process."""
+    mlflow = _mlflow()
+    if parent_run_id is None:
+        if mlflow.active_run() is None:
+            raise SoupError(f"nested run {run_name!r} needs an active pipeline_run or a parent_run_id")
+        experiment_id = None
+    else:
+        experiment_id = _client().get_run(parent_run_id).info.experiment_id
+    run_tags = _strings({"kind": kind, **(tags or {})})
+    with mlflow.start_run(
+        run_name=run_name, nested=True, parent_run_id=parent_run_id, experiment_id=experiment_id, tags=run_tags
+    ) as run:
+        yield run.info.run_id
+
+
+def child_runs(parent_run_id: str) -> list:
+    """The runs nested directly under `parent_run_id`, oldest first."""
+    parent = _client().get_run(parent_run_id)
+    return _client().search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )
+
+
+# --- params and metrics -----------------------------------------------------------------------
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dict -> {"soup.lr": "0.05", ...}; lists become JSON strings."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return flat
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    """Log resolved params to the active run, flattened with dotted keys."""
+    _mlflow().log_params(flatten_params(params))
+
+
+def log_series(series: Mapping[str, Sequence[float]], *, start_step: int = 0) -> None:
+    """Log per-step series ({"loss": [...]}) to the active run in batched calls, step = index + start_step."""
+    from mlflow.entities import Metric
+
+    timestamp = int(time.time() * 1000)
+    metrics = [
+        Metric(key, float(value), timestamp, start_step + step)
+        for key, values in series.items()
+        for step, value in enumerate(values)
+    ]
+    _client().log_batch(_active_run_id(), metrics=metrics)
+
+
+def log_scalars(metrics: Mapping[str, float | None]) -> None:
+    """Log scalar metrics (accuracies, seconds, peak bytes) to the active run; None values are skipped."""
+    _mlflow().log_metrics({key: float(value) for key, value in metrics.items() if value is not None})
+
+
+# --- artifacts --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MixingWeights:
+    """beta (K ingredients x L layers) with its row and column names."""
+
+    beta: np.ndarray
+    ingredients: list[str]
+    layers: list[str]
+
+    def __post_init__(self) -> None:
+        expected = (len(self.ingredients), len(self.layers))
+        if np.shape(self.beta) != expected:
+            raise SoupError(f"beta has shape {np.shape(self.beta)}, expected {expected} (ingredients x layers)")
+
+
+def log_mixing_weights(weights: MixingWeights) -> None:
+    """Log beta as `mixing_weights/beta.json` and an ingredients x layers heatmap `beta.png`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        beta = np.asarray(weights.beta).tolist()
+        payload = {"ingredients": list(weights.ingredients), "layers": list(weights.layers), "beta": beta}
+        (Path(tmp) / "beta.json").write_text(json.dumps(payload) + "\n")
+        plot_mixing_weights(weights, Path(tmp) / "beta.png")
+        _mlflow().log_artifacts(tmp, artifact_path=MIXING_DIR)
+
+
+def load_mixing_weights(run_id: str) -> MixingWeights:
+    """Download a run's `mixing_weights/beta.json` and rebuild the matrix."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _mlflow().artifacts.download_artifacts(
+            run_id=run_id, artifact_path=f"{MIXING_DIR}/beta.json", dst_path=tmp
+        )
+        payload = json.loads(Path(path).read_text())
+    return MixingWeights(np.asarray(payload["beta"], dtype=np.float64), payload["ingredients"], payload["layers"])
+
+
+def plot_mixing_weights(weights: MixingWeights, path: str | Path) -> None:
+    """Heatmap of beta (rows ingredients, columns layers), diverging around the uniform 1/K."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    beta = np.asarray(weights.beta, dtype=np.float64)
+    k, n_layers = beta.shape
+    centre = 1.0 / k
+    half = max(float(np.abs(beta - centre).max()), 1e-12)
+    figure = Figure(figsize=(max(6.0, 0.15 * n_layers + 3), max(3.0, 0.35 * k + 1.5)))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    image = axes.imshow(beta, aspect="auto", cmap="RdBu_r", norm=Normalize(centre - half, centre + half))
+    axes.set_yticks(range(k), weights.ingredients, fontsize=7)
+    axes.set_xticks(range(n_layers), weights.layers, rotation=90, fontsize=5)
+    axes.set_xlabel("layer")
+    axes.set_ylabel("ingredient")
+    figure.colorbar(image, ax=axes, label="mixing weight beta")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A GitHub-style Markdown table; columns default to every key, in order of first appearance."""
+    columns = list(columns) if columns is not None else _columns(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_cell(row.get(column)) for column in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def log_table(rows: Sequence[Mapping[str, Any]], name: str) -> None:
+    """Log rows as `tables/<name>.json`, `.csv` and `.md` (ingredient hyperparameters, evaluation)."""
+    columns = _columns(rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        (base / f"{name}.json").write_text(json.dumps(list(map(dict, rows)), indent=2, default=str) + "\n")
+        with open(base / f"{name}.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        (base / f"{name}.md").write_text(markdown_table(rows, columns))
+        _mlflow().log_artifacts(tmp, artifact_path=TABLES_DIR)
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+
+def register_soup(
+    state_dict: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    *,
+    name: str,
+    method: str,
+    tags: Mapping[str, Any],
+    input_example: np.ndarray,
+) -> str:
+    """Log the soup as a pyfunc model in the active run and register it as a new version of `name`.
+
+    `tags` carries K, b, val_acc, test_acc, params_hash, git_commit, dvc_lock_hash, ...; the version
+    is tagged with them and with `method`. `spec["builder"]` names the module builder;
+    `input_example` is a small image batch (one image is enough: it is stored as JSON).
+    Returns the new version number.
+    """
+    mlflow = _mlflow()
+    from mlflow.models import infer_signature
+
+    from . import pyfunc_model
+
+    _active_run_id()  # a version always links back to the run (params, metrics) that made it
+    example = np.asarray(input_example, dtype=np.float32)
+    module = pyfunc_model.build_module(spec, state_dict)  # fails here, before logging, on a bad spec
+    signature = infer_signature(example, pyfunc_model.predict_proba(module, example))
+    with tempfile.TemporaryDirectory() as tmp:
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=pyfunc_model.__file__,
+            artifacts=pyfunc_model.write_model_files(state_dict, spec, tmp),
+            signature=signature,
+            input_example=example,
+            pip_requirements=_pip_requirements(),
+        )
+    version_tags = _strings({**tags, "method": method})
+    return str(mlflow.register_model(info.model_uri, name, tags=version_tags).version)
+
+
+def promote_if_better(name: str, version: str, metric: str = "val_acc") -> bool:
+    """Point `champion` at `version` if its held-out `metric` tag strictly beats the champion's (or none)."""
+    if "test" in metric:
+        raise SoupError(
+            f"metric {metric!r}: test accuracy never selects a model; promote on a held-out metric such as val_acc"
+        )
+    client = _client()
+    candidate = _tag_float(client.get_model_version(name, str(version)), metric)
+    champion = _registered_model(client, name).aliases.get(CHAMPION)
+    if champion is not None and candidate <= _tag_float(client.get_model_version(name, champion), metric):
+        return False
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    return True
+
+
+def compare_versions(name: str) -> list[dict[str, Any]]:
+    """One row per version of `name` (oldest first): version, aliases and its tags."""
+    client = _client()
+    aliases: dict[str, list[str]] = {}
+    for alias, version in _registered_model(client, name).aliases.items():
+        aliases.setdefault(str(version), []).append(alias)
+    versions = client.search_model_versions(f"name = '{name}'")
+    rows = [
+        {"version": int(v.version), "aliases": ",".join(sorted(aliases.get(str(v.version), []))), **v.tags}
+        for v in versions
+    ]
+    return sorted(rows, key=lambda row: row["version"])
+
+
+def format_comparison(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The comparison table (Markdown) over the known columns that any row has."""
+    if not rows:
+        return "no registered versions\n"
+    return markdown_table(rows, [column for column in COMPARE_COLUMNS if any(column in row for row in rows)])
+
+
+def registry_compare_main(name: str, tracking_uri: str) -> str:
+    """Text for `soup-pipeline registry compare`: every version of `name` with its aliases and accuracies."""
+    connect(tracking_uri)
+    return format_comparison(compare_versions(name))
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _active_run_id() -> str:
+    run = _mlflow().active_run()
+    if run is None:
+        raise SoupError("no active MLflow run; log inside pipeline_run(...) or nested_run(...)")
+    return run.info.run_id
+
+
+def _pip_requirements() -> list[str]:
+    """The serving requirements, pinned to the versions installed here."""
+    pinned = []
+    for package in REQUIREMENTS:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            pinned.append(f"{package}=={metadata.version(package)}")
+    return pinned
+
+
+def _registered_model(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    raise SoupError(
+        f"no registered model named {name!r} at {_mlflow().get_registry_uri()}; "
+        "check the name and MLFLOW_TRACKING_URI, or register a soup first"
+    )
+
+
+def _tag_float(version, metric: str) -> float:
+    try:
+        return float(version.tags[metric])
+    except (KeyError, ValueError) as exc:
+        raise SoupError(
+            f"model {version.name} version {version.version} has no numeric tag {metric!r} ({exc}); "
+            f"register it with tags={{'{metric}': ...}}"
+        ) from exc
+
+
+def _strings(values: Mapping[str, Any]) -> dict[str, str]:
+    return {key: str(value) for key, value in values.items()}
+
+
+def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
