@@ -23,7 +23,7 @@ from ..ingredients import BlockPrefetcher, IngredientStore
 from .base import (HeldOutStream, Objective, SoupResult, check_ingredient_count, mixable_keys, resolve_device,
                    step_loss, warn_overfitting)
 from .layers import group_layers
-from .mixing import combine_, project_block, row_norms
+from .mixing import per_tensor, project_block, rebuild_, row_norms, tensor_columns
 from .resume import fingerprint, load_state, save_state, state_path
 
 MASK_RTOL = 1e-6  # a direction with |d_{k,l}| <= MASK_RTOL * |c_l| is masked (its coefficient stays 0)
@@ -107,6 +107,7 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: SoupPa
     soup_params = [soup[key] for key in param_keys]
     centre = {key: soup[key].detach().clone() for key in param_keys}
     centre_norm = row_norms({k: v.unsqueeze(0) for k, v in centre.items()}, grouping)[0]
+    columns = tensor_columns(grouping, param_keys, device)
 
     perms = model_permutations(K, epochs, params.seed, permutations)
     blocks = [perm[i : i + b] for perm in perms for i in range(0, K, b)]
@@ -143,27 +144,25 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: SoupPa
 
             coeffs = X[block].to(device).requires_grad_(True)
             with torch.no_grad():
-                base = {key: soup[key].detach().clone() for key in param_keys}
-                start_alpha = -(coeffs * scale)
-                for key in param_keys:
-                    combine_(base[key], start_alpha[:, grouping.group_of[key]], directions[key])
+                start_alpha = per_tensor(-(coeffs * scale), columns)
+                base = {key: rebuild_(torch.empty_like(soup[key]), soup[key], start_alpha[i], directions[key])
+                        for i, key in enumerate(param_keys)}
             optimizer = torch.optim.AdamW([coeffs], lr=params.lr, weight_decay=params.weight_decay)
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
             for step in range(steps):
-                model.zero_grad(set_to_none=False)
+                model.zero_grad(set_to_none=True)
                 loss = step_loss(model, objective, stream, device, f"block {position} (ingredients {block}), step {step}")
                 loss.backward()
                 if params.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(soup_params, params.grad_clip)
                 grads = {key: soup[key].grad for key in param_keys}
-                coeffs.grad = project_block(grads, directions, grouping, dtype) * scale
+                coeffs.grad = project_block(grads, directions, columns, L, dtype) * scale
                 optimizer.step()
                 schedule.step()
                 with torch.no_grad():
-                    alpha = coeffs * scale
-                    for key in param_keys:
-                        soup[key].copy_(base[key])
-                        combine_(soup[key], alpha[:, grouping.group_of[key]], directions[key])
+                    alpha = per_tensor(coeffs * scale, columns)
+                    for i, key in enumerate(param_keys):
+                        rebuild_(soup[key], base[key], alpha[i], directions[key])
                 history.append(loss.item())
                 if on_step is not None:
                     now = X.clone()

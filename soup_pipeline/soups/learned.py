@@ -15,7 +15,7 @@ from ..ingredients import IngredientStore
 from .base import (HeldOutStream, Objective, SoupResult, check_ingredient_count, mixable_keys, resolve_device,
                    step_loss, warn_overfitting)
 from .layers import group_layers
-from .mixing import Mix
+from .mixing import MixAll, per_tensor, tensor_columns
 
 
 def learned_soup(store: IngredientStore, objective: Objective, params: SoupParams, *, layerwise: bool,
@@ -33,7 +33,10 @@ def learned_soup(store: IngredientStore, objective: Objective, params: SoupParam
     other_keys = [k for k in store.keys if k not in set(param_keys)]
     model.load_state_dict(store.centre(other_keys, dtype=dtype), strict=False)
     model.to(device).eval()
-    stacked = {k: v.to(device) for k, v in store.load_stacked(range(K), param_keys).items()}
+    stacked = store.load_stacked(range(K), param_keys)
+    for key in param_keys:  # in place, so the store keeps counting the K ingredients
+        stacked[key] = stacked[key].to(device)
+    columns = tensor_columns(grouping, param_keys, device)
 
     logits_w = torch.zeros(K, grouping.size, dtype=dtype, device=device, requires_grad=True)
     temperature = torch.ones((), dtype=dtype, device=device, requires_grad=True)
@@ -42,7 +45,7 @@ def learned_soup(store: IngredientStore, objective: Objective, params: SoupParam
     history = []
 
     def mixed(weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: Mix.apply(weights[:, grouping.group_of[k]], stacked[k]) for k in param_keys}
+        return dict(zip(param_keys, MixAll.apply(per_tensor(weights, columns), *stacked.values())))
 
     def forward(inputs: torch.Tensor) -> torch.Tensor:
         return functional_call(model, mixed(torch.softmax(logits_w, 0)), (inputs,), strict=False) * temperature

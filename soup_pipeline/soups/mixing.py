@@ -1,28 +1,48 @@
 """Linear-combination primitives shared by the learned methods.
 
 Stacked tensors hold b ingredients (or directions) of one parameter as one [b, *shape] tensor.
-`combine_` adds a weighted sum of the rows into a tensor; `project` takes the inner product of a
-gradient with each row. Both compute in the output's / gradient's dtype, so ingredients may be
-stored in bf16 while accumulation stays in fp32 or better. `project_block` works on whatever
-ingredients a process holds: sharded across processes, only the b x L results need summing.
+Coefficients arrive per group (b x L) and are gathered once per step into one column per tensor
+(`per_tensor`), so each tensor costs one kernel to rebuild and one to project. Everything is
+computed in the output's / gradient's dtype, so ingredients may be stored in bf16 while
+accumulation stays in fp32 or better. `project_block` works on whatever ingredients a process
+holds: sharded across processes, only the b x L results need summing.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
 from .layers import Grouping
 
 
-def combine_(out: torch.Tensor, coeffs: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
-    """out += sum_j coeffs[j] * stacked[j], in out's dtype; returns out."""
-    if stacked.dtype == out.dtype:
-        out.view(-1).addmv_(stacked.reshape(len(stacked), -1).t(), coeffs.to(out.dtype))
+def tensor_columns(grouping: Grouping, keys: Sequence[str], device: torch.device | str) -> torch.Tensor:
+    """The group index of each key, as an index tensor on `device`."""
+    return torch.tensor([grouping.group_of[key] for key in keys], dtype=torch.long, device=device)
+
+
+def per_tensor(coeffs: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """From b x L group coefficients to T x b: row i holds the coefficients of tensor i."""
+    return coeffs[:, columns].t()
+
+
+def rebuild_(out: torch.Tensor, base: torch.Tensor | None, coeffs: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+    """out = base + sum_j coeffs[j] * stacked[j] (base None means 0), in out's dtype; returns out."""
+    flat_out = out.view(-1)
+    rows = stacked.reshape(len(stacked), -1)
+    if rows.dtype == out.dtype:
+        if base is None:
+            torch.mv(rows.t(), coeffs.to(out.dtype), out=flat_out)
+        else:
+            torch.addmv(base.view(-1), rows.t(), coeffs.to(out.dtype), out=flat_out)
+        return out
+    if base is None:
+        out.zero_()
     else:
-        for row, coeff in zip(stacked, coeffs.tolist()):
-            out.add_(row, alpha=coeff)
+        out.copy_(base)
+    for row, coeff in zip(stacked, coeffs.tolist()):
+        out.add_(row, alpha=coeff)
     return out
 
 
@@ -34,18 +54,22 @@ def project(grad: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.dot(row.reshape(-1).to(grad.dtype), flat_grad) for row in stacked])
 
 
-def project_block(grads: Mapping[str, torch.Tensor], stacked: Mapping[str, torch.Tensor], grouping: Grouping,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """G[j, l] = sum over tensors t in group l of <grads[t], stacked[t][j]>: a b x L matrix."""
-    b = len(next(iter(stacked.values())))
-    out = torch.zeros(b, grouping.size, dtype=dtype, device=next(iter(grads.values())).device)
-    for key, grad in grads.items():
-        out[:, grouping.group_of[key]] += project(grad, stacked[key]).to(dtype)
-    return out
+def project_block(grads: Mapping[str, torch.Tensor | None], stacked: Mapping[str, torch.Tensor], columns: torch.Tensor,
+                  groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """G[j, l] = sum over tensors t in group l of <grads[t], stacked[t][j]>: a b x L matrix.
+
+    `columns[i]` is the group of the i-th key of `stacked`; a None gradient counts as zero.
+    """
+    first = next(iter(stacked.values()))
+    rows = torch.zeros(len(columns), len(first), dtype=dtype, device=first.device)
+    for i, (key, directions) in enumerate(stacked.items()):
+        if grads[key] is not None:
+            rows[i] = project(grads[key], directions)
+    return torch.zeros(groups, len(first), dtype=dtype, device=first.device).index_add_(0, columns, rows).t()
 
 
 def row_norms(stacked: Mapping[str, torch.Tensor], grouping: Grouping) -> torch.Tensor:
-    """||stacked_{j, l}|| over each group's tensors, in float64: a b x L matrix."""
+    """||stacked_{j, l}|| over each group's tensors, in float64 on the CPU: a b x L matrix."""
     b = len(next(iter(stacked.values())))
     squares = torch.zeros(b, grouping.size, dtype=torch.float64)
     for key, tensor in stacked.items():
@@ -54,19 +78,25 @@ def row_norms(stacked: Mapping[str, torch.Tensor], grouping: Grouping) -> torch.
     return squares.sqrt()
 
 
-class Mix(torch.autograd.Function):
-    """sum_j weights[j] * stacked[j] with a gradient for the weights only (stacked is data).
+class MixAll(torch.autograd.Function):
+    """For every tensor i: sum_j weights[i, j] * stacked_i[j], with a gradient for the weights only.
 
-    Autograd keeps a reference to `stacked`, never a copy, so K resident ingredients cost K x D.
+    weights is T x K (one row per tensor); stacked are data. Autograd keeps references to the
+    stacked ingredients, never copies, so K resident ingredients cost K x D.
     """
 
     @staticmethod
-    def forward(ctx, weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(stacked)
-        out = torch.zeros(stacked.shape[1:], dtype=weights.dtype, device=stacked.device)
-        return combine_(out, weights.detach(), stacked)
+    def forward(ctx, weights: torch.Tensor, *stacked: torch.Tensor):
+        ctx.save_for_backward(*stacked)
+        ctx.dtype = weights.dtype
+        outs = []
+        for row, block in zip(weights.detach(), stacked):
+            outs.append(rebuild_(torch.empty(block.shape[1:], dtype=weights.dtype, device=block.device), None, row, block))
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (stacked,) = ctx.saved_tensors
-        return project(grad_out, stacked).to(grad_out.dtype), None
+    def backward(ctx, *grad_outs: torch.Tensor):
+        stacked = ctx.saved_tensors
+        rows = [project(g, block) if g is not None else torch.zeros(len(block), dtype=ctx.dtype, device=block.device)
+                for g, block in zip(grad_outs, stacked)]
+        return (torch.stack(rows), *([None] * len(stacked)))
