@@ -69,8 +69,9 @@ class StepClock:
         return torch.nn.functional.cross_entropy(logits, targets)
 
     def step_seconds(self, steps_per_block: int) -> float:
+        """Median step time within blocks; the run's first gap (lazy CUDA / autograd set-up) is left out."""
         gaps = [b - a for i, (a, b) in enumerate(zip(self.stamps, self.stamps[1:])) if (i + 1) % steps_per_block]
-        return statistics.median(gaps) if gaps else float("nan")
+        return statistics.median(gaps[1:]) if len(gaps) > 1 else float("nan")
 
 
 def finetune_floor(args, device: torch.device) -> dict:
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--bs", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--batch", type=int, default=32, help="held-out mini-batch size")
-    parser.add_argument("--steps", type=int, default=3, help="inner steps per block")
+    parser.add_argument("--steps", type=int, default=4, help="inner steps per block")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--storage-dtype", default=None, choices=[None, "bfloat16", "float16", "float32"])
     parser.add_argument("--no-prefetch", action="store_true")
