@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -160,14 +161,38 @@ def heldout_metrics(model: nn.Module, objective: Objective, device: torch.device
     return loss_sum / count, correct / count
 
 
-def step_loss(model: Callable[[torch.Tensor], torch.Tensor], objective: Objective, stream: HeldOutStream, device: torch.device,
-              where: str) -> torch.Tensor:
-    """Forward one held-out mini-batch; a non-finite loss stops the run, naming where it happened."""
+def step_loss(model: Callable[[torch.Tensor], torch.Tensor], objective: Objective, stream: HeldOutStream,
+              device: torch.device) -> torch.Tensor:
+    """Forward one held-out mini-batch and return its loss."""
     inputs, targets = fetch_batch(objective.heldout, stream.next())
-    loss = objective.loss_fn(model(inputs.to(device)), targets.to(device))
-    if not torch.isfinite(loss):
-        raise SoupError(f"non-finite held-out loss ({float(loss)}) at {where}; lower the learning rate or check the ingredients")
-    return loss
+    return objective.loss_fn(model(inputs.to(device)), targets.to(device))
+
+
+class LossLog:
+    """Per-step held-out losses, kept on the device and checked in one synchronisation per flush.
+
+    Reading each loss at once would stall a GPU every step; a non-finite loss is still reported
+    with the block and step where it happened, and the run stops there.
+    """
+
+    def __init__(self, values: list[float] | None = None):
+        self.values: list[float] = list(values or [])
+        self._pending: list[tuple[torch.Tensor, str]] = []
+
+    def add(self, loss: torch.Tensor, where: str) -> None:
+        self._pending.append((loss.detach(), where))
+
+    def flush(self) -> None:
+        """Move pending losses to `values`; raise SoupError at the first non-finite one."""
+        if not self._pending:
+            return
+        losses = torch.stack([loss for loss, _ in self._pending]).double().cpu().tolist()
+        places = [where for _, where in self._pending]
+        self._pending = []
+        for value, where in zip(losses, places):
+            if not math.isfinite(value):
+                raise SoupError(f"non-finite held-out loss ({value}) at {where}; lower the learning rate or check the ingredients")
+            self.values.append(value)
 
 
 def uniform_beta(K: int, L: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -21,7 +21,7 @@ from ..config import SoupParams
 from ..errors import SoupError
 from ..ingredients import BlockPrefetcher, IngredientStore
 from .base import (HeldOutStream, Objective, SoupResult, check_ingredient_count, mixable_keys, resolve_device,
-                   step_loss, warn_overfitting)
+                   LossLog, step_loss, warn_overfitting)
 from .layers import group_layers
 from .mixing import per_tensor, project_block, rebuild_, row_norms, tensor_columns
 from .resume import fingerprint, load_state, save_state, state_path
@@ -117,7 +117,7 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: SoupPa
 
     X = torch.zeros(K, L, dtype=dtype)
     norms = torch.full((K, L), float("nan"), dtype=torch.float64)
-    history: list[float] = []
+    losses = LossLog()
     start = 0
     saved_at = None
     if resume_dir is not None:
@@ -126,7 +126,7 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: SoupPa
         saved_at = state_path(resume_dir, fingerprint(store, settings))
         state = load_state(saved_at)
         if state is not None:
-            start, X, norms, history = state["next_block"], state["X"], state["norms"], state["history"]
+            start, X, norms, losses = state["next_block"], state["X"], state["norms"], LossLog(state["history"])
             stream.restore(state["stream"])
             with torch.no_grad():
                 for key, value in state["soup"].items():
@@ -151,7 +151,8 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: SoupPa
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
             for step in range(steps):
                 model.zero_grad(set_to_none=True)
-                loss = step_loss(model, objective, stream, device, f"block {position} (ingredients {block}), step {step}")
+                loss = step_loss(model, objective, stream, device)
+                losses.add(loss, f"block {position} (ingredients {block}), step {step}")
                 loss.backward()
                 if params.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(soup_params, params.grad_clip)
@@ -163,22 +164,23 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: SoupPa
                     alpha = per_tensor(coeffs * scale, columns)
                     for i, key in enumerate(param_keys):
                         rebuild_(soup[key], base[key], alpha[i], directions[key])
-                history.append(loss.item())
                 if on_step is not None:
+                    losses.flush()
                     now = X.clone()
                     now[block] = coeffs.detach().cpu()
-                    on_step(StepEvent(position, block, step, history[-1], now))
+                    on_step(StepEvent(position, block, step, losses.values[-1], now))
+            losses.flush()
             X[block] = coeffs.detach().cpu()
             del directions, base
             if saved_at is not None:
                 save_state(saved_at, next_block=position + 1, X=X, norms=norms,
-                           soup={k: soup[k] for k in param_keys}, stream=stream.state(), history=history)
+                           soup={k: soup[k] for k in param_keys}, stream=stream.state(), history=losses.values)
 
     alpha = X.to(torch.float64) * coefficient_scale(norms, centre_norm, params.normalize_directions)
     beta = alpha + (1.0 - alpha.sum(0, keepdim=True)) / K
     state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return SoupResult(method=name, state_dict=state_dict, beta=beta, layer_names=grouping.names,
-                      ingredient_names=[i.name for i in store.ingredients], history=history,
+                      ingredient_names=[i.name for i in store.ingredients], history=losses.values,
                       info={"K": K, "L": L, "b": b, "model_epochs": epochs, "steps_per_block": steps,
                             "coefficients": X, "masked": int((norms <= MASK_RTOL * centre_norm).sum())})
 

@@ -13,7 +13,7 @@ from torch.func import functional_call
 from ..config import SoupParams
 from ..ingredients import IngredientStore
 from .base import (HeldOutStream, Objective, SoupResult, check_ingredient_count, mixable_keys, resolve_device,
-                   step_loss, warn_overfitting)
+                   LossLog, step_loss, warn_overfitting)
 from .layers import group_layers
 from .mixing import MixAll, per_tensor, tensor_columns
 
@@ -42,7 +42,7 @@ def learned_soup(store: IngredientStore, objective: Objective, params: SoupParam
     temperature = torch.ones((), dtype=dtype, device=device, requires_grad=True)
     optimizer = torch.optim.AdamW([logits_w, temperature], lr=params.learned_lr, weight_decay=0.0)
     stream = HeldOutStream(len(objective.heldout), params.batch_size, params.seed)
-    history = []
+    losses = LossLog()
 
     def mixed(weights: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(zip(param_keys, MixAll.apply(per_tensor(weights, columns), *stacked.values())))
@@ -53,10 +53,12 @@ def learned_soup(store: IngredientStore, objective: Objective, params: SoupParam
     steps = params.learned_epochs * stream.batches_per_pass
     for step in range(steps):
         optimizer.zero_grad()
-        loss = step_loss(forward, objective, stream, device, f"step {step}")
+        loss = step_loss(forward, objective, stream, device)
+        losses.add(loss, f"step {step}")
         loss.backward()
         optimizer.step()
-        history.append(loss.item())
+        if (step + 1) % stream.batches_per_pass == 0:
+            losses.flush()
 
     with torch.no_grad():
         weights = torch.softmax(logits_w, 0)
@@ -64,5 +66,5 @@ def learned_soup(store: IngredientStore, objective: Objective, params: SoupParam
             model.get_parameter(key).copy_(value)
     state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return SoupResult(method=name, state_dict=state_dict, beta=weights.detach().cpu().double(), layer_names=grouping.names,
-                      ingredient_names=[i.name for i in store.ingredients], history=history,
+                      ingredient_names=[i.name for i in store.ingredients], history=losses.values,
                       info={"K": K, "L": grouping.size, "steps": steps, "temperature": float(temperature.detach())})

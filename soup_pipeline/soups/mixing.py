@@ -61,10 +61,9 @@ def project_block(grads: Mapping[str, torch.Tensor | None], stacked: Mapping[str
     `columns[i]` is the group of the i-th key of `stacked`; a None gradient counts as zero.
     """
     first = next(iter(stacked.values()))
-    rows = torch.zeros(len(columns), len(first), dtype=dtype, device=first.device)
-    for i, (key, directions) in enumerate(stacked.items()):
-        if grads[key] is not None:
-            rows[i] = project(grads[key], directions)
+    zero = torch.zeros(len(first), dtype=dtype, device=first.device)
+    rows = torch.stack([zero if grads[key] is None else project(grads[key], directions).to(dtype)
+                        for key, directions in stacked.items()])
     return torch.zeros(groups, len(first), dtype=dtype, device=first.device).index_add_(0, columns, rows).t()
 
 
