@@ -13,7 +13,7 @@ from soup_pipeline.soups import run_method
 from soup_pipeline.soups.base import fetch_batch
 from soup_pipeline.soups.hyperplane import hyperplane_soup
 from soup_pipeline.soups.layers import group_layers
-from soup_pipeline.soups.mixing import project_block
+from soup_pipeline.soups.mixing import project_block, tensor_columns
 
 from toys import DEVICE, Toy, toy_ingredients, toy_objective
 
@@ -48,7 +48,8 @@ def test_projected_gradient_equals_autograd(tmp_path):
 
     model.load_state_dict({**centre, **{k: v.detach() for k, v in theta.items()}})
     objective.loss_fn(model(inputs), targets).backward()
-    projected = project_block({k: p.grad for k, p in model.named_parameters()}, directions, grouping, torch.float64)
+    grads = {k: p.grad for k, p in model.named_parameters()}
+    projected = project_block(grads, directions, tensor_columns(grouping, keys, "cpu"), grouping.size, torch.float64)
     assert (projected - autograd_grad).abs().max() < 1e-10
     assert autograd_grad.abs().max() > 1e-3  # the comparison is not between zeros
 
