@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SoupError
 
@@ -20,7 +20,6 @@ class Strict(BaseModel):
 class SoupParams(Strict):
     """How a soup is learned (DESIGN.md section 2)."""
 
-    method: str = "mehl_soup_plus"  # registry name of the method run by default
     model_batch: int = Field(2, gt=0)  # b: ingredients in memory at once (clamped to K)
     model_epochs: int = Field(1, gt=0)  # passes over the K ingredients (MEHL-Soup); HL-Soup uses 1
     passes: float = Field(5.0, gt=0)  # S, in passes over the held-out data, per block
@@ -121,12 +120,13 @@ class DataParams(Strict):
 class PretrainParams(Strict):
     """Contrastive pre-training of the tiny model on the pre-training split."""
 
-    epochs: int = Field(40, gt=0)  # passes over the pre-training split
+    epochs: int = Field(30, gt=0)  # passes over the pre-training split
     lr: float = Field(1e-3, gt=0)  # AdamW peak learning rate
     weight_decay: float = Field(0.1, ge=0)  # AdamW weight decay (matrices only)
-    batch_size: int = Field(128, gt=0)  # image-caption pairs per step
+    batch_size: int = Field(32, gt=0)  # image-caption pairs per step
     warmup_frac: float = Field(0.1, ge=0, lt=1)  # linear warm-up share of the steps, cosine decay after
-    seed: int = 0  # seeds the initialisation, the shuffling and the caption choice
+    augmentation: Augmentation = "light"  # augmentation preset (robust features make fine-tuning with augmentation work)
+    seed: int = 0  # seeds the initialisation, the shuffling, the augmentation and the caption choice
     device: str = "auto"  # "auto" takes the GPU when there is one; "cpu" for byte-identical reruns
 
 
@@ -134,7 +134,7 @@ class FinetuneParams(Strict):
     """The hyperparameters of one fine-tune (one sweep member); recorded in the ingredient's sidecar."""
 
     lr: float = Field(1e-4, gt=0)  # AdamW peak learning rate
-    weight_decay: float = Field(0.1, ge=0)  # AdamW weight decay
+    weight_decay: float = Field(0.1, ge=0)  # AdamW weight decay (matrices only)
     augmentation: Augmentation = "light"  # augmentation preset
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # cross-entropy label smoothing
     epochs: int = Field(10, gt=0)  # passes over the train split
@@ -146,19 +146,26 @@ class FinetuneParams(Strict):
 class SweepParams(Strict):
     """Seeded random search: member k's hyperparameters depend only on (seed, k)."""
 
-    members: int = Field(12, gt=0)  # K, the number of fine-tunes
-    seed: int = 0  # seeds every member's draw
-    lr_range: tuple[float, float] = (1e-5, 3e-4)  # learning rate, drawn log-uniformly
+    members: list[int] = list(range(12))  # member ids (K = how many); an int n means 0..n-1. Append ids to grow the sweep
+    seed: int = Field(0, ge=0)  # seeds every member's draw
+    lr_range: tuple[float, float] = (3e-5, 1e-3)  # learning rate, drawn log-uniformly
     weight_decay_range: tuple[float, float] = (0.0, 0.2)  # weight decay, drawn uniformly
     label_smoothing_range: tuple[float, float] = (0.0, 0.2)  # label smoothing, drawn uniformly
-    epochs_range: tuple[int, int] = (4, 12)  # epochs, an integer drawn uniformly, both ends included
+    epochs_range: tuple[int, int] = (10, 30)  # epochs, an integer drawn uniformly, both ends included
     augmentations: list[Augmentation] = ["none", "light", "strong"]  # presets drawn uniformly
     batch_size: int = Field(64, gt=0)  # images per step, the same for every member
     warmup_frac: float = Field(0.1, ge=0, lt=1)  # linear warm-up share of the steps, the same for every member
     device: str = "auto"  # "auto" takes the GPU when there is one; "cpu" for byte-identical reruns
 
+    @field_validator("members", mode="before")
+    @classmethod
+    def _member_ids(cls, value):
+        return list(range(value)) if isinstance(value, int) and value > 0 else value
+
     @model_validator(mode="after")
     def _ranges(self) -> "SweepParams":
+        if not self.members or len(set(self.members)) != len(self.members) or min(self.members) < 0:
+            raise ValueError(f"members: {self.members} must be distinct ids >= 0 (or a positive count)")
         for name in ("lr_range", "weight_decay_range", "label_smoothing_range", "epochs_range"):
             _check_range(name, getattr(self, name))
         if self.lr_range[0] <= 0:
@@ -170,3 +177,46 @@ class SweepParams(Strict):
         if not self.augmentations:
             raise ValueError("augmentations: empty; list presets from 'none', 'light', 'strong'")
         return self
+
+
+SOUP_METHODS = ["uniform", "greedy", "learned_soup", "learned_soup_plus", "hl_soup", "hl_soup_plus", "mehl_soup",
+                "mehl_soup_plus"]
+
+
+class EvaluateParams(Strict):
+    """What is compared, and the ablations (DESIGN.md s.3; the paper's Fig. 2 and Table 3)."""
+
+    methods: list[str] = SOUP_METHODS  # soups built (one DVC stage each); best individual and ensemble are always added
+    batch_size: int = Field(256, gt=0)  # evaluation batch size
+    ingredient_counts: list[int] = [2, 4, 8]  # Fig. 2: greedy and MEHL-Soup+ on the first n members (plus all K)
+    remove_top: list[int] = [1, 2, 4]  # Table 3: soups after removing the n best ingredients (by held-out accuracy)
+
+
+class TrackingParams(Strict):
+    """MLflow: where runs go (MLFLOW_TRACKING_URI wins) and which soup is registered."""
+
+    enabled: bool = True  # log runs to MLflow (a local SQLite file when no URI is set)
+    experiment: str = "soup-pipeline"  # MLflow experiment name
+    registered_model: str = "soup-pipeline-soup"  # registry name of the soup
+    register_method: str = "mehl_soup_plus"  # the soup registered at the end of a pipeline run
+    system_metrics: bool = True  # log CPU / memory / GPU usage while the pipeline runs
+
+
+class Params(Strict):
+    """Everything params.yaml holds, one section per stage."""
+
+    model: ModelParams = ModelParams()
+    data: DataParams = DataParams()
+    pretrain: PretrainParams = PretrainParams()
+    sweep: SweepParams = SweepParams()
+    soup: SoupParams = SoupParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    tracking: TrackingParams = TrackingParams()
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
+    """Read and validate params.yaml (with optional nested overrides); a bad key is one clear SoupError."""
+    data = load_yaml(path)
+    for section, values in (overrides or {}).items():
+        data[section] = {**(data.get(section) or {}), **values}
+    return parse_section(Params, data, str(path))

@@ -26,6 +26,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from .errors import SoupError
+from .plots import plot_mixing_weights
 
 CHAMPION = "champion"
 MODEL_NAME = "model"  # name of the logged pyfunc model inside its run
@@ -216,7 +217,7 @@ def log_mixing_weights(weights: MixingWeights) -> None:
         beta = np.asarray(weights.beta).tolist()
         payload = {"ingredients": list(weights.ingredients), "layers": list(weights.layers), "beta": beta}
         (Path(tmp) / "beta.json").write_text(json.dumps(payload) + "\n")
-        plot_mixing_weights(weights, Path(tmp) / "beta.png")
+        plot_mixing_weights(weights.beta, weights.ingredients, weights.layers, Path(tmp) / "beta.png")
         _mlflow().log_artifacts(tmp, artifact_path=MIXING_DIR)
 
 
@@ -228,29 +229,6 @@ def load_mixing_weights(run_id: str) -> MixingWeights:
         )
         payload = json.loads(Path(path).read_text())
     return MixingWeights(np.asarray(payload["beta"], dtype=np.float64), payload["ingredients"], payload["layers"])
-
-
-def plot_mixing_weights(weights: MixingWeights, path: str | Path) -> None:
-    """Heatmap of beta (rows ingredients, columns layers), diverging around the uniform 1/K."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
-
-    beta = np.asarray(weights.beta, dtype=np.float64)
-    k, n_layers = beta.shape
-    centre = 1.0 / k
-    half = max(float(np.abs(beta - centre).max()), 1e-12)
-    figure = Figure(figsize=(max(6.0, 0.15 * n_layers + 3), max(3.0, 0.35 * k + 1.5)))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    image = axes.imshow(beta, aspect="auto", cmap="RdBu_r", norm=Normalize(centre - half, centre + half))
-    axes.set_yticks(range(k), weights.ingredients, fontsize=7)
-    axes.set_xticks(range(n_layers), weights.layers, rotation=90, fontsize=5)
-    axes.set_xlabel("layer")
-    axes.set_ylabel("ingredient")
-    figure.colorbar(image, ax=axes, label="mixing weight beta")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:

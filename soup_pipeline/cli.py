@@ -1,0 +1,83 @@
+"""`soup-pipeline`: one subcommand per DVC stage, `run` for the whole pipeline, and the registry."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import SoupError
+
+OFFLINE_DEFAULTS = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="soup-pipeline", description="Learn a model soup from a fine-tuning sweep.")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--root", default=".", help="pipeline root; outputs go under ROOT/runs (default: .)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("prepare", help="check the data splits and write their manifest")
+    commands.add_parser("pretrain", help="pre-train the base model (embedded default) and measure zero-shot accuracy")
+    finetune = commands.add_parser("finetune", help="fine-tune one sweep member into an ingredient")
+    finetune.add_argument("--member", type=int, required=True)
+    soup = commands.add_parser("soup", help="build one soup")
+    soup.add_argument("--method", required=True)
+    commands.add_parser("evaluate", help="compare every method on held-out, test and shifted test data")
+    commands.add_parser("ablate", help="accuracy against the number of ingredients, and after removing the best")
+    commands.add_parser("run", help="the whole pipeline as a Prefect flow, tracked in MLflow")
+    registry = commands.add_parser("registry", help="the MLflow model registry")
+    registry.add_argument("action", choices=["compare"])
+    registry.add_argument("--name", default=None, help="registered model (default: tracking.registered_model)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `soup-pipeline` command."""
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    args = _parser().parse_args(argv)
+    try:
+        print(_dispatch(args))
+    except SoupError as exc:
+        print(f"soup-pipeline: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> str:
+    from .config import load_params
+    from .stages import ablate, evaluate, finetune, prepare, pretrain, soup
+    from .stages.layout import Layout
+    from .tracking import markdown_table
+
+    params = load_params(args.params)
+    root = Path(args.root)
+    if args.command == "prepare":
+        return f"splits: { {k: v['size'] for k, v in prepare.run(params, root)['splits'].items()} }"
+    if args.command == "pretrain":
+        return f"zero-shot accuracy: {pretrain.run(params, root)['zero_shot']}"
+    if args.command == "finetune":
+        ingredient = finetune.run(params, root, args.member)
+        return f"{ingredient.path}: held-out accuracy {ingredient.val_acc:.4f}"
+    if args.command == "soup":
+        result = soup.run(params, root, args.method)
+        return f"{args.method}: built in {result.seconds:.1f} s"
+    if args.command == "evaluate":
+        return markdown_table(evaluate.run(params, root), evaluate.TABLE_COLUMNS)
+    if args.command == "ablate":
+        ablate.run(params, root)
+        return (Layout(root).ablation_dir / "ablation.md").read_text()
+    if args.command == "run":
+        from flows.pipeline import soup_pipeline_flow
+
+        summary = soup_pipeline_flow(params_path=args.params, root=str(root))
+        return markdown_table(summary["rows"], evaluate.TABLE_COLUMNS)
+    from .tracking import registry_compare_main, tracking_uri
+
+    return registry_compare_main(args.name or params.tracking.registered_model, tracking_uri(root))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

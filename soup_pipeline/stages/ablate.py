@@ -1,0 +1,56 @@
+"""Stage `ablate`: test accuracy against the number of ingredients (the paper's Fig. 2) and after
+removing the best ingredients (its Table 3), for greedy soup and MEHL-Soup+ (and uniform)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..atomic import write_json
+from ..config import Params
+from ..data import DataSplits
+from ..ingredients import IngredientStore
+from ..plots import plot_curves
+from ..soups import run_method
+from ..soups.base import resolve_device
+from ..tracking import markdown_table
+from .evaluate import state_predictor, split_accuracies
+from .layout import Layout, load_splits, open_store, soup_objective
+
+CURVE_METHODS = ("greedy", "mehl_soup_plus")
+REMOVAL_METHODS = ("uniform", "greedy", "mehl_soup_plus")
+
+
+def soup_accuracies(params: Params, store: IngredientStore, splits: DataSplits, method: str) -> dict[str, float]:
+    """Build `method` on `store` and measure it on every split."""
+    objective = soup_objective(params, store, splits)
+    result = run_method(method, store, objective, params.soup)
+    predict = state_predictor(objective, result.state_dict, params.evaluate.batch_size, resolve_device(params.soup.device))
+    return split_accuracies(predict, splits)
+
+
+def run(params: Params, root: str | Path) -> dict:
+    """Write runs/ablation/{ablation.json, ablation.md, ingredient_count.png}."""
+    layout = Layout(Path(root))
+    full = open_store(params, layout)
+    splits = load_splits(params)
+    K = len(full)
+    paths = [i.path for i in full.ingredients]
+    counts = sorted({n for n in params.evaluate.ingredient_counts if 1 <= n < K} | {K})
+    curve = [{"ingredients": n, "method": m, **soup_accuracies(params, IngredientStore(paths[:n]), splits, m)}
+             for n in counts for m in CURVE_METHODS]
+    by_acc = sorted(range(K), key=lambda k: -(full.ingredients[k].val_acc or 0.0))
+    removal = []
+    for n in sorted({0, *(n for n in params.evaluate.remove_top if 0 < n <= K - 2)}):
+        kept = sorted(by_acc[n:])
+        removal += [{"removed_top": n, "method": m, **soup_accuracies(params, IngredientStore([paths[k] for k in kept]), splits, m)}
+                    for m in REMOVAL_METHODS]
+    out = layout.ablation_dir
+    write_json(out / "ablation.json", {"ingredient_count": curve, "remove_top": removal})
+    (out / "ablation.md").write_text("## Test accuracy against the number of ingredients\n\n"
+                                     + markdown_table(curve, ["ingredients", "method", "heldout_acc", "test_acc", "test_shift_acc"])
+                                     + "\n\n## After removing the top-n ingredients\n\n"
+                                     + markdown_table(removal, ["removed_top", "method", "heldout_acc", "test_acc", "test_shift_acc"])
+                                     + "\n")
+    plot_curves({m: [(r["ingredients"], r["test_acc"]) for r in curve if r["method"] == m] for m in CURVE_METHODS},
+                out / "ingredient_count.png", xlabel="number of ingredients", ylabel="test accuracy")
+    return {"ingredient_count": curve, "remove_top": removal}

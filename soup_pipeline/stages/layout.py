@@ -1,0 +1,106 @@
+"""Where every stage reads and writes, under one pipeline root, and the loaders the stages share."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import Params
+from ..data import DataSplits, build_datasets
+from ..errors import SoupError
+from ..ingredients import IngredientStore
+from ..models import classifier_from_spec, load_clip
+from ..soups import Objective
+from ..sweep import ingredient_path
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The pipeline's files under `root/runs/`."""
+
+    root: Path
+
+    @property
+    def runs(self) -> Path:
+        return Path(self.root) / "runs"
+
+    @property
+    def data_manifest(self) -> Path:
+        return self.runs / "data" / "manifest.json"
+
+    @property
+    def base_dir(self) -> Path:
+        return self.runs / "base"
+
+    @property
+    def base_weights(self) -> Path:
+        return self.base_dir / "clip.safetensors"
+
+    @property
+    def base_info(self) -> Path:
+        return self.base_dir / "base.json"
+
+    @property
+    def ingredients_dir(self) -> Path:
+        return self.runs / "ingredients"
+
+    def ingredient(self, member: int) -> Path:
+        return ingredient_path(self.ingredients_dir, member)
+
+    def soup_dir(self, method: str) -> Path:
+        return self.runs / "soups" / method
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.runs / "eval"
+
+    @property
+    def ablation_dir(self) -> Path:
+        return self.runs / "ablation"
+
+
+def member_ids(params: Params) -> list[int]:
+    """The sweep's member ids."""
+    return list(params.sweep.members)
+
+
+def base_reference(params: Params, layout: Layout) -> str:
+    """What every fine-tune starts from: the configured pretrained weights, or the pipeline's own pre-training."""
+    return params.model.pretrained or str(layout.base_weights)
+
+
+def load_splits(params: Params) -> DataSplits:
+    """The data splits; real images are turned into tensors by the model's own eval transform."""
+    transform = None if params.data.source == "digits" else load_clip(params.model.arch).preprocess_val
+    return build_datasets(params.data, transform=transform)
+
+
+def open_store(params: Params, layout: Layout, members: list[int] | None = None) -> IngredientStore:
+    """The sweep's ingredients; a missing one names the member and how to make it."""
+    chosen = member_ids(params) if members is None else members
+    paths = [layout.ingredient(k) for k in chosen]
+    missing = [k for k, p in zip(chosen, paths) if not p.exists()]
+    if missing:
+        raise SoupError(f"ingredients of members {missing} are missing under {layout.ingredients_dir}; "
+                        "run `dvc repro` or `soup-pipeline finetune --member K` first")
+    dtype = params.soup.storage_dtype
+    return IngredientStore(paths, storage_dtype=getattr(torch, dtype) if dtype else None)
+
+
+def soup_objective(params: Params, store: IngredientStore, splits: DataSplits) -> Objective:
+    """Held-out cross-entropy of the classifier the ingredients were fine-tuned as."""
+    spec = store.ingredients[0].meta.get("classifier_spec")
+    if spec is None:
+        raise SoupError(f"{store.ingredients[0].path} has no classifier_spec in its sidecar; re-run its fine-tune")
+    return Objective(model_factory=lambda: classifier_from_spec(spec), heldout=splits.heldout,
+                     batch_size=params.soup.batch_size)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file a previous stage wrote; a missing one names the stage to run."""
+    if not path.is_file():
+        raise SoupError(f"{path} is missing; run the stage that writes it first (`dvc repro`)")
+    return json.loads(path.read_text())

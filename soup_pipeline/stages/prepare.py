@@ -1,0 +1,50 @@
+"""Stage `prepare`: build and check the splits, and record what they hold.
+
+The splits are deterministic functions of params (and, for real data, of the files), so later
+stages rebuild them; the manifest written here fingerprints each split, so that DVC reruns
+everything downstream when the data change, and nothing when they do not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from ..atomic import write_json
+from ..config import Params
+from .layout import Layout, load_splits
+
+SPLITS = ("pretrain", "train", "heldout", "test", "test_shift")
+
+
+def fingerprint(dataset: Dataset) -> str:
+    """A content hash: tensor bytes for tensor data sets, file names, sizes and labels for image folders."""
+    digest = hashlib.sha256()
+    if isinstance(dataset, TensorDataset):
+        for tensor in dataset.tensors:
+            digest.update(tensor.contiguous().numpy().tobytes())
+    elif isinstance(dataset, Subset):
+        digest.update(fingerprint(dataset.dataset).encode())
+        digest.update(torch.as_tensor(dataset.indices).numpy().tobytes())
+    else:
+        for path, label in getattr(dataset, "samples", []):
+            digest.update(f"{path}:{Path(path).stat().st_size}:{label}".encode())
+        digest.update(str(len(dataset)).encode())
+    return digest.hexdigest()
+
+
+def run(params: Params, root: str | Path) -> dict:
+    """Write runs/data/manifest.json: sizes, class names, templates and a fingerprint per split."""
+    splits = load_splits(params)
+    manifest = {
+        "source": params.data.source,
+        "classnames": list(splits.classnames),
+        "templates": list(splits.templates),
+        "splits": {name: {"size": len(ds), "sha256": fingerprint(ds)}
+                   for name in SPLITS if (ds := getattr(splits, name)) is not None},
+    }
+    write_json(Layout(Path(root)).data_manifest, manifest)
+    return manifest

@@ -1,0 +1,40 @@
+"""Stage `pretrain`: the base model every fine-tune starts from, and its zero-shot accuracy.
+
+With `model.pretrained` unset (the embedded default), the tiny CLIP is pre-trained here on the
+pre-training split; otherwise the given weights (a file or a cached open_clip tag) are the base.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..atomic import write_json
+from ..config import Params
+from ..evaluate import accuracy, dataset_targets, model_logits
+from ..models import base_model_id, classifier_from_clip, load_clip, zero_shot_head
+from ..pretrain import pretrain
+from ..soups.base import resolve_device
+from .layout import Layout, base_reference, load_splits
+
+
+def run(params: Params, root: str | Path) -> dict:
+    """Pre-train when needed; write runs/base/base.json with the base id and zero-shot accuracies."""
+    layout = Layout(Path(root))
+    splits = load_splits(params)
+    if params.model.pretrained is None:
+        pretrain(params.pretrain, splits, layout.base_weights, arch=params.model.arch)
+    base = base_reference(params, layout)
+    clip = load_clip(params.model.arch, base, cache_dir=params.model.cache_dir)
+    head = zero_shot_head(clip.model, clip.tokenizer, splits.classnames, splits.templates)
+    device = resolve_device(params.pretrain.device)
+    model = classifier_from_clip(clip.model, head).to(device)
+    zero_shot = {}
+    for name in ("heldout", "test", "test_shift"):
+        dataset = getattr(splits, name)
+        if dataset is not None:
+            logits = model_logits(model, dataset, params.evaluate.batch_size, device)
+            zero_shot[f"{name}_acc"] = accuracy(logits, dataset_targets(dataset))
+    info = {"base": base_model_id(params.model.arch, base), "arch": params.model.arch,
+            "chance_acc": 1.0 / len(splits.classnames), "zero_shot": zero_shot}
+    write_json(layout.base_info, info)
+    return info

@@ -1,0 +1,53 @@
+"""Stage `soup@METHOD`: build one soup from the sweep's ingredients and write it with its mixing weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..atomic import write_json
+from ..config import Params
+from ..ingredients import save_ingredient
+from ..soups import SoupResult, run_method
+from ..soups.base import heldout_metrics, model_at, resolve_device
+from .layout import Layout, load_splits, open_store, soup_objective
+
+RESUMABLE = ("hl_soup", "hl_soup_plus", "mehl_soup", "mehl_soup_plus")
+MIB = 2**20
+
+
+def soup_metrics(result: SoupResult, heldout: tuple[float, float]) -> dict:
+    """The numbers a soup is judged by before test data is touched."""
+    return {
+        "method": result.method,
+        "K": len(result.ingredient_names),
+        "L": len(result.layer_names),
+        "heldout_loss": heldout[0],
+        "heldout_acc": heldout[1],
+        "seconds": result.seconds,
+        "peak_cpu_mib": result.peak_bytes.get("cpu_rss", 0) / MIB,
+        "peak_cuda_mib": result.peak_bytes["cuda"] / MIB if "cuda" in result.peak_bytes else None,
+        **{k: v for k, v in result.info.items() if k in ("b", "model_epochs", "steps_per_block", "steps", "members")},
+    }
+
+
+def run(params: Params, root: str | Path, method: str) -> SoupResult:
+    """Run `method` and write runs/soups/METHOD/{soup.safetensors, soup.json, beta.json, metrics.json, history.json}."""
+    layout = Layout(Path(root))
+    store = open_store(params, layout)
+    objective = soup_objective(params, store, load_splits(params))
+    options = {"resume_dir": layout.runs / "resume" / method} if method in RESUMABLE else {}
+    result = run_method(method, store, objective, params.soup, **options)
+    out = layout.soup_dir(method)
+    device = resolve_device(params.soup.device)
+    metrics = soup_metrics(result, heldout_metrics(model_at(objective, result.state_dict, device), objective, device))
+    save_ingredient(result.state_dict, out / "soup.safetensors",
+                    meta={"method": method, "classifier_spec": store.ingredients[0].meta.get("classifier_spec"),
+                          "base_model": store.ingredients[0].meta.get("base_model"), "val_acc": metrics["heldout_acc"],
+                          "ingredients": result.ingredient_names})
+    write_json(out / "beta.json", {"ingredients": result.ingredient_names, "layers": result.layer_names,
+                                   "beta": result.beta.to(torch.float64).tolist()})
+    write_json(out / "history.json", [{"step": i, "heldout_loss": v} for i, v in enumerate(result.history)])
+    write_json(out / "metrics.json", metrics)
+    return result
