@@ -1,0 +1,110 @@
+"""One fine-tune: the pre-trained image tower and its zero-shot head, trained end to end, saved as an ingredient.
+
+Also the training loop shared with pre-training: seeded shuffles, AdamW with linear warm-up and
+cosine decay, weight decay on matrices only. On the CPU a given seed gives identical bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .config import FinetuneParams, parse_section
+from .data import DataSplits, augment
+from .errors import SoupError
+from .evaluate import accuracy, dataset_targets, model_logits
+from .ingredients import Ingredient, save_ingredient
+from .models import TINY_ARCH, base_model_id, classifier_from_clip, classifier_spec, load_clip, zero_shot_head
+from .soups.base import fetch_batch, resolve_device
+
+EpochCallback = Callable[[int, float], None]  # (epoch index, mean training loss)
+
+
+def adamw_warmup_cosine(model: nn.Module, *, lr: float, weight_decay: float, total_steps: int,
+                        warmup_frac: float) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (decay on tensors of 2+ dims only) with linear warm-up, then cosine decay to 0, per step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    warmup = int(warmup_frac * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_loop(model: nn.Module, dataset: Dataset, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
+               epochs: int, batch_size: int, lr: float, weight_decay: float, warmup_frac: float,
+               generator: torch.Generator, desc: str, on_epoch: EpochCallback | None = None) -> list[float]:
+    """Train for `epochs` seeded passes; `loss_fn(images, labels)` gets CPU batches. Returns mean loss per epoch."""
+    if len(dataset) == 0:
+        raise SoupError(f"{desc}: the training split is empty; give it some images")
+    steps_per_epoch = math.ceil(len(dataset) / batch_size)
+    optimizer, schedule = adamw_warmup_cosine(model, lr=lr, weight_decay=weight_decay,
+                                              total_steps=epochs * steps_per_epoch, warmup_frac=warmup_frac)
+    model.train()
+    history = []
+    for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=None):
+        order, total = torch.randperm(len(dataset), generator=generator), 0.0
+        for start in range(0, len(dataset), batch_size):
+            images, labels = fetch_batch(dataset, order[start:start + batch_size])
+            loss = loss_fn(images, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += float(loss.detach()) * len(labels)
+        history.append(total / len(dataset))
+        if on_epoch is not None:
+            on_epoch(epoch, history[-1])
+    return history
+
+
+def classifier_accuracy(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 256) -> float:
+    """Top-1 accuracy of a classifier over a whole data set."""
+    return accuracy(model_logits(model, dataset, batch_size, device), dataset_targets(dataset))
+
+
+def finetune(base: str | Path, hparams: Mapping, splits: DataSplits, out_path: str | Path, *, member: int,
+             arch: str = TINY_ARCH, cache_dir: str | None = None, device: str = "cpu",
+             on_epoch: EpochCallback | None = None) -> Ingredient:
+    """Fine-tune the classifier built from pre-trained CLIP `base` (file or cached tag) and save it as an ingredient.
+
+    hparams: the keys of `FinetuneParams`. The sidecar records hparams, val_acc (held-out
+    accuracy), base_model, member and classifier_spec (to rebuild an empty model).
+    """
+    hp = parse_section(FinetuneParams, dict(hparams), f"hparams of member {member}")
+    target = resolve_device(device)
+    torch.manual_seed(hp.seed)
+    clip = load_clip(arch, base, cache_dir=cache_dir)
+    head = zero_shot_head(clip.model, clip.tokenizer, splits.classnames, splits.templates)
+    model = classifier_from_clip(clip.model, head).to(target)
+    del clip  # the text tower is no longer needed
+    generator = torch.Generator().manual_seed(hp.seed)
+
+    def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        images = augment(images, hp.augmentation, generator).to(target)
+        return F.cross_entropy(model(images), labels.to(target), label_smoothing=hp.label_smoothing)
+
+    train_loop(model, splits.train, loss_fn, epochs=hp.epochs, batch_size=hp.batch_size, lr=hp.lr,
+               weight_decay=hp.weight_decay, warmup_frac=hp.warmup_frac, generator=generator,
+               desc=f"fine-tune member {member}", on_epoch=on_epoch)
+    meta = {
+        "hparams": hp.model_dump(),
+        "val_acc": classifier_accuracy(model, splits.heldout, target),
+        "base_model": base_model_id(arch, base),
+        "member": int(member),
+        "classifier_spec": classifier_spec(arch, len(splits.classnames)),
+    }
+    return save_ingredient(model.state_dict(), out_path, meta=meta)

@@ -1,0 +1,218 @@
+"""open_clip models: the shipped tiny config, restricted weight loading, the zero-shot image classifier.
+
+The only module that imports open_clip (DESIGN.md section 4). Weights are read with safetensors
+or `torch.load(weights_only=True)`, never plain pickle; open_clip tags are resolved from the local
+cache only, nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from huggingface_hub import hf_hub_download
+from open_clip.model import _build_vision_tower
+from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
+from safetensors.torch import load_file
+from torch import nn
+
+from .errors import SoupError
+from .ingredients import file_sha256
+
+TINY_ARCH = "soup-tiny-vit"
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+if TINY_ARCH not in open_clip.list_models():
+    open_clip.add_model_config(CONFIG_DIR)
+
+
+@dataclass
+class LoadedClip:
+    """An open_clip CLIP model with its image transforms (PIL in, tensor out) and tokenizer."""
+
+    model: nn.Module
+    preprocess_train: Callable
+    preprocess_val: Callable
+    tokenizer: Callable
+    arch: str
+
+
+def model_config(arch: str) -> dict:
+    """The open_clip config dict of an architecture; a clear error for an unknown name."""
+    config = open_clip.get_model_config(arch)
+    if config is None:
+        raise SoupError(
+            f"unknown open_clip architecture {arch!r}; use one of open_clip.list_models(), e.g. {TINY_ARCH!r} or 'ViT-B-32'"
+        )
+    return config
+
+
+def read_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or `torch.load(weights_only=True)`; pickles carrying code are refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise SoupError(f"weights file {path} does not exist")
+    try:
+        state = load_file(str(path)) if path.name.endswith(".safetensors") else torch.load(
+            path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise SoupError(
+            f"{path} was refused by the restricted loader (safetensors or torch.load(weights_only=True)): {exc}. "
+            "Re-save it with safetensors or as a plain state dict of tensors"
+        ) from exc
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SoupError(f"{path} does not hold a state dict of tensors; save model.state_dict()")
+    return {str(key).removeprefix("module."): tensor for key, tensor in state.items()}
+
+
+def _cached_tag_file(arch: str, tag: str, cache_dir: str | None) -> tuple[Path, dict]:
+    """The local weights file of an open_clip tag, from the cache only, and the tag's config."""
+    tag_cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not tag_cfg:
+        raise SoupError(
+            f"pretrained {tag!r} is neither an existing file nor an open_clip tag of {arch!r} "
+            f"(tags: {open_clip.list_pretrained_tags_by_model(arch)}); give a local weights file or one of those tags"
+        )
+    if "file" in tag_cfg:
+        return Path(tag_cfg["file"]), tag_cfg
+    repo_id, filename = os.path.split(tag_cfg.get("hf_hub", ""))
+    filename = filename or HF_WEIGHTS_NAME
+    for name in [*_get_safe_alternatives(filename), filename]:
+        try:
+            return Path(hf_hub_download(repo_id, name, cache_dir=cache_dir, local_files_only=True)), tag_cfg
+        except Exception:  # not cached under this name; try the next
+            continue
+    raise SoupError(
+        f"open_clip tag {arch}/{tag} is not in the local cache ({cache_dir or 'the Hugging Face default cache'}) and "
+        f"nothing is downloaded here; fetch hf-hub {repo_id} into that cache on a connected machine, or pass a weights file path"
+    )
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a weights file into a model strictly, naming missing and unexpected keys on mismatch."""
+    state = read_state_file(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise SoupError(
+            f"{path} does not fit the model: missing keys {sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}; "
+            "check that model.arch is the architecture these weights were trained with"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning():
+    """Hide open_clip's "initialized randomly" warning while our own loader fills the weights."""
+    def keep(record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def load_clip(arch: str, pretrained: str | Path | None = None, *, cache_dir: str | None = None) -> LoadedClip:
+    """An open_clip model: random (None), from a weights file, or from a cached open_clip tag."""
+    config = model_config(arch)
+    weights, overrides = None, {}
+    if pretrained is not None and Path(pretrained).is_file():
+        weights = Path(pretrained)
+    elif pretrained is not None:
+        weights, tag_cfg = _cached_tag_file(arch, str(pretrained), cache_dir)
+        if tag_cfg.get("quick_gelu", False) != config.get("quick_gelu", False):
+            raise SoupError(
+                f"tag {pretrained!r} was trained with quick_gelu={tag_cfg.get('quick_gelu', False)} but {arch!r} "
+                f"uses quick_gelu={config.get('quick_gelu', False)}; use the matching architecture (e.g. '{arch}-quickgelu')"
+            )
+        overrides = {f"image_{key}": tag_cfg[key] for key in ("mean", "std", "interpolation", "resize_mode") if key in tag_cfg}
+    if weights is None:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(arch, pretrained=None)
+    else:
+        with _quiet_random_init_warning():
+            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(arch, pretrained=None, **overrides)
+        load_weights(model, weights)
+    return LoadedClip(model, preprocess_train, preprocess_val, open_clip.get_tokenizer(arch), arch)
+
+
+def base_model_id(arch: str, pretrained: str | Path) -> str:
+    """A stable id of a pre-trained model: arch plus the weights file's hash, or arch/tag."""
+    if Path(pretrained).is_file():
+        return f"{arch}@sha256:{file_sha256(pretrained)[:16]}"
+    return f"{arch}/{pretrained}"
+
+
+def tokenize_prompts(tokenizer: Callable, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """Token ids of every (class, template) caption: [C, T, context_length]."""
+    if not classnames or not templates:
+        raise SoupError("no class names or no prompt templates; give at least one of each")
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad:
+        raise SoupError(f"prompt templates {bad} must each hold exactly one {{}} for the class name")
+    return torch.stack([tokenizer([t.format(name) for t in templates]) for name in classnames])
+
+
+@torch.no_grad()
+def zero_shot_head(clip_model: nn.Module, tokenizer: Callable, classnames: Sequence[str],
+                   templates: Sequence[str]) -> torch.Tensor:
+    """[C, D]: per class, the text embeddings of all templates, L2-normalised, averaged, re-normalised."""
+    tokens = tokenize_prompts(tokenizer, classnames, templates)
+    device = next(clip_model.parameters()).device
+    was_training = clip_model.training
+    clip_model.eval()
+    rows = [F.normalize(F.normalize(clip_model.encode_text(t.to(device)), dim=-1).mean(0), dim=0) for t in tokens]
+    clip_model.train(was_training)
+    return torch.stack(rows).cpu()
+
+
+class ImageClassifier(nn.Module):
+    """An image tower and a linear head: logits = s * normalize(visual(x)) @ head.weight.T.
+
+    s is a fixed buffer (the pre-trained logit scale), not folded into the trainable head. The
+    state dict holds only `visual.*`, `head.weight` and `logit_scale`: what an ingredient holds.
+    """
+
+    def __init__(self, visual: nn.Module, head: torch.Tensor, logit_scale: float):
+        super().__init__()
+        self.visual = visual
+        self.head = nn.Linear(head.shape[1], head.shape[0], bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(head)
+        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * F.normalize(self.visual(images), dim=-1) @ self.head.weight.T
+
+
+def classifier_from_clip(clip_model: nn.Module, head: torch.Tensor) -> ImageClassifier:
+    """The classifier on a CLIP model's image tower, with s = the model's exp(logit_scale)."""
+    return ImageClassifier(clip_model.visual, head, float(clip_model.logit_scale.detach().exp()))
+
+
+def classifier_spec(arch: str, num_classes: int) -> dict:
+    """A JSON-able description from which `classifier_from_spec` builds the same (untrained) classifier."""
+    return {"arch": arch, "num_classes": int(num_classes), "model_config": model_config(arch)}
+
+
+def classifier_from_spec(spec: Mapping) -> ImageClassifier:
+    """An untrained classifier whose state dict matches a fine-tuned ingredient's keys, shapes and dtypes.
+
+    Only the image tower is built (no text tower). Keys other than arch, num_classes and
+    model_config (e.g. an MLflow builder reference) are ignored.
+    """
+    missing = [key for key in ("arch", "num_classes") if key not in spec]
+    if missing:
+        raise SoupError(f"classifier spec lacks {missing}; build it with soup_pipeline.models.classifier_spec")
+    config = spec.get("model_config") or model_config(spec["arch"])
+    visual = _build_vision_tower(config["embed_dim"], config["vision_cfg"], config.get("quick_gelu", False))
+    return ImageClassifier(visual, torch.zeros(int(spec["num_classes"]), config["embed_dim"]), logit_scale=1.0)

@@ -1,0 +1,61 @@
+"""Contrastive pre-training of a CLIP model from scratch on the pre-training split (the embedded default).
+
+Captions are the prompt templates with the class name inserted, one drawn per image per step.
+Images of the same class are all positives of each other's captions, so the loss does not
+punish a caption that appears twice in a batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from .atomic import atomic_path
+from .config import PretrainParams
+from .data import DataSplits, augment
+from .errors import SoupError
+from .finetune import EpochCallback, train_loop
+from .models import TINY_ARCH, load_clip, tokenize_prompts
+from .soups.base import resolve_device
+
+MAX_LOGIT_SCALE = 100.0  # the cap CLIP puts on exp(logit_scale)
+
+
+def contrastive_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Symmetric cross-entropy of image-caption logits [N, N]; targets spread over same-class pairs."""
+    same = (labels[:, None] == labels[None, :]).float()
+    targets = same / same.sum(1, keepdim=True)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def pretrain(params: PretrainParams, splits: DataSplits, out_path: str | Path, *, arch: str = TINY_ARCH,
+             on_epoch: EpochCallback | None = None) -> Path:
+    """Pre-train a randomly initialised `arch` on `splits.pretrain`; save its full state dict (safetensors)."""
+    if splits.pretrain is None or len(splits.pretrain) == 0:
+        raise SoupError("no pre-training split; set data.pretrain_size > 0, or give model.pretrained to skip pre-training")
+    device = resolve_device(params.device)
+    torch.manual_seed(params.seed)
+    clip = load_clip(arch)
+    model = clip.model.to(device)
+    tokens = tokenize_prompts(clip.tokenizer, splits.classnames, splits.templates)
+    generator = torch.Generator().manual_seed(params.seed)
+
+    def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        captions = tokens[labels, torch.randint(tokens.shape[1], (len(labels),), generator=generator)]
+        images = augment(images, params.augmentation, generator).to(device)
+        image_features = F.normalize(model.encode_image(images), dim=-1)
+        text_features = F.normalize(model.encode_text(captions.to(device)), dim=-1)
+        scale = model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        return contrastive_loss(scale * image_features @ text_features.T, labels.to(device))
+
+    train_loop(model, splits.pretrain, loss_fn, epochs=params.epochs, batch_size=params.batch_size, lr=params.lr,
+               weight_decay=params.weight_decay, warmup_frac=params.warmup_frac, generator=generator,
+               desc="pre-train", on_epoch=on_epoch)
+    state = {key: tensor.detach().cpu().contiguous() for key, tensor in model.state_dict().items()}
+    out_path = Path(out_path)
+    with atomic_path(out_path) as tmp:
+        save_file(state, str(tmp), metadata={"arch": arch, "pretrain_params": params.model_dump_json()})
+    return out_path

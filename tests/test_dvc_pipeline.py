@@ -1,0 +1,68 @@
+"""`dvc repro` end to end on tiny settings: reruns only what changed, push / clone / pull round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dvc_repo import make_repo, sh, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def changed_stages(repo) -> set[str]:
+    return set(json.loads(sh("dvc", "status", "--json", cwd=repo) or "{}"))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One tiny pipeline, reproduced, committed and pushed to a local remote."""
+    folder = tmp_path_factory.mktemp("dvc")
+    repo = make_repo(folder, remote=folder / "remote")
+    sh("dvc", "repro", cwd=repo)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "repro", cwd=repo)
+    sh("dvc", "push", cwd=repo)
+    return repo
+
+
+def test_repro_builds_every_stage_and_a_second_repro_runs_nothing(built):
+    metrics = json.loads((built / "runs/eval/metrics.json").read_text())
+    assert {"zero_shot", "best_individual", "uniform", "greedy", "mehl_soup_plus", "ensemble"} <= set(metrics)
+    assert all(0.0 <= row["test_acc"] <= 1.0 for row in metrics.values())
+    assert (built / "runs/eval/plots/methods.png").stat().st_size > 1000
+    assert (built / "runs/ablation/ingredient_count.png").is_file()
+    assert changed_stages(built) == set()
+    assert "up to date" in sh("dvc", "repro", cwd=built)
+    assert "metrics.json" in sh("dvc", "metrics", "show", cwd=built)
+
+
+def test_soup_params_rerun_only_soups_and_evaluation(built):
+    write_params(built, {"soup": {"lr": 0.02}})
+    try:
+        assert changed_stages(built) == {"soup@uniform", "soup@greedy", "soup@mehl_soup_plus", "evaluate", "ablate"}
+    finally:
+        sh("git", "checkout", "params.yaml", cwd=built)
+
+
+def test_a_new_member_reruns_only_that_member_and_what_depends_on_it(built):
+    write_params(built, {"sweep": {"members": [0, 1, 2, 3]}})
+    try:
+        stale = changed_stages(built)
+        assert "finetune@3" in stale
+        assert not {"prepare", "pretrain", "finetune@0", "finetune@1", "finetune@2"} & stale
+        assert {"soup@mehl_soup_plus", "evaluate"} <= stale
+    finally:
+        sh("git", "checkout", "params.yaml", cwd=built)
+
+
+def test_push_clone_pull_gives_identical_checkpoints(built, tmp_path):
+    clone = tmp_path / "clone"
+    sh("git", "clone", "-q", str(built), str(clone), cwd=tmp_path)
+    sh("dvc", "pull", cwd=clone)
+    assert changed_stages(clone) == set()
+    for name in ("member-0.safetensors", "member-2.safetensors"):
+        assert (clone / "runs/ingredients" / name).read_bytes() == (built / "runs/ingredients" / name).read_bytes()
+    assert (clone / "runs/soups/mehl_soup_plus/soup.safetensors").read_bytes() == \
+        (built / "runs/soups/mehl_soup_plus/soup.safetensors").read_bytes()

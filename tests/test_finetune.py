@@ -1,0 +1,76 @@
+"""pretrain.py, finetune.py, sweep.py: a short pre-training, deterministic fine-tunes, the seeded sweep."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers_clip import pretrained_base, tiny_splits  # noqa: F401  (fixtures)
+from safetensors.torch import load_file
+
+from soup_pipeline.config import FinetuneParams, SweepParams
+from soup_pipeline.errors import SoupError
+from soup_pipeline.finetune import classifier_accuracy, finetune
+from soup_pipeline.ingredients import IngredientStore, file_sha256
+from soup_pipeline.models import TINY_ARCH, classifier_from_clip, classifier_from_spec, load_clip, zero_shot_head
+from soup_pipeline.sweep import ingredient_path, sample_hparams
+
+ONE_EPOCH = FinetuneParams(epochs=1, lr=1e-4, augmentation="strong", label_smoothing=0.1, seed=7).model_dump()
+
+
+def test_pretraining_lowers_the_loss_and_beats_chance(pretrained_base, tiny_splits):
+    path, losses = pretrained_base
+    assert losses[-1] < losses[0] - 0.1
+    clip = load_clip(TINY_ARCH, path)
+    head = zero_shot_head(clip.model, clip.tokenizer, tiny_splits.classnames, tiny_splits.templates)
+    accuracy = classifier_accuracy(classifier_from_clip(clip.model, head), tiny_splits.test, torch.device("cpu"))
+    assert accuracy > 0.3  # chance is 0.1
+
+
+def test_same_seed_gives_identical_bytes(pretrained_base, tiny_splits, tmp_path):
+    base, _ = pretrained_base
+    first = finetune(base, ONE_EPOCH, tiny_splits, tmp_path / "a.safetensors", member=0, device="cpu")
+    again = finetune(base, ONE_EPOCH, tiny_splits, tmp_path / "b.safetensors", member=0, device="cpu")
+    other = finetune(base, {**ONE_EPOCH, "seed": 8}, tiny_splits, tmp_path / "c.safetensors", member=0, device="cpu")
+    assert first.meta["sha256"] == again.meta["sha256"] == file_sha256(again.path)
+    assert other.meta["sha256"] != first.meta["sha256"]
+
+
+def test_ingredient_matches_classifier_from_spec(pretrained_base, tiny_splits, tmp_path):
+    base, _ = pretrained_base
+    ingredient = finetune(base, ONE_EPOCH, tiny_splits, tmp_path / "m.safetensors", member=3, device="cpu")
+    meta = ingredient.meta
+    assert meta["member"] == 3 and meta["hparams"] == ONE_EPOCH and 0.0 <= meta["val_acc"] <= 1.0
+    assert meta["base_model"].startswith(f"{TINY_ARCH}@sha256:")
+    state = load_file(ingredient.path)
+    empty = classifier_from_spec(meta["classifier_spec"]).state_dict()
+    assert {k: (v.shape, v.dtype) for k, v in state.items()} == {k: (v.shape, v.dtype) for k, v in empty.items()}
+    assert not any(key.startswith(("transformer.", "token_embedding")) for key in state)
+
+
+def test_bad_hparams_key_is_named(pretrained_base, tiny_splits, tmp_path):
+    base, _ = pretrained_base
+    with pytest.raises(SoupError, match="learning_rate"):
+        finetune(base, {**ONE_EPOCH, "learning_rate": 1.0}, tiny_splits, tmp_path / "x.safetensors", member=0)
+
+
+def test_sample_hparams_is_seeded_per_member():
+    small, large = SweepParams(members=3), SweepParams(members=20)
+    draws = [sample_hparams(large, k) for k in range(20)]
+    assert [sample_hparams(small, k) for k in range(3)] == draws[:3]
+    assert len({d["seed"] for d in draws}) == 20 and len({d["augmentation"] for d in draws}) == 3
+    for d in draws:
+        FinetuneParams(**d)
+        assert math.log(3e-5) <= math.log(d["lr"]) <= math.log(1e-3) and 10 <= d["epochs"] <= 30
+    assert sample_hparams(SweepParams(seed=1), 0) != draws[0]
+
+
+def test_sweep_members_form_one_store(pretrained_base, tiny_splits, tmp_path):
+    base, _ = pretrained_base
+    params = SweepParams(members=2, epochs_range=(1, 1))
+    ingredients = [finetune(base, sample_hparams(params, k), tiny_splits, ingredient_path(tmp_path, k), member=k,
+                            device="cpu") for k in params.members]
+    assert [i.meta["member"] for i in ingredients] == [0, 1]
+    assert len({i.meta["base_model"] for i in ingredients}) == 1
+    assert len(IngredientStore(ingredients)) == 2
