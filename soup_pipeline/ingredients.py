@@ -323,40 +323,35 @@ class BlockPrefetcher:
         self.close()
 
 
-def _unwrap_state_dict(obj: object, source: Path) -> dict[str, torch.Tensor]:
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise IngredientError(f"{source} does not hold a state dict of tensors; export model.state_dict() and retry")
-    return {str(k): v for k, v in obj.items()}
+def read_state_file(path: str | Path, *, strip_prefix: str = "") -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or `torch.load(weights_only=True)`: never plain pickle.
+
+    A `{"state_dict": ...}` wrapper is unwrapped and `strip_prefix` removed from the keys.
+    Pickles that carry code are refused by the restricted loader without running it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise IngredientError(f"checkpoint {path} does not exist")
+    try:
+        if path.name.endswith(SUFFIX):
+            with safe_open(str(path), framework="pt") as handle:
+                state = {key: handle.get_tensor(key) for key in handle.keys()}
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise IngredientError(
+            f"{path} was refused by the restricted loader (safetensors or torch.load(weights_only=True)): {exc}. "
+            "It may carry code or be damaged; re-save it with safetensors or as a plain state dict of tensors"
+        ) from exc
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise IngredientError(f"{path} does not hold a state dict of tensors; export model.state_dict() and retry")
+    return {str(key).removeprefix(strip_prefix): tensor for key, tensor in state.items()}
 
 
 def import_checkpoint(source: str | Path, destination: str | Path, *, meta: Mapping | None = None,
                       strip_prefix: str = "") -> Ingredient:
-    """Turn an external checkpoint into an ingredient, never unpickling arbitrary objects.
-
-    `.safetensors` files are read directly; anything else goes through
-    `torch.load(weights_only=True)`, which refuses pickles that carry code.
-    """
-    source = Path(source)
-    if not source.is_file():
-        raise IngredientError(f"checkpoint {source} does not exist")
-    if source.name.endswith(SUFFIX):
-        try:
-            with safe_open(str(source), framework="pt") as handle:
-                state = {key: handle.get_tensor(key) for key in handle.keys()}
-        except Exception as exc:
-            raise IngredientError(f"{source} is not a readable safetensors file ({exc}); re-export it") from exc
-    else:
-        try:
-            loaded = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise IngredientError(
-                f"{source} was refused by the restricted loader (torch.load(weights_only=True)): {exc}. "
-                "It may carry code; re-save it with safetensors or as a plain state dict of tensors"
-            ) from exc
-        state = _unwrap_state_dict(loaded, source)
-    if strip_prefix:
-        state = {k[len(strip_prefix):] if k.startswith(strip_prefix) else k: v for k, v in state.items()}
-    info = {"imported_from": str(source), **dict(meta or {})}
-    return save_ingredient(state, destination, meta=info)
+    """Turn an external checkpoint (e.g. one of the public model-soups fine-tunes) into an ingredient."""
+    state = read_state_file(source, strip_prefix=strip_prefix)
+    return save_ingredient(state, destination, meta={"imported_from": str(source), **dict(meta or {})})

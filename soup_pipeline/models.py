@@ -20,11 +20,10 @@ import torch.nn.functional as F
 from huggingface_hub import hf_hub_download
 from open_clip.model import _build_vision_tower
 from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
-from safetensors.torch import load_file
 from torch import nn
 
 from .errors import SoupError
-from .ingredients import file_sha256
+from .ingredients import file_sha256, read_state_file
 
 TINY_ARCH = "soup-tiny-vit"
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -54,26 +53,6 @@ def model_config(arch: str) -> dict:
     return config
 
 
-def read_state_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors or `torch.load(weights_only=True)`; pickles carrying code are refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise SoupError(f"weights file {path} does not exist")
-    try:
-        state = load_file(str(path)) if path.name.endswith(".safetensors") else torch.load(
-            path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise SoupError(
-            f"{path} was refused by the restricted loader (safetensors or torch.load(weights_only=True)): {exc}. "
-            "Re-save it with safetensors or as a plain state dict of tensors"
-        ) from exc
-    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SoupError(f"{path} does not hold a state dict of tensors; save model.state_dict()")
-    return {str(key).removeprefix("module."): tensor for key, tensor in state.items()}
-
-
 def _cached_tag_file(arch: str, tag: str, cache_dir: str | None) -> tuple[Path, dict]:
     """The local weights file of an open_clip tag, from the cache only, and the tag's config."""
     tag_cfg = open_clip.get_pretrained_cfg(arch, tag)
@@ -99,7 +78,7 @@ def _cached_tag_file(arch: str, tag: str, cache_dir: str | None) -> tuple[Path, 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a weights file into a model strictly, naming missing and unexpected keys on mismatch."""
-    state = read_state_file(path)
+    state = read_state_file(path, strip_prefix="module.")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise SoupError(

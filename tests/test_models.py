@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from soup_pipeline.ingredients import read_state_file
 from soup_pipeline.errors import SoupError
 from soup_pipeline.models import (
     TINY_ARCH, ImageClassifier, classifier_from_clip, classifier_from_spec, classifier_spec, load_clip, model_config,
-    read_state_file, zero_shot_head,
+    zero_shot_head,
 )
 
 CLASSNAMES = ["zero", "one", "two"]

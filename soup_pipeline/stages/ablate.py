@@ -11,9 +11,9 @@ from ..data import DataSplits
 from ..ingredients import IngredientStore
 from ..plots import plot_curves
 from ..soups import run_method
-from ..soups.base import resolve_device
+from ..soups.base import model_at, resolve_device
 from ..tracking import markdown_table
-from .evaluate import state_predictor, split_accuracies
+from .evaluate import predictor, split_accuracies
 from .layout import Layout, load_splits, open_store, soup_objective
 
 CURVE_METHODS = ("greedy", "mehl_soup_plus")
@@ -24,8 +24,8 @@ def soup_accuracies(params: Params, store: IngredientStore, splits: DataSplits, 
     """Build `method` on `store` and measure it on every split."""
     objective = soup_objective(params, store, splits)
     result = run_method(method, store, objective, params.soup)
-    predict = state_predictor(objective, result.state_dict, params.evaluate.batch_size, resolve_device(params.soup.device))
-    return split_accuracies(predict, splits)
+    device = resolve_device(params.soup.device)
+    return split_accuracies(predictor(model_at(objective, result.state_dict, device), params.evaluate.batch_size, device), splits)
 
 
 def run(params: Params, root: str | Path) -> dict:

@@ -15,7 +15,6 @@ from ..data import DataSplits
 from ..evaluate import accuracy, dataset_targets, model_logits
 from ..ingredients import IngredientStore
 from ..plots import plot_methods, plot_mixing_weights
-from ..soups import Objective
 from ..soups.base import model_at, resolve_device
 from ..soups.ensemble import ensemble_logits
 from ..tracking import markdown_table
@@ -35,9 +34,8 @@ def split_accuracies(predict, splits: DataSplits) -> dict[str, float]:
     return out
 
 
-def state_predictor(objective: Objective, state: dict, batch_size: int, device: torch.device):
-    """`predict(dataset) -> logits` for the model holding `state`."""
-    model = model_at(objective, state, device)
+def predictor(model: torch.nn.Module, batch_size: int, device: torch.device):
+    """`predict(dataset) -> logits` of a model."""
     return lambda dataset: model_logits(model, dataset, batch_size, device)
 
 
@@ -50,12 +48,12 @@ def evaluate_rows(params: Params, layout: Layout, store: IngredientStore, splits
     rows = [{"method": "zero_shot", **zero_shot}]
     best = max(range(len(store)), key=lambda k: store.ingredients[k].val_acc or 0.0)  # first best on ties
     rows.append({"method": "best_individual", "member": store.ingredients[best].name,
-                 **split_accuracies(state_predictor(objective, store.load(best), batch, device), splits)})
+                 **split_accuracies(predictor(model_at(objective, store.load(best), device), batch, device), splits)})
     for method in params.evaluate.methods:
         folder = layout.soup_dir(method)
         state = IngredientStore([folder / "soup.safetensors"]).load(0)
         rows.append({**read_json(folder / "metrics.json"), "method": method,
-                     **split_accuracies(state_predictor(objective, state, batch, device), splits)})
+                     **split_accuracies(predictor(model_at(objective, state, device), batch, device), splits)})
     rows.append({"method": "ensemble", **split_accuracies(lambda ds: ensemble_logits(store, objective, device, ds), splits)})
     return rows
 

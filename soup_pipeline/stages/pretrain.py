@@ -10,10 +10,10 @@ from pathlib import Path
 
 from ..atomic import write_json
 from ..config import Params
-from ..evaluate import accuracy, dataset_targets, model_logits
 from ..models import base_model_id, classifier_from_clip, load_clip, zero_shot_head
 from ..pretrain import pretrain
 from ..soups.base import resolve_device
+from .evaluate import predictor, split_accuracies
 from .layout import Layout, base_reference, load_splits
 
 
@@ -28,12 +28,7 @@ def run(params: Params, root: str | Path) -> dict:
     head = zero_shot_head(clip.model, clip.tokenizer, splits.classnames, splits.templates)
     device = resolve_device(params.pretrain.device)
     model = classifier_from_clip(clip.model, head).to(device)
-    zero_shot = {}
-    for name in ("heldout", "test", "test_shift"):
-        dataset = getattr(splits, name)
-        if dataset is not None:
-            logits = model_logits(model, dataset, params.evaluate.batch_size, device)
-            zero_shot[f"{name}_acc"] = accuracy(logits, dataset_targets(dataset))
+    zero_shot = split_accuracies(predictor(model, params.evaluate.batch_size, device), splits)
     info = {"base": base_model_id(params.model.arch, base), "arch": params.model.arch,
             "chance_acc": 1.0 / len(splits.classnames), "zero_shot": zero_shot}
     write_json(layout.base_info, info)

@@ -1,0 +1,165 @@
+"""MLflow glue for the Prefect flow: the parent run, a nested run per fine-tune and per soup, the
+tables on the parent run, and the registration of the final soup with its provenance.
+
+A `Tracker` (tracking URI + parent run id) is passed to every task, so nested runs can be opened
+from worker threads and Dask processes alike. With `tracking.enabled: false` every function
+here does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from .. import tracking
+from ..config import Params
+from ..ingredients import Ingredient, file_sha256, read_ingredient
+from ..soups import SoupResult
+from . import finetune
+from .evaluate import ingredient_rows
+from .layout import Layout, load_splits, member_ids, open_store
+
+BUILDER = "soup_pipeline.models:classifier_from_spec"  # rebuilds the classifier in the registered pyfunc model
+
+
+@dataclass(frozen=True)
+class Tracker:
+    """Where a flow run's MLflow runs go; `parent_run_id` None means tracking is off."""
+
+    uri: str | None = None
+    parent_run_id: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.parent_run_id is not None
+
+
+# --- provenance -------------------------------------------------------------------------------
+
+
+def params_hash(params: Params) -> str:
+    """SHA-256 of the resolved params as sorted JSON."""
+    return hashlib.sha256(json.dumps(params.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def git_commit(root: str | Path) -> str:
+    """`git rev-parse HEAD` in `root`, or "unknown" outside a repository (or before its first commit)."""
+    try:
+        process = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return process.stdout.strip() if process.returncode == 0 else "unknown"
+
+
+def dvc_lock_hash(root: str | Path) -> str:
+    """SHA-256 of `root`/dvc.lock, or "none" when there is none."""
+    lock = Path(root) / "dvc.lock"
+    return file_sha256(lock) if lock.is_file() else "none"
+
+
+# --- runs -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def pipeline(params: Params, root: str | Path, *, run_name: str | None = None,
+             tags: Mapping[str, Any] | None = None) -> Iterator[Tracker]:
+    """The parent run of one flow run, with the resolved params; fails fast if the tracking server is down."""
+    if not params.tracking.enabled:
+        yield Tracker()
+        return
+    uri = tracking.tracking_uri(root)
+    run_tags = {"params_hash": params_hash(params), "git_commit": git_commit(root), **(tags or {})}
+    with tracking.pipeline_run(params.tracking.experiment, uri=uri, run_name=run_name, tags=run_tags,
+                               system_metrics=params.tracking.system_metrics) as run_id:
+        tracking.log_params(params.model_dump(mode="json"))
+        yield Tracker(uri, run_id)
+
+
+@contextlib.contextmanager
+def child_run(tracker: Tracker, name: str, *, kind: str) -> Iterator[None]:
+    """A run nested under the flow's parent run, from any thread or process; nothing when tracking is off."""
+    if not tracker.enabled:
+        yield
+        return
+    tracking.connect(tracker.uri)  # a Dask worker process starts with MLflow unconfigured
+    with tracking.nested_run(name, kind=kind, parent_run_id=tracker.parent_run_id):
+        yield
+
+
+# --- what each step logs ----------------------------------------------------------------------
+
+
+def tracked_finetune(tracker: Tracker, params: Params, root: str | Path, member: int) -> Ingredient:
+    """Fine-tune `member` (an identical finished one is reused) in its own nested run.
+
+    Logs the hyperparameters, base model, content hash, whether it was reused, val_acc and the seconds taken.
+    """
+    path = Layout(Path(root)).ingredient(member)
+    before = path.stat().st_mtime_ns if path.is_file() else None
+    with child_run(tracker, f"finetune-{member}", kind="finetune"):
+        start = time.perf_counter()
+        ingredient = finetune.run(params, root, member, reuse=True)
+        seconds = time.perf_counter() - start
+        if tracker.enabled:
+            meta = ingredient.meta
+            tracking.log_params({"member": member, "hparams": meta["hparams"], "base_model": meta["base_model"],
+                                 "sha256": meta["sha256"], "reused": before == path.stat().st_mtime_ns})
+            tracking.log_scalars({"val_acc": ingredient.val_acc, "finetune_s": seconds})
+    return ingredient
+
+
+def log_tables(tracker: Tracker, params: Params, root: str | Path, rows: list[dict]) -> None:
+    """On the parent run (call from the flow's own thread): K used, the ingredient table and the evaluation table."""
+    if not tracker.enabled:
+        return
+    tracking.log_scalars({"K": len(member_ids(params))})
+    tracking.log_table(ingredient_rows(open_store(params, Layout(Path(root)))), "ingredients")
+    tracking.log_table(rows, "evaluation")
+
+
+def record_soup(tracker: Tracker, params: Params, root: str | Path, result: SoupResult, row: Mapping[str, Any], *,
+                register: bool = False) -> str | None:
+    """The soup's nested run: params, held-out loss per step, accuracies, seconds, peak memory and beta.
+
+    With `register`, the soup is also registered from this run; returns the new version (else None).
+    """
+    if not tracker.enabled:
+        return None
+    with child_run(tracker, result.method, kind="soup"):
+        tracking.log_params({"method": result.method, "K": len(result.ingredient_names),
+                             "ingredients": result.ingredient_names, "soup": params.soup.model_dump(mode="json")})
+        if result.history:
+            tracking.log_series({"heldout_loss": result.history})
+        tracking.log_scalars({
+            "val_acc": row.get("heldout_acc"), "test_acc": row.get("test_acc"),
+            "shifted_test_acc": row.get("test_shift_acc"), "construction_s": result.seconds,
+            "peak_cpu_rss_bytes": result.peak_bytes.get("cpu_rss"), "peak_cuda_bytes": result.peak_bytes.get("cuda"),
+        })
+        tracking.log_mixing_weights(tracking.MixingWeights(result.beta.double().cpu().numpy(),
+                                                           result.ingredient_names, result.layer_names))
+        return register_soup(params, root, result, row) if register else None
+
+
+def register_soup(params: Params, root: str | Path, result: SoupResult, row: Mapping[str, Any]) -> str:
+    """Register the soup from the active run, tagged with its accuracies and provenance; promote it if best."""
+    layout = Layout(Path(root))
+    spec = {**read_ingredient(layout.ingredient(member_ids(params)[0])).meta["classifier_spec"], "builder": BUILDER}
+    image = load_splits(params).heldout[0][0]
+    k = len(result.ingredient_names)
+    tags = {
+        "K": k, "b": min(params.soup.model_batch, k), "val_acc": row["heldout_acc"], "test_acc": row.get("test_acc"),
+        "shifted_test_acc": row.get("test_shift_acc"), "params_hash": params_hash(params),
+        "git_commit": git_commit(root), "dvc_lock_hash": dvc_lock_hash(root),
+    }
+    name = params.tracking.registered_model
+    version = tracking.register_soup(result.state_dict, spec, name=name, method=result.method,
+                                     tags={key: value for key, value in tags.items() if value is not None},
+                                     input_example=image[None].numpy())
+    tracking.promote_if_better(name, version)
+    return version
