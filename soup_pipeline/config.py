@@ -180,7 +180,7 @@ class SweepParams(Strict):
 
 
 SOUP_METHODS = ["uniform", "greedy", "learned_soup", "learned_soup_plus", "hl_soup", "hl_soup_plus", "mehl_soup",
-                "mehl_soup_plus"]
+                "mehl_soup_plus", "mehl_soup_plus_matched"]
 
 
 class EvaluateParams(Strict):

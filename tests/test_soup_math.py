@@ -178,3 +178,12 @@ def test_bf16_storage_keeps_fp32_accumulation_close(tmp_path):
     half = run_method("mehl_soup_plus", store, objective, params.model_copy(update={"storage_dtype": "bfloat16"}))
     assert (full.beta - half.beta).abs().max() < 0.05
     assert half.state_dict["net.0.weight"].dtype == torch.float32
+
+
+def test_compute_matched_mehl_takes_hl_soups_number_of_steps(tmp_path):
+    store = toy_ingredients(tmp_path, K=4)
+    params = SoupParams(**{**PARAMS, "model_batch": 2, "passes": 2.0})
+    hl = run_method("hl_soup_plus", store, toy_objective(), params)
+    paper = run_method("mehl_soup_plus", store, toy_objective(), params)
+    matched = run_method("mehl_soup_plus_matched", store, toy_objective(), params)
+    assert len(hl.history) == 8 and len(paper.history) == 16 and len(matched.history) == 8

@@ -28,6 +28,7 @@ METHODS: dict[str, Method] = {
     "hl_soup_plus": functools.partial(hl_soup, layerwise=True),
     "mehl_soup": functools.partial(hyperplane_soup, layerwise=False),
     "mehl_soup_plus": functools.partial(hyperplane_soup, layerwise=True),
+    "mehl_soup_plus_matched": functools.partial(hyperplane_soup, layerwise=True, compute_matched=True),
 }
 
 

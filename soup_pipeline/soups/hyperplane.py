@@ -82,11 +82,12 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: SoupPa
                     model_batch: int | None = None, model_epochs: int | None = None,
                     permutations: Sequence[Sequence[int]] | None = None, batches: Sequence[Sequence[int]] | None = None,
                     resume_dir: str | Path | None = None, on_step: StepHook | None = None,
-                    name: str = "mehl_soup") -> SoupResult:
+                    compute_matched: bool = False, name: str = "mehl_soup") -> SoupResult:
     """Learn the soup by block coordinate descent on the hyperplane; see the module docstring.
 
     permutations / batches: explicit ingredient order per epoch and held-out index batches, to
     compare implementations step by step. resume_dir: save state after each block and resume.
+    compute_matched: S scaled by b/K, so the run takes HL-Soup's number of steps (DESIGN.md s.2).
     """
     K = len(store)
     check_ingredient_count(store)
@@ -112,7 +113,8 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: SoupPa
     perms = model_permutations(K, epochs, params.seed, permutations)
     blocks = [perm[i : i + b] for perm in perms for i in range(0, K, b)]
     stream = HeldOutStream(len(objective.heldout), params.batch_size, params.seed, batches)
-    steps = max(1, round(params.passes * stream.batches_per_pass))
+    passes = params.passes * b / K if compute_matched else params.passes
+    steps = max(1, round(passes * stream.batches_per_pass))
     warmup = int(params.warmup_frac * steps)
 
     X = torch.zeros(K, L, dtype=dtype)

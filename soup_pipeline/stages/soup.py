@@ -13,7 +13,7 @@ from ..soups import SoupResult, run_method
 from ..soups.base import heldout_metrics, model_at, resolve_device
 from .layout import Layout, load_splits, open_store, soup_objective
 
-RESUMABLE = ("hl_soup", "hl_soup_plus", "mehl_soup", "mehl_soup_plus")
+RESUMABLE = ("hl_soup", "hl_soup_plus", "mehl_soup", "mehl_soup_plus", "mehl_soup_plus_matched")
 MIB = 2**20
 
 
