@@ -17,12 +17,14 @@ RESUMABLE = ("hl_soup", "hl_soup_plus", "mehl_soup", "mehl_soup_plus", "mehl_sou
 MIB = 2**20
 
 
-def soup_metrics(result: SoupResult, heldout: tuple[float, float]) -> dict:
-    """The numbers a soup is judged by before test data is touched."""
+def soup_metrics(result: SoupResult, heldout: tuple[float, float], heldout_size: int) -> dict:
+    """The numbers a soup is judged by before test data is touched (and K x L against the held-out size)."""
     return {
         "method": result.method,
         "K": len(result.ingredient_names),
         "L": len(result.layer_names),
+        "coefficients": result.beta.numel(),
+        "heldout_size": heldout_size,
         "heldout_loss": heldout[0],
         "heldout_acc": heldout[1],
         "seconds": result.seconds,
@@ -41,7 +43,8 @@ def run(params: Params, root: str | Path, method: str) -> SoupResult:
     result = run_method(method, store, objective, params.soup, **options)
     out = layout.soup_dir(method)
     device = resolve_device(params.soup.device)
-    metrics = soup_metrics(result, heldout_metrics(model_at(objective, result.state_dict, device), objective, device))
+    metrics = soup_metrics(result, heldout_metrics(model_at(objective, result.state_dict, device), objective, device),
+                           len(objective.heldout))
     save_ingredient(result.state_dict, out / "soup.safetensors",
                     meta={"method": method, "classifier_spec": store.ingredients[0].meta.get("classifier_spec"),
                           "base_model": store.ingredients[0].meta.get("base_model"), "val_acc": metrics["heldout_acc"],
