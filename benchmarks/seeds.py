@@ -1,7 +1,7 @@
 """The evaluation table over several sweep seeds: mean, spread, and paired differences against greedy soup.
 
 Each seed is a full pipeline (sweep of K fine-tunes from one shared pre-trained base, every soup
-method, evaluation) in its own root. Example (the README's table):
+method, evaluation) in its own root; finished members are reused. Example (the README's table):
 
     python benchmarks/seeds.py --seeds 0 1 2 --workdir /tmp/soup-seeds
 """
@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--base", type=Path, default=None, help="pre-trained weights shared by all seeds "
+                        "(default: pre-train in the first seed's root)")
     args = parser.parse_args(argv)
-    per_seed, base = [], None
+    per_seed, base = [], args.base
     for seed in args.seeds:
         root = args.workdir / f"seed-{seed}"
         per_seed.append(run_seed(args.params, root, seed, base))
