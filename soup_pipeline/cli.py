@@ -24,6 +24,10 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("--member", type=int, required=True)
     soup = commands.add_parser("soup", help="build one soup")
     soup.add_argument("--method", required=True)
+    imported = commands.add_parser("import", help="make an external checkpoint a sweep member (no pickle)")
+    imported.add_argument("--source", required=True, help=".safetensors, or a .pt/.pth state dict of tensors")
+    imported.add_argument("--member", type=int, required=True)
+    imported.add_argument("--strip-prefix", default="", help="removed from every key, e.g. 'module.'")
     commands.add_parser("evaluate", help="compare every method on held-out, test and shifted test data")
     commands.add_parser("ablate", help="accuracy against the number of ingredients, and after removing the best")
     commands.add_parser("run", help="the whole pipeline as a Prefect flow, tracked in MLflow")
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> str:
     from .config import load_params
-    from .stages import ablate, evaluate, finetune, prepare, pretrain, soup
+    from .stages import ablate, evaluate, finetune, importer, prepare, pretrain, soup
     from .stages.layout import Layout
     from .tracking import markdown_table
 
@@ -64,6 +68,9 @@ def _dispatch(args: argparse.Namespace) -> str:
     if args.command == "soup":
         result = soup.run(params, root, args.method)
         return f"{args.method}: built in {result.seconds:.1f} s"
+    if args.command == "import":
+        ingredient = importer.run(params, root, args.source, args.member, strip_prefix=args.strip_prefix)
+        return f"{ingredient.path}: held-out accuracy {ingredient.val_acc:.4f}"
     if args.command == "evaluate":
         return markdown_table(evaluate.run(params, root), evaluate.TABLE_COLUMNS)
     if args.command == "ablate":
