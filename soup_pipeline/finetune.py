@@ -82,7 +82,8 @@ def finetune(base: str | Path, hparams: Mapping, splits: DataSplits, out_path: s
     """Fine-tune the classifier built from pre-trained CLIP `base` (file or cached tag) and save it as an ingredient.
 
     hparams: the keys of `FinetuneParams`. The sidecar records hparams, val_acc (held-out
-    accuracy), base_model, member and classifier_spec (to rebuild an empty model).
+    accuracy), the mean training loss per epoch, base_model, member and classifier_spec (to
+    rebuild an empty model).
     """
     hp = parse_section(FinetuneParams, dict(hparams), f"hparams of member {member}")
     target = resolve_device(device)
@@ -97,10 +98,11 @@ def finetune(base: str | Path, hparams: Mapping, splits: DataSplits, out_path: s
         images = augment(images, hp.augmentation, generator).to(target)
         return F.cross_entropy(model(images), labels.to(target), label_smoothing=hp.label_smoothing)
 
-    train_loop(model, splits.train, loss_fn, epochs=hp.epochs, batch_size=hp.batch_size, lr=hp.lr,
-               weight_decay=hp.weight_decay, warmup_frac=hp.warmup_frac, generator=generator,
-               desc=f"fine-tune member {member}", on_epoch=on_epoch)
+    losses = train_loop(model, splits.train, loss_fn, epochs=hp.epochs, batch_size=hp.batch_size, lr=hp.lr,
+                        weight_decay=hp.weight_decay, warmup_frac=hp.warmup_frac, generator=generator,
+                        desc=f"fine-tune member {member}", on_epoch=on_epoch)
     meta = {
+        "train_loss": losses,
         "hparams": hp.model_dump(),
         "val_acc": classifier_accuracy(model, splits.heldout, target),
         "base_model": base_model_id(arch, base),

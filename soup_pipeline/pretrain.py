@@ -7,6 +7,7 @@ punish a caption that appears twice in a batch.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -57,5 +58,6 @@ def pretrain(params: PretrainParams, splits: DataSplits, out_path: str | Path, *
     state = {key: tensor.detach().cpu().contiguous() for key, tensor in model.state_dict().items()}
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
-        save_file(state, str(tmp), metadata={"arch": arch, "pretrain_params": params.model_dump_json()})
+        # one metadata key: safetensors writes several in no fixed order, and the file's hash is the base model id
+        save_file(state, str(tmp), metadata={"pretrain": json.dumps({"arch": arch, **params.model_dump()}, sort_keys=True)})
     return out_path

@@ -20,12 +20,16 @@ CURVE_METHODS = ("greedy", "mehl_soup_plus")
 REMOVAL_METHODS = ("uniform", "greedy", "mehl_soup_plus")
 
 
-def soup_accuracies(params: Params, store: IngredientStore, splits: DataSplits, method: str) -> dict[str, float]:
-    """Build `method` on `store` and measure it on every split."""
+def soup_accuracies(params: Params, store: IngredientStore, splits: DataSplits, method: str,
+                    built: Path | None = None) -> dict[str, float]:
+    """`method` on `store`, measured on every split; `built` is the soup stage's file when it holds exactly this soup."""
     objective = soup_objective(params, store, splits)
-    result = run_method(method, store, objective, params.soup)
     device = resolve_device(params.soup.device)
-    return split_accuracies(predictor(model_at(objective, result.state_dict, device), params.evaluate.batch_size, device), splits)
+    if built is not None and built.is_file():
+        state = IngredientStore([built]).load(0)
+    else:
+        state = run_method(method, store, objective, params.soup).state_dict
+    return split_accuracies(predictor(model_at(objective, state, device), params.evaluate.batch_size, device), splits)
 
 
 def run(params: Params, root: str | Path) -> dict:
@@ -36,13 +40,19 @@ def run(params: Params, root: str | Path) -> dict:
     K = len(full)
     paths = [i.path for i in full.ingredients]
     counts = sorted({n for n in params.evaluate.ingredient_counts if 1 <= n < K} | {K})
-    curve = [{"ingredients": n, "method": m, **soup_accuracies(params, IngredientStore(paths[:n]), splits, m)}
+
+    def full_soup(method: str, n_used: int) -> Path | None:  # the whole set: the soup stage already built it
+        return layout.soup_dir(method) / "soup.safetensors" if n_used == K else None
+
+    curve = [{"ingredients": n, "method": m,
+              **soup_accuracies(params, IngredientStore(paths[:n]), splits, m, full_soup(m, n))}
              for n in counts for m in CURVE_METHODS]
     by_acc = sorted(range(K), key=lambda k: -(full.ingredients[k].val_acc or 0.0))
     removal = []
     for n in sorted({0, *(n for n in params.evaluate.remove_top if 0 < n <= K - 2)}):
         kept = sorted(by_acc[n:])
-        removal += [{"removed_top": n, "method": m, **soup_accuracies(params, IngredientStore([paths[k] for k in kept]), splits, m)}
+        removal += [{"removed_top": n, "method": m, **soup_accuracies(params, IngredientStore([paths[k] for k in kept]),
+                                                                        splits, m, full_soup(m, len(kept)))}
                     for m in REMOVAL_METHODS]
     out = layout.ablation_dir
     write_json(out / "ablation.json", {"ingredient_count": curve, "remove_top": removal})

@@ -6,6 +6,7 @@ pre-training split; otherwise the given weights (a file or a cached open_clip ta
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..atomic import write_json
@@ -14,12 +15,25 @@ from ..models import base_model_id, classifier_from_clip, load_clip, zero_shot_h
 from ..pretrain import pretrain
 from ..soups.base import resolve_device
 from .evaluate import predictor, split_accuracies
-from .layout import Layout, base_reference, load_splits
+from .layout import Layout, base_reference, load_splits, read_json
 
 
-def run(params: Params, root: str | Path) -> dict:
-    """Pre-train when needed; write runs/base/base.json with the base id and zero-shot accuracies."""
+def settings(params: Params) -> dict:
+    """What the base depends on: the model, the data and the pre-training params."""
+    return {"model": params.model.model_dump(), "data": params.data.model_dump(), "pretrain": params.pretrain.model_dump()}
+
+
+def run(params: Params, root: str | Path, *, reuse: bool = False) -> dict:
+    """Pre-train when needed; write runs/base/base.json with the base id and zero-shot accuracies.
+
+    With `reuse`, a base made from the same settings is returned, not pre-trained again.
+    """
     layout = Layout(Path(root))
+    if reuse and layout.base_info.is_file():
+        info = read_json(layout.base_info)
+        if info.get("settings") == json.loads(json.dumps(settings(params))) and (
+                params.model.pretrained is not None or layout.base_weights.is_file()):
+            return info
     splits = load_splits(params)
     if params.model.pretrained is None:
         pretrain(params.pretrain, splits, layout.base_weights, arch=params.model.arch)
@@ -30,6 +44,6 @@ def run(params: Params, root: str | Path) -> dict:
     model = classifier_from_clip(clip.model, head).to(device)
     zero_shot = split_accuracies(predictor(model, params.evaluate.batch_size, device), splits)
     info = {"base": base_model_id(params.model.arch, base), "arch": params.model.arch,
-            "chance_acc": 1.0 / len(splits.classnames), "zero_shot": zero_shot}
+            "chance_acc": 1.0 / len(splits.classnames), "zero_shot": zero_shot, "settings": settings(params)}
     write_json(layout.base_info, info)
     return info

@@ -98,7 +98,8 @@ def child_run(tracker: Tracker, name: str, *, kind: str) -> Iterator[None]:
 def tracked_finetune(tracker: Tracker, params: Params, root: str | Path, member: int) -> Ingredient:
     """Fine-tune `member` (an identical finished one is reused) in its own nested run.
 
-    Logs the hyperparameters, base model, content hash, whether it was reused, val_acc and the seconds taken.
+    Logs the hyperparameters, base model, content hash, whether it was reused, val_acc, the seconds
+    taken and the training loss per epoch.
     """
     path = Layout(Path(root)).ingredient(member)
     before = path.stat().st_mtime_ns if path.is_file() else None
@@ -111,6 +112,7 @@ def tracked_finetune(tracker: Tracker, params: Params, root: str | Path, member:
             tracking.log_params({"member": member, "hparams": meta["hparams"], "base_model": meta["base_model"],
                                  "sha256": meta["sha256"], "reused": before == path.stat().st_mtime_ns})
             tracking.log_scalars({"val_acc": ingredient.val_acc, "finetune_s": seconds})
+            tracking.log_series({"train_loss": meta.get("train_loss", [])})
     return ingredient
 
 

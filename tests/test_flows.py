@@ -1,0 +1,187 @@
+"""The Prefect flow end to end on tiny settings: MLflow runs and registry, a clean `dvc status`,
+reuse of finished members after an interrupted sweep, fail-fast on a dead tracking server, and
+the nightly deployment served against a real Prefect server (sweep on Dask)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+from dvc_repo import PROJECT, TINY, make_repo, sh, write_params
+from flows.pipeline import soup_pipeline_flow
+from flows.serve import NIGHTLY
+from mlflow_server import free_port
+from prefect_server import cli, deployment, finished_flow_run, poll, prefect_server, serve_deployment
+from soup_pipeline import tracking
+from soup_pipeline.errors import SoupError
+from soup_pipeline.ingredients import file_sha256
+from soup_pipeline.stages.layout import Layout
+
+pytestmark = pytest.mark.slow
+
+FAST = {  # on top of TINY: the least work that still runs every stage
+    "data": {"pretrain_size": 60, "train_size": 40, "heldout_size": 40, "test_size": 40},
+    "pretrain": {"epochs": 1},
+    "sweep": {"epochs_range": [1, 1]},
+    "evaluate": {"methods": ["uniform", "mehl_soup_plus"], "ingredient_counts": [], "remove_top": []},
+}
+EXPERIMENT = "soup-pipeline"
+MODEL = "soup-pipeline-soup"
+
+
+@pytest.fixture(scope="session")
+def harness():
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+def params_root(folder: Path) -> Path:
+    """A pipeline root holding the project's params.yaml with TINY and FAST applied."""
+    folder.mkdir(parents=True)
+    shutil.copy(PROJECT / "params.yaml", folder / "params.yaml")
+    for changes in (TINY, FAST):
+        write_params(folder, changes)
+    return folder
+
+
+def run_flow(root: Path) -> dict:
+    return soup_pipeline_flow(params_path=str(root / "params.yaml"), root=str(root))
+
+
+def stamp(path: Path) -> tuple[int, str]:
+    """What changes when a file is rewritten: its mtime (nanoseconds) and its content hash."""
+    return path.stat().st_mtime_ns, file_sha256(path)
+
+
+def children(parent_run_id: str) -> dict[str, list]:
+    """The parent's nested runs by name (a retried fine-tune has several)."""
+    runs: dict[str, list] = {}
+    for run in tracking.child_runs(parent_run_id):
+        runs.setdefault(run.info.run_name, []).append(run)
+    return runs
+
+
+def changed_stages(repo: Path) -> dict:
+    return json.loads(sh("dvc", "status", "--json", cwd=repo) or "{}")
+
+
+@pytest.fixture(scope="module")
+def pipeline(harness, tmp_path_factory):
+    """The flow run in a fresh git + DVC repo with a local remote, tracked in a SQLite store beside it."""
+    folder = tmp_path_factory.mktemp("flow")
+    repo = make_repo(folder, remote=folder / "remote")
+    write_params(repo, FAST)
+    sh("git", "commit", "-qam", "fast params", cwd=repo)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        summary = run_flow(repo)
+    return SimpleNamespace(repo=repo, uri=uri, summary=summary)
+
+
+@pytest.fixture
+def tracked(pipeline):
+    """The module's pipeline, with MLflow pointed at its store."""
+    mlflow.set_tracking_uri(pipeline.uri)
+    return pipeline
+
+
+def test_flow_tracks_a_parent_run_with_nested_fine_tunes_and_soups(tracked):
+    summary = tracked.summary
+    assert summary["K"] == 3 and summary["members"] == [0, 1, 2]
+    assert {"zero_shot", "best_individual", "uniform", "mehl_soup_plus", "ensemble"} <= {r["method"] for r in summary["rows"]}
+    client = MlflowClient()
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.metrics["K"] == 3
+    assert parent.data.params["sweep.members"] == "[0, 1, 2]"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "tables")} >= {
+        "tables/ingredients.json", "tables/evaluation.json"}
+    runs = children(parent.info.run_id)
+    assert set(runs) == {"finetune-0", "finetune-1", "finetune-2", "uniform", "mehl_soup_plus"}
+    for k in range(3):
+        (run,) = runs[f"finetune-{k}"]
+        assert 0 <= run.data.metrics["val_acc"] <= 1 and run.data.params["hparams.epochs"] == "1"
+        assert run.data.params["reused"] == "False" and run.data.tags["kind"] == "finetune"
+    (soup,) = runs["mehl_soup_plus"]
+    assert {"val_acc", "test_acc", "shifted_test_acc", "construction_s", "peak_cpu_rss_bytes"} <= set(soup.data.metrics)
+    assert len(client.get_metric_history(soup.info.run_id, "heldout_loss")) >= 1
+    assert tracking.load_mixing_weights(soup.info.run_id).beta.shape[0] == 3
+
+
+def test_flow_registers_the_soup_with_its_provenance_and_promotes_it(tracked):
+    assert tracked.summary["registered_version"] == "1"
+    version = MlflowClient().get_model_version(MODEL, "1")
+    row = next(r for r in tracked.summary["rows"] if r["method"] == "mehl_soup_plus")
+    assert version.tags["method"] == "mehl_soup_plus" and version.tags["K"] == "3" and version.tags["b"] == "2"
+    assert float(version.tags["val_acc"]) == pytest.approx(row["heldout_acc"])
+    assert float(version.tags["test_acc"]) == pytest.approx(row["test_acc"])
+    assert version.tags["git_commit"] == sh("git", "rev-parse", "HEAD", cwd=tracked.repo).strip()
+    assert version.tags["dvc_lock_hash"] == file_sha256(tracked.repo / "dvc.lock")
+    assert len(version.tags["params_hash"]) == 64
+    assert str(MlflowClient().get_registered_model(MODEL).aliases["champion"]) == "1"
+
+
+def test_dvc_status_is_clean_and_pushed_after_a_flow_run(pipeline):
+    assert pipeline.summary["dvc_committed"]
+    assert changed_stages(pipeline.repo) == {}
+    assert json.loads(sh("dvc", "status", "--cloud", "--json", cwd=pipeline.repo) or "{}") == {}
+
+
+def test_interrupted_sweep_fails_then_rerun_reuses_finished_members_and_drops_a_broken_one(harness, tmp_path, monkeypatch):
+    root = params_root(tmp_path / "root")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    layout = Layout(root)
+    for k in (1, 2):  # a folder where the ingredient file goes: saving it fails, also on retry
+        layout.ingredient(k).mkdir(parents=True)
+    with pytest.raises(SoupError, match=r"only members \[0\] of \[0, 1, 2\] finished"):
+        run_flow(root)
+    before = stamp(layout.ingredient(0))
+    failed_runs = MlflowClient().search_runs([mlflow.get_experiment_by_name(EXPERIMENT).experiment_id],
+                                             filter_string="attributes.status = 'FAILED'")
+    (failed,) = [run for run in failed_runs if "mlflow.parentRunId" not in run.data.tags]
+    assert len(children(failed.info.run_id)["finetune-1"]) == 2  # the retry ran
+
+    layout.ingredient(1).rmdir()
+    summary = run_flow(root)
+    assert summary["K"] == 2 and summary["members"] == [0, 1] and not summary["dvc_committed"]
+    assert stamp(layout.ingredient(0)) == before
+    runs = children(summary["mlflow_run_id"])
+    assert runs["finetune-0"][0].data.params["reused"] == "True"
+    assert runs["finetune-1"][0].data.params["reused"] == "False"
+    assert runs["mehl_soup_plus"][0].data.params["K"] == "2"
+    assert MlflowClient().get_model_version(MODEL, summary["registered_version"]).tags["K"] == "2"
+
+
+def test_unreachable_tracking_server_fails_before_any_work(harness, tmp_path, monkeypatch):
+    root = params_root(tmp_path / "root")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(SoupError, match="not reachable"):
+        run_flow(root)
+    assert not (root / "runs").exists()
+
+
+def test_nightly_deployment_runs_on_a_real_prefect_server_with_the_sweep_on_dask(tmp_path):
+    root = params_root(tmp_path / "root")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {"MLFLOW_TRACKING_URI": uri, "SOUP_TASK_RUNNER": "dask"}
+    with prefect_server(tmp_path / "prefect") as api, serve_deployment(
+        api, tmp_path, name="nightly-test", params=root / "params.yaml", root=root, env=env
+    ) as serve:
+        assert deployment(api, "nightly-test")["schedules"][0]["schedule"]["cron"] == NIGHTLY
+        output = cli(api, "deployment", "run", "soup-pipeline/nightly-test")
+        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", output).group(1)
+        run = poll(lambda: finished_flow_run(api, flow_run_id), timeout_s=300, process=serve,
+                   log=tmp_path / "serve-nightly-test.log")
+    assert run["state"]["type"] == "COMPLETED", (tmp_path / "serve-nightly-test.log").read_text()[-3000:]
+    client = MlflowClient(uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id],
+                                   filter_string=f"tags.prefect_flow_run_id = '{flow_run_id}'")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["K"] == 3
