@@ -9,6 +9,7 @@ method, evaluation) in its own root; finished members are reused. Example (the R
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 
@@ -61,11 +62,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--base", type=Path, default=None, help="pre-trained weights shared by all seeds "
                         "(default: pre-train in the first seed's root)")
+    parser.add_argument("--collect", action="store_true", help="only read each seed's finished evaluation")
     args = parser.parse_args(argv)
     per_seed, base = [], args.base
     for seed in args.seeds:
         root = args.workdir / f"seed-{seed}"
-        per_seed.append(run_seed(args.params, root, seed, base))
+        if args.collect:
+            per_seed.append(json.loads((Layout(root).eval_dir / "methods.json").read_text()))
+        else:
+            per_seed.append(run_seed(args.params, root, seed, base))
         base = base or Layout(root).base_weights
         print(f"seed {seed}:\n{markdown_table(per_seed[-1], evaluate.TABLE_COLUMNS)}\n", flush=True)
     print(f"over seeds {args.seeds} (mean ± standard deviation):")
