@@ -123,7 +123,7 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: SoupPa
     start = 0
     saved_at = None
     if resume_dir is not None:
-        settings = {**params.model_dump(), "layerwise": layerwise, "b": b, "epochs": epochs,
+        settings = {**params.model_dump(), "layerwise": layerwise, "b": b, "epochs": epochs, "steps": steps,
                     "perms": perms, "batches": batches, "dtype": str(dtype)}
         saved_at = state_path(resume_dir, fingerprint(store, settings))
         state = load_state(saved_at)
