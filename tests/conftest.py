@@ -14,3 +14,6 @@ for _name in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
     os.environ.setdefault(_name, "soup-pipeline tests")
 for _name in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
     os.environ.setdefault(_name, "tests@soup-pipeline.invalid")
+
+# Session fixtures shared by several modules: registered here once, so they are built once.
+from helpers_clip import pretrained_base, tiny_splits  # noqa: E402,F401

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_clip import pretrained_base, tiny_splits  # noqa: F401  (fixtures)
 
 from soup_pipeline.config import FinetuneParams, SoupParams
 from soup_pipeline.evaluate import accuracy, dataset_targets, result_logits

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from helpers_clip import pretrained_base, tiny_splits  # noqa: F401  (fixtures)
 from safetensors.torch import load_file
 
 from soup_pipeline.config import FinetuneParams, SweepParams
