@@ -3,7 +3,7 @@
 One parent run per pipeline execution (`pipeline_run`), one nested run per fine-tune and per
 soup method (`nested_run`). Params are logged flattened (`soup.lr`), step series in batches,
 the mixing weights beta (K x L) as JSON plus a heatmap, tables as JSON, CSV and Markdown.
-Soups are registered as pyfunc models (safetensors + JSON, see `pyfunc_model`); the `champion`
+Soups are registered as pyfunc models (safetensors + JSON, see `stages/pyfunc_model.py`); the `champion`
 alias moves only to a version whose held-out accuracy strictly beats the current champion's.
 """
 
@@ -275,7 +275,7 @@ def register_soup(
     mlflow = _mlflow()
     from mlflow.models import infer_signature
 
-    from . import pyfunc_model
+    from .stages import pyfunc_model
 
     _active_run_id()  # a version always links back to the run (params, metrics) that made it
     example = np.asarray(input_example, dtype=np.float32)
