@@ -209,10 +209,7 @@ class IngredientStore:
                     tensor = handle.get_tensor(key)
                 except Exception as exc:
                     raise IngredientError(f"{ingredient.path}: tensor '{key}' cannot be read ({exc}); the file may be truncated, re-export it") from exc
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    raise IngredientError(
-                        f"{ingredient.path}: tensor '{key}' contains NaN or Inf; re-export this checkpoint or drop it from the set"
-                    )
+                check_finite({key: tensor}, str(ingredient.path))
                 if self.storage_dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(self.storage_dtype)
                 yield key, tensor
