@@ -34,7 +34,7 @@ def _signature(state: dict[str, torch.Tensor]) -> dict[str, tuple]:
 
 def test_tiny_config_is_small_and_registered():
     config = model_config(TINY_ARCH)
-    assert config["vision_cfg"] == {"image_size": 32, "layers": 4, "width": 128, "head_width": 64, "patch_size": 4,
+    assert config["vision_cfg"] == {"image_size": 32, "layers": 4, "width": 128, "head_width": 64, "patch_size": 8,
                                     "pool_type": "avg"}
     assert config["text_cfg"]["context_length"] == 16
 
