@@ -33,13 +33,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check-fraction", type=float, default=0.5,
                         help="share of the held-out set left out of the fit, to score each rate (default 0.5)")
     args = parser.parse_args(argv)
-    if not 0 < args.check_fraction < 1:
-        parser.error(f"--check-fraction {args.check_fraction} must lie strictly between 0 and 1")
     params = load_params(args.params)
     store = open_store(params, Layout(args.root))
     objective = soup_objective(params, store, load_splits(params))
     order = torch.randperm(len(objective.heldout), generator=torch.Generator().manual_seed(params.soup.seed)).tolist()
     n_check = round(args.check_fraction * len(order))
+    if not 0 < n_check < len(order):
+        parser.error(f"--check-fraction {args.check_fraction} leaves {n_check} of {len(order)} held-out images "
+                     "to check; both the fit and the check need some")
     fit = dataclasses.replace(objective, heldout=Subset(objective.heldout, order[n_check:]))
     check = dataclasses.replace(objective, heldout=Subset(objective.heldout, order[:n_check]))
     device = resolve_device(params.soup.device)
