@@ -3,7 +3,7 @@
 Each seed is a full pipeline (sweep of K fine-tunes from one shared pre-trained base, every soup
 method, evaluation) in its own root; finished members are reused. Example (the README's table):
 
-    python benchmarks/seeds.py --seeds 0 1 2 --workdir /tmp/soup-seeds
+    python benchmarks/seeds.py --seeds 0 1 2 3 4 --workdir /tmp/soup-seeds
 """
 
 from __future__ import annotations
@@ -16,9 +16,15 @@ from pathlib import Path
 from soup_pipeline.config import load_params
 from soup_pipeline.stages import evaluate, finetune, prepare, pretrain, soup
 from soup_pipeline.stages.layout import Layout, member_ids
+from soup_pipeline.statistics import mean_interval
 from soup_pipeline.tracking import markdown_table
 
-COLUMNS = ("heldout_acc", "test_acc", "test_shift_acc", "seconds")
+REFERENCE = "greedy"
+COLUMNS = ("fit_acc", "select_acc", "test_acc", "shifted_test_acc", "seconds")
+# (accuracy compared with the reference's of the same seed, header of the difference, header of the seeds it is higher)
+PAIRED_COLUMNS = (("test_acc", "test_acc - greedy", "wins/seeds"),
+                  ("shifted_test_acc", "shifted_test_acc - greedy", "shifted wins/seeds"))
+SUMMARY_COLUMNS = ["method", *COLUMNS, *(header for _, *headers in PAIRED_COLUMNS for header in headers)]
 
 
 def run_seed(params_path: str, root: Path, seed: int, base: Path | None) -> list[dict]:
@@ -36,29 +42,58 @@ def run_seed(params_path: str, root: Path, seed: int, base: Path | None) -> list
     return evaluate.run(params, root)
 
 
+def _spread_cell(values: list[float]) -> str | None:
+    """"mean ± standard deviation" across seeds (the mean alone for one seed)."""
+    if not values:
+        return None
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def _interval_cell(differences: list[float]) -> str | None:
+    """"mean [low, high]" with the 95% Student-t interval across seeds (the mean alone for one seed)."""
+    if not differences:
+        return None
+    mean, low, high = mean_interval(differences)
+    if len(differences) == 1:
+        return f"{mean:+.4f}"
+    return f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]"
+
+
+def _paired_differences(per_seed_by_method: list[dict[str, dict]], method: str, column: str) -> list[float]:
+    """`column` of `method` minus that of the reference, for every seed where both rows have it."""
+    return [seed_rows[method][column] - seed_rows[REFERENCE][column] for seed_rows in per_seed_by_method
+            if seed_rows.get(method, {}).get(column) is not None
+            and seed_rows.get(REFERENCE, {}).get(column) is not None]
+
+
 def summarise(per_seed: list[list[dict]]) -> list[dict]:
-    """Mean +- standard deviation per method, and the paired difference in test accuracy against greedy."""
-    methods = [row["method"] for row in per_seed[0]]
+    """One row per method: mean ± standard deviation of each of COLUMNS across seeds, and for each of PAIRED_COLUMNS
+    the mean paired difference against the reference method of the same seed, its 95% t interval and wins/seeds.
+
+    Missing (None or absent) values are left out: a seed counts for a difference only where both rows have it.
+    """
+    per_seed_by_method = [{row["method"]: row for row in seed_rows} for seed_rows in per_seed]
+    methods = list(dict.fromkeys(method for seed_rows in per_seed_by_method for method in seed_rows))
     table = []
     for method in methods:
-        rows = [next(r for r in seed_rows if r["method"] == method) for seed_rows in per_seed]
-        greedy = [next(r for r in seed_rows if r["method"] == "greedy") for seed_rows in per_seed]
-        out = {"method": method}
+        rows = [seed_rows[method] for seed_rows in per_seed_by_method if method in seed_rows]
+        summary = {"method": method}
         for column in COLUMNS:
-            values = [r[column] for r in rows if r.get(column) is not None]
-            if values:
-                spread = statistics.stdev(values) if len(values) > 1 else 0.0
-                out[column] = f"{statistics.mean(values):.4f} ± {spread:.4f}"
-        diffs = [r["test_acc"] - g["test_acc"] for r, g in zip(rows, greedy)]
-        out["test_acc - greedy"] = f"{statistics.mean(diffs):+.4f} ± {statistics.stdev(diffs) if len(diffs) > 1 else 0:.4f}"
-        table.append(out)
+            summary[column] = _spread_cell([row[column] for row in rows if row.get(column) is not None])
+        for column, difference_header, wins_header in PAIRED_COLUMNS:
+            differences = _paired_differences(per_seed_by_method, method, column)
+            summary[difference_header] = _interval_cell(differences)
+            summary[wins_header] = f"{sum(d > 0 for d in differences)}/{len(differences)}" if differences else None
+        table.append(summary)
     return table
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--base", type=Path, default=None, help="pre-trained weights shared by all seeds "
                         "(default: pre-train in the first seed's root)")
@@ -73,8 +108,9 @@ def main(argv: list[str] | None = None) -> None:
             per_seed.append(run_seed(args.params, root, seed, base))
         base = base or Layout(root).base_weights
         print(f"seed {seed}:\n{markdown_table(per_seed[-1], evaluate.TABLE_COLUMNS)}\n", flush=True)
-    print(f"over seeds {args.seeds} (mean ± standard deviation):")
-    print(markdown_table(summarise(per_seed), ["method", *COLUMNS, "test_acc - greedy"]))
+    print(f"over seeds {args.seeds}: mean ± standard deviation; differences against {REFERENCE} of the same seed: "
+          "mean [95% t interval across seeds]")
+    print(markdown_table(summarise(per_seed), SUMMARY_COLUMNS))
 
 
 if __name__ == "__main__":

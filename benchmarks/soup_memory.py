@@ -46,7 +46,7 @@ def make_ingredients(folder: Path, arch: str, K: int, image_size: int) -> list[P
             gen = torch.Generator().manual_seed(1000 + k)
             state = {key: v + 1e-2 * v.std().nan_to_num(1.0) * torch.randn(v.shape, generator=gen)
                      if v.is_floating_point() and v.numel() > 1 else v for key, v in base.items()}
-            save_ingredient(state, path, meta={"val_acc": 0.5, "base_model": f"{arch}-random"})
+            save_ingredient(state, path, meta={"fit_acc": 0.5, "base_model": f"{arch}-random"})
     return paths
 
 

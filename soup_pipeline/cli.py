@@ -64,13 +64,13 @@ def _dispatch(args: argparse.Namespace) -> str:
         return f"zero-shot accuracy: {pretrain.run(params, root)['zero_shot']}"
     if args.command == "finetune":
         ingredient = finetune.run(params, root, args.member)
-        return f"{ingredient.path}: held-out accuracy {ingredient.val_acc:.4f}"
+        return f"{ingredient.path}: fit accuracy {ingredient.fit_acc:.4f}, select accuracy {ingredient.meta['select_acc']:.4f}"
     if args.command == "soup":
         result = soup.run(params, root, args.method)
         return f"{args.method}: built in {result.seconds:.1f} s"
     if args.command == "import":
         ingredient = importer.run(params, root, args.source, args.member, strip_prefix=args.strip_prefix)
-        return f"{ingredient.path}: held-out accuracy {ingredient.val_acc:.4f}"
+        return f"{ingredient.path}: fit accuracy {ingredient.fit_acc:.4f}, select accuracy {ingredient.meta['select_acc']:.4f}"
     if args.command == "evaluate":
         return markdown_table(evaluate.run(params, root), evaluate.TABLE_COLUMNS)
     if args.command == "ablate":

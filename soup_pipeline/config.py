@@ -17,8 +17,28 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Grouping = Literal["tensor", "block", "model"] | list[str]
+
+
+class SearchParams(Strict):
+    """The grid that `grouping: auto` (and the method mehl_soup_auto) searches, choosing by select loss."""
+
+    groupings: list[Grouping] = ["tensor", "block", "model"]  # candidate layer groupings
+    lrs: list[float] = [0.05]  # candidate coefficient learning rates
+    weight_decays: list[float] = [0.0]  # candidate coefficient weight decays (towards the uniform soup)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "SearchParams":
+        for name in ("groupings", "lrs", "weight_decays"):
+            if not getattr(self, name):
+                raise ValueError(f"search.{name}: empty; list at least one candidate")
+        if min(self.lrs) <= 0 or min(self.weight_decays) < 0:
+            raise ValueError(f"search: lrs {self.lrs} must be > 0 and weight_decays {self.weight_decays} >= 0")
+        return self
+
+
 class SoupParams(Strict):
-    """How a soup is learned (DESIGN.md section 2)."""
+    """How a soup is learned."""
 
     model_batch: int = Field(2, gt=0)  # b: ingredients in memory at once (clamped to K)
     model_epochs: int = Field(1, gt=0)  # passes over the K ingredients (MEHL-Soup); HL-Soup uses 1
@@ -28,7 +48,8 @@ class SoupParams(Strict):
     warmup_frac: float = Field(0.2, ge=0, lt=1)  # linear warm-up share of each block's steps
     grad_clip: float | None = Field(1.0, gt=0)  # max global norm of grad_theta before projection; None = off
     normalize_directions: bool = False  # use d/|d| (the official script) instead of raw d
-    grouping: Literal["tensor", "block", "model"] | list[str] = "tensor"  # layers for the "+" variants
+    grouping: Grouping | Literal["auto"] = "tensor"  # layers for the "+" variants; auto: chosen from `search` on select data
+    search: SearchParams = SearchParams()  # the candidates of grouping: auto and of mehl_soup_auto
     batch_size: int = Field(128, gt=0)  # held-out mini-batch size
     seed: int = 0  # seeds the ingredient permutations and the held-out stream
     prefetch: bool = True  # load the next block on a background thread
@@ -99,19 +120,27 @@ class DataParams(Strict):
     torchvision_name: str | None = None  # torchvision.datasets class already on disk, e.g. "CIFAR10" (never downloaded)
     templates: list[str] | None = None  # prompt templates, each with one {} for the class name; None = the source's default
     image_size: int = Field(32, gt=0)  # digits: side the 8x8 images are upscaled to (the model's image size)
-    pretrain_size: int = Field(500, ge=0)  # digits: images for contrastive pre-training
-    train_size: int = Field(300, gt=0)  # digits: fine-tuning images
-    heldout_size: int = Field(500, gt=0)  # held-out images (torchvision: taken from its train split)
-    test_size: int = Field(497, gt=0)  # digits: test images
-    split_seed: int = 0  # seeds the split permutation
-    shift_rotation: float = Field(35.0, ge=0)  # digits: max |rotation| in degrees of the shifted test variant
-    shift_noise: float = Field(0.15, ge=0)  # digits: std of Gaussian pixel noise (pixels in [0, 1]) of the shifted test variant
-    shift_seed: int = 1  # seeds the shifted test variant
+    pretrain_size: int = Field(400, ge=0)  # digits: clean images for contrastive pre-training, from the training pool
+    train_size: int = Field(400, gt=0)  # digits: source images of the fine-tuning split, from the training pool
+    heldout_size: int = Field(397, gt=0)  # held-out source images (torchvision: taken from its train split)
+    test_size: int = Field(1000, gt=0)  # digits: test source images, one view each
+    heldout_views: int = Field(3, gt=0)  # digits: target-task views per held-out source image
+    select_fraction: float = Field(0.5, gt=0, lt=1)  # share of the held-out data in the select role (the rest fits)
+    split_seed: int = 0  # seeds the split permutations and the target-task views
+    target_rotation: float = Field(20.0, ge=0)  # digits: max |rotation| in degrees of a target-task view
+    target_scale: tuple[float, float] = (0.8, 1.0)  # digits: the digit's side as a fraction of the canvas, drawn uniformly
+    target_offset: float = Field(0.08, ge=0, lt=0.5)  # digits: max |move| of the digit's centre, as a fraction of the side
+    target_noise: float = Field(0.1, ge=0)  # digits: std of Gaussian pixel noise (pixels in [0, 1]) of a target-task view
+    shift_rotation: float = Field(45.0, ge=0)  # digits: max |rotation| in degrees of the shifted test views
+    shift_noise: float = Field(0.25, ge=0)  # digits: std of Gaussian pixel noise of the shifted test views
+    shift_seed: int = 1  # seeds the shifted test views
 
     @model_validator(mode="after")
     def _source_needs(self) -> "DataParams":
         if self.source != "digits" and not self.root:
             raise ValueError(f"data.root: source {self.source!r} needs a root folder")
+        if not 0 < self.target_scale[0] <= self.target_scale[1]:
+            raise ValueError(f"data.target_scale: {list(self.target_scale)} must be [low, high] with 0 < low <= high")
         if self.source == "torchvision" and not self.torchvision_name:
             raise ValueError("data.torchvision_name: source 'torchvision' needs a data set class name, e.g. 'CIFAR10'")
         return self
@@ -180,7 +209,8 @@ class SweepParams(Strict):
 
 
 SOUP_METHODS = ["uniform", "greedy", "learned_soup", "learned_soup_plus", "hl_soup", "hl_soup_plus", "mehl_soup",
-                "mehl_soup_plus", "mehl_soup_plus_matched"]
+                "mehl_soup_plus", "mehl_soup_plus_matched", "mehl_soup_auto"]
+AUTO_GROUPING_REFUSED = ("learned_soup_plus",)  # layer-wise methods that cannot run grouping: auto
 
 
 class EvaluateParams(Strict):
@@ -189,7 +219,9 @@ class EvaluateParams(Strict):
     methods: list[str] = SOUP_METHODS  # soups built (one DVC stage each); best individual and ensemble are always added
     batch_size: int = Field(256, gt=0)  # evaluation batch size
     ingredient_counts: list[int] = [2, 4, 8]  # Fig. 2: greedy and MEHL-Soup+ on the first n members (plus all K)
-    remove_top: list[int] = [1, 3]  # Table 3: soups after removing the n best ingredients (by held-out accuracy)
+    remove_top: list[int] = [1, 3]  # Table 3: soups after removing the n best ingredients (by fit accuracy)
+    bootstrap_seed: int = 0  # seeds the paired-bootstrap intervals of each method against greedy soup
+    bootstrap_resamples: int = Field(2000, gt=0)  # paired-bootstrap resamples
 
 
 class TrackingParams(Strict):
@@ -198,7 +230,7 @@ class TrackingParams(Strict):
     enabled: bool = True  # log runs to MLflow (a local SQLite file when no URI is set)
     experiment: str = "soup-pipeline"  # MLflow experiment name
     registered_model: str = "soup-pipeline-soup"  # registry name of the soup
-    register_method: str = "mehl_soup_plus"  # the soup registered at the end of a pipeline run
+    register_method: str = "mehl_soup_auto"  # the soup registered at the end of a pipeline run
     system_metrics: bool = True  # log CPU / memory / GPU usage while the pipeline runs
 
 
@@ -214,9 +246,19 @@ class Params(Strict):
     tracking: TrackingParams = TrackingParams()
 
 
+def check_auto_grouping(params: Params) -> None:
+    """grouping: auto is refused up front when a method that cannot search is to be built."""
+    refused = [m for m in params.evaluate.methods if m in AUTO_GROUPING_REFUSED]
+    if params.soup.grouping == "auto" and refused:
+        raise SoupError(f"soup.grouping: auto is not available for {refused}; remove them from evaluate.methods "
+                        "or give soup.grouping a fixed value ('tensor', 'block', 'model')")
+
+
 def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
     """Read and validate params.yaml (with optional nested overrides); a bad key is one clear SoupError."""
     data = load_yaml(path)
     for section, values in (overrides or {}).items():
         data[section] = {**(data.get(section) or {}), **values}
-    return parse_section(Params, data, str(path))
+    params = parse_section(Params, data, str(path))
+    check_auto_grouping(params)
+    return params

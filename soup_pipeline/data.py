@@ -1,8 +1,10 @@
 """Data sets, splits and augmentation; the embedded default is scikit-learn's handwritten digits.
 
 Digits: 1,797 8x8 images, 10 classes, upscaled to 3-channel tensors normalised like the model
-expects, split by one seeded permutation into disjoint pretrain / train / held-out / test
-splits, plus a distribution-shifted copy of the test split (random rotation and pixel noise).
+expects. The base is pre-trained on clean upright digits; the target task is digits rotated,
+shrunk and moved on the canvas with noise (see `digits_splits`), on held-out and test source
+images that pre-training and fine-tuning never see, plus a shifted test (stronger rotation and
+noise). Held-out data are cut into a fit and a select role (`select_split`).
 Real data: an image folder, or a torchvision data set already on disk (never downloaded).
 Augmentation runs on batches of image tensors, so it works the same for every source.
 """
@@ -13,7 +15,7 @@ import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,15 +41,21 @@ IMAGE_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a close-up ph
 
 @dataclass(frozen=True)
 class DataSplits:
-    """Disjoint splits, their class names and the prompt templates for the zero-shot head."""
+    """Disjoint splits, their class names and the prompt templates for the zero-shot head.
+
+    The held-out data have two roles: `fit` (what greedy soup's inclusion test and every learned
+    coefficient see) and `select` (what compares methods and settings); test data decide nothing.
+    """
 
     train: Dataset
-    heldout: Dataset
+    fit: Dataset
+    select: Dataset
     test: Dataset
     classnames: tuple[str, ...]
     templates: tuple[str, ...]
     pretrain: Dataset | None = None
     test_shift: Dataset | None = None
+    sources: Mapping[str, torch.Tensor] | None = None  # digits: per split, the source image of each example
 
 
 @dataclass(frozen=True)
@@ -91,12 +99,38 @@ def augment(images: torch.Tensor, preset: str, generator: torch.Generator) -> to
     return images if preset == "none" else random_affine(images, AUGMENTATIONS[preset], generator)
 
 
-def split_indices(n: int, sizes: Sequence[int], seed: int) -> list[torch.Tensor]:
-    """Disjoint index sets of the given sizes from one seeded permutation of range(n)."""
+def stratified_indices(labels: torch.Tensor, sizes: Sequence[int], seed: int) -> list[torch.Tensor]:
+    """Disjoint index sets of the given sizes, each holding the classes in about their overall proportions.
+
+    A seeded permutation is reordered so that every class is spread evenly along it (an example's
+    position is its rank within its class divided by the class size), then cut into `sizes`.
+    """
+    labels = torch.as_tensor(labels)
+    n = len(labels)
     if min(sizes, default=0) < 0 or sum(sizes) > n:
         raise SoupError(f"split sizes {list(sizes)} do not fit a data set of {n} images; make them smaller (and none negative)")
     permutation = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return list(torch.split(permutation[: sum(sizes)], list(sizes)))
+    permuted = labels[permutation]
+    position = torch.empty(n, dtype=torch.float64)
+    for label in permuted.unique():
+        members = (permuted == label).nonzero().flatten()
+        position[members] = (torch.arange(len(members), dtype=torch.float64) + 0.5) / len(members)
+    order = permutation[torch.argsort(position, stable=True)]
+    return list(torch.split(order[: sum(sizes)], list(sizes)))
+
+
+def select_split(labels: torch.Tensor, select_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, select) indices of a held-out set: seeded, stratified by class, sorted.
+
+    The select part holds round(select_fraction * n) examples; each role keeps at least one.
+    """
+    n = len(labels)
+    n_select = round(select_fraction * n)
+    if not 0 < n_select < n:
+        raise SoupError(f"data.select_fraction {select_fraction} leaves {n_select} of {n} held-out examples for select; "
+                        "both fit and select need some: use a fraction between 0 and 1 or more held-out data")
+    select, fit = stratified_indices(labels, [n_select, n - n_select], seed)
+    return fit.sort().values, select.sort().values
 
 
 def normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -105,26 +139,83 @@ def normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return (pixels.expand(-1, 3, -1, -1) - mean_t) / std_t
 
 
+def canvas_views(pixels: torch.Tensor, views: int, *, rotation: float, scale: tuple[float, float], offset: float,
+                 noise: float, generator: torch.Generator) -> torch.Tensor:
+    """`views` random views of every image [N, 1, H, W] (pixels in [0, 1]), grouped by image: [N * views, 1, H, W].
+
+    Each view rotates the digit by up to +-`rotation` degrees, shrinks it to a side fraction drawn
+    uniformly from `scale`, moves its centre by up to +-`offset` of the side and adds Gaussian
+    noise of std `noise`; the background stays empty (zero).
+    """
+    images = pixels.repeat_interleave(views, dim=0)
+    n = len(images)
+    draws = torch.rand(n, 4, generator=generator)
+    angle = (draws[:, 0] * 2 - 1) * math.radians(rotation)
+    size = scale[0] + draws[:, 1] * (scale[1] - scale[0])
+    centre = (draws[:, 2:] * 2 - 1) * 2 * offset  # in grid units (the side spans 2)
+    cos, sin = torch.cos(angle) / size, torch.sin(angle) / size
+    linear = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
+    shift = -(linear @ centre.unsqueeze(-1)).squeeze(-1)  # the output point `centre` samples the input's centre
+    theta = torch.cat([linear, shift.unsqueeze(-1)], dim=2)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    out = F.grid_sample(images, grid, padding_mode="zeros", align_corners=False)
+    return (out + noise * torch.randn(out.shape, generator=generator)).clamp(0, 1)
+
+
 def digits_splits(params: DataParams, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> DataSplits:
-    """The embedded default: scikit-learn digits as TensorDatasets (float32 images, int64 labels)."""
+    """The embedded default: scikit-learn digits as TensorDatasets (float32 images, int64 labels).
+
+    Source images are split once, stratified by class: held-out and test sources first, the
+    rest is the training pool. Pre-training sees clean, upright, centred images of the pool;
+    fine-tuning sees the first `train_size` pool images as target-task views (digits rotated,
+    shrunk and moved on the canvas, with noise); held-out and test hold views of their own
+    sources only, so no source image of held-out or test is ever trained on. The shifted test
+    views the test sources with a stronger rotation and noise. Held-out views of one source
+    stay together in one role (fit or select).
+    """
     digits = load_digits()
     pixels = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     pixels = F.interpolate(pixels, size=(params.image_size, params.image_size), mode="bilinear", align_corners=False)
     labels = torch.tensor(digits.target, dtype=torch.int64)
-    sizes = [params.pretrain_size, params.train_size, params.heldout_size, params.test_size]
-    pretrain, train, heldout, test = split_indices(len(labels), sizes, params.split_seed)
+    pool_size = len(labels) - params.heldout_size - params.test_size
+    if pool_size < max(params.train_size, params.pretrain_size):
+        raise SoupError(f"data: heldout_size {params.heldout_size} + test_size {params.test_size} leave {pool_size} of "
+                        f"{len(labels)} digits for training, fewer than train_size {params.train_size} or pretrain_size "
+                        f"{params.pretrain_size}; make the splits smaller")
+    heldout, test, pool = stratified_indices(labels, [params.heldout_size, params.test_size, pool_size], params.split_seed)
+    target = {"rotation": params.target_rotation, "noise": params.target_noise}
 
-    def subset(index: torch.Tensor, images: torch.Tensor | None = None) -> TensorDataset:
-        return TensorDataset(normalize(pixels[index] if images is None else images, mean, std), labels[index])
+    def views(index: torch.Tensor, count: int, seed: int, rotation: float, noise: float) -> TensorDataset:
+        images = canvas_views(pixels[index], count, rotation=rotation, scale=tuple(params.target_scale),
+                              offset=params.target_offset, noise=noise, generator=torch.Generator().manual_seed(seed))
+        return TensorDataset(normalize(images, mean, std), labels[index].repeat_interleave(count))
 
-    shift = Augment(rotate=params.shift_rotation, noise=params.shift_noise)
-    generator = torch.Generator().manual_seed(params.shift_seed)
-    shifted = random_affine(pixels[test], shift, generator, padding_mode="zeros").clamp(0, 1)
+    heldout_views = views(heldout, params.heldout_views, params.split_seed + 1, **target)
+    fit_sources, select_sources = select_split(labels[heldout], params.select_fraction, params.split_seed)
+    fit_views, select_views = (source_views(part, params.heldout_views) for part in (fit_sources, select_sources))
+    pretrain, train = pool[: params.pretrain_size], pool[: params.train_size]
+    heldout_source = heldout.repeat_interleave(params.heldout_views)
     return DataSplits(
-        train=subset(train), heldout=subset(heldout), test=subset(test),
+        pretrain=TensorDataset(normalize(pixels[pretrain], mean, std), labels[pretrain]),
+        train=views(train, 1, params.split_seed + 2, **target),
+        fit=take(heldout_views, fit_views),
+        select=take(heldout_views, select_views),
+        test=views(test, 1, params.split_seed + 3, **target),
+        test_shift=views(test, 1, params.shift_seed, rotation=params.shift_rotation, noise=params.shift_noise),
         classnames=DIGIT_CLASSNAMES, templates=tuple(params.templates or DIGIT_TEMPLATES),
-        pretrain=subset(pretrain), test_shift=subset(test, shifted),
+        sources={"pretrain": pretrain, "train": train, "fit": heldout_source[fit_views],
+                 "select": heldout_source[select_views], "test": test, "test_shift": test},
     )
+
+
+def take(dataset: TensorDataset, index: torch.Tensor) -> TensorDataset:
+    """The examples `index` of a tensor data set, as a tensor data set."""
+    return TensorDataset(*(tensor[index] for tensor in dataset.tensors))
+
+
+def source_views(sources: torch.Tensor, views: int) -> torch.Tensor:
+    """Indices of the views of `sources` in a data set that holds `views` consecutive views per source."""
+    return (sources.unsqueeze(1) * views + torch.arange(views)).flatten()
 
 
 def image_folder_dataset(root: str | Path, transform: Callable | None) -> torchvision.datasets.ImageFolder:
@@ -154,6 +245,24 @@ def torchvision_dataset(name: str, root: str | Path, split: str, transform: Call
         ) from exc
 
 
+def dataset_labels(dataset: Dataset) -> torch.Tensor:
+    """Every example's class index, from `targets` / tensors where the data set has them (no image is decoded)."""
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1]
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return torch.as_tensor(targets, dtype=torch.long)
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
+
+
+def fit_and_select(heldout: Dataset, select_fraction: float, seed: int) -> tuple[Subset, Subset]:
+    """The held-out data set cut into its fit and select roles (seeded, stratified by class)."""
+    fit, select = select_split(dataset_labels(heldout), select_fraction, seed)
+    return Subset(heldout, fit.tolist()), Subset(heldout, select.tolist())
+
+
 def _classnames(dataset: Dataset) -> tuple[str, ...]:
     classes = getattr(dataset, "classes", None)
     if not classes:
@@ -177,13 +286,15 @@ def build_datasets(params: DataParams, *, transform: Callable | None = None,
                 raise SoupError(
                     f"{root / name} has classes {_classnames(dataset)} but train has {classnames}; use the same class folders"
                 )
-        return DataSplits(**folders, classnames=classnames, templates=tuple(params.templates or IMAGE_TEMPLATES),
-                          test_shift=shifted)
+        fit, select = fit_and_select(folders["heldout"], params.select_fraction, params.split_seed)
+        return DataSplits(train=folders["train"], fit=fit, select=select, test=folders["test"], classnames=classnames,
+                          templates=tuple(params.templates or IMAGE_TEMPLATES), test_shift=shifted)
     full_train = torchvision_dataset(params.torchvision_name, root, "train", transform)
-    heldout, train = split_indices(len(full_train), [params.heldout_size, len(full_train) - params.heldout_size],
-                                   params.split_seed)
+    heldout, train = stratified_indices(dataset_labels(full_train),
+                                        [params.heldout_size, len(full_train) - params.heldout_size], params.split_seed)
+    fit, select = fit_and_select(Subset(full_train, heldout.tolist()), params.select_fraction, params.split_seed)
     return DataSplits(
-        train=Subset(full_train, train.tolist()), heldout=Subset(full_train, heldout.tolist()),
+        train=Subset(full_train, train.tolist()), fit=fit, select=select,
         test=torchvision_dataset(params.torchvision_name, root, "test", transform),
         classnames=_classnames(full_train), templates=tuple(params.templates or IMAGE_TEMPLATES),
     )

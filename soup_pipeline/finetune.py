@@ -76,14 +76,19 @@ def classifier_accuracy(model: nn.Module, dataset: Dataset, device: torch.device
     return accuracy(model_logits(model, dataset, batch_size, device), dataset_targets(dataset))
 
 
+def heldout_accuracies(model: nn.Module, splits: DataSplits, device: torch.device, batch_size: int = 256) -> dict[str, float]:
+    """{"fit_acc": ..., "select_acc": ...}: a classifier's accuracy on both held-out roles."""
+    return {f"{role}_acc": classifier_accuracy(model, getattr(splits, role), device, batch_size) for role in ("fit", "select")}
+
+
 def finetune(base: str | Path, hparams: Mapping, splits: DataSplits, out_path: str | Path, *, member: int,
              arch: str = TINY_ARCH, cache_dir: str | None = None, device: str = "cpu",
              on_epoch: EpochCallback | None = None) -> Ingredient:
     """Fine-tune the classifier built from pre-trained CLIP `base` (file or cached tag) and save it as an ingredient.
 
-    hparams: the keys of `FinetuneParams`. The sidecar records hparams, val_acc (held-out
-    accuracy), the mean training loss per epoch, base_model, member and classifier_spec (to
-    rebuild an empty model).
+    hparams: the keys of `FinetuneParams`. The sidecar records hparams, fit_acc and select_acc
+    (accuracy on the two held-out roles), the mean training loss per epoch, base_model, member
+    and classifier_spec (to rebuild an empty model).
     """
     hp = parse_section(FinetuneParams, dict(hparams), f"hparams of member {member}")
     target = resolve_device(device)
@@ -104,7 +109,7 @@ def finetune(base: str | Path, hparams: Mapping, splits: DataSplits, out_path: s
     meta = {
         "train_loss": losses,
         "hparams": hp.model_dump(),
-        "val_acc": classifier_accuracy(model, splits.heldout, target),
+        **heldout_accuracies(model, splits, target),
         "base_model": base_model_id(arch, base),
         "member": int(member),
         "classifier_spec": classifier_spec(arch, len(splits.classnames)),

@@ -41,8 +41,9 @@ class Ingredient:
         return self.path.name[: -len(SUFFIX)] if self.path.name.endswith(SUFFIX) else self.path.stem
 
     @property
-    def val_acc(self) -> float | None:
-        value = self.meta.get("val_acc")
+    def fit_acc(self) -> float | None:
+        """Accuracy on the held-out fit role, as recorded when the ingredient was made."""
+        value = self.meta.get("fit_acc")
         return None if value is None else float(value)
 
 

@@ -37,7 +37,7 @@ def plot_mixing_weights(beta: np.ndarray, ingredients: Sequence[str], layers: Se
     figure.savefig(path, dpi=120)
 
 
-def plot_methods(rows: Sequence[Mapping], path: str | Path, columns: Sequence[str] = ("heldout_acc", "test_acc", "test_shift_acc")) -> None:
+def plot_methods(rows: Sequence[Mapping], path: str | Path, columns: Sequence[str] = ("fit_acc", "select_acc", "test_acc", "shifted_test_acc")) -> None:
     """Grouped bars: one group per method, one bar per accuracy column."""
     methods = [row["method"] for row in rows]
     present = [c for c in columns if any(row.get(c) is not None for row in rows)]

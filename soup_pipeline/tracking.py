@@ -4,7 +4,8 @@ One parent run per pipeline execution (`pipeline_run`), one nested run per fine-
 soup method (`nested_run`). Params are logged flattened (`soup.lr`), step series in batches,
 the mixing weights beta (K x L) as JSON plus a heatmap, tables as JSON, CSV and Markdown.
 Soups are registered as pyfunc models (safetensors + JSON, see `stages/pyfunc_model.py`); the `champion`
-alias moves only to a version whose held-out accuracy strictly beats the current champion's.
+alias moves only to a version whose select accuracy strictly beats the current champion's (select data
+judge soups fitted on the fit data; test accuracy never promotes).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ MODEL_NAME = "model"  # name of the logged pyfunc model inside its run
 MIXING_DIR = "mixing_weights"  # artifact folder of beta.json and beta.png
 TABLES_DIR = "tables"  # artifact folder of logged tables
 REQUIREMENTS = ("mlflow", "torch", "numpy", "safetensors", "open_clip_torch")  # pinned from this env
-COMPARE_COLUMNS = ("version", "aliases", "method", "K", "b", "val_acc", "test_acc", "shifted_test_acc", "git_commit")
+COMPARE_COLUMNS = ("version", "aliases", "method", "K", "b", "fit_acc", "select_acc", "test_acc", "shifted_test_acc",
+                   "test_vs_greedy", "test_ci_low", "test_ci_high", "test_mcnemar_p", "git_commit")
 
 
 def _mlflow():
@@ -267,7 +269,7 @@ def register_soup(
 ) -> str:
     """Log the soup as a pyfunc model in the active run and register it as a new version of `name`.
 
-    `tags` carries K, b, val_acc, test_acc, params_hash, git_commit, dvc_lock_hash, ...; the version
+    `tags` carries K, b, select_acc, test_acc, params_hash, git_commit, dvc_lock_hash, ...; the version
     is tagged with them and with `method`. `spec["builder"]` names the module builder;
     `input_example` is a small image batch (one image is enough: it is stored as JSON).
     Returns the new version number.
@@ -294,11 +296,15 @@ def register_soup(
     return str(mlflow.register_model(info.model_uri, name, tags=version_tags).version)
 
 
-def promote_if_better(name: str, version: str, metric: str = "val_acc") -> bool:
-    """Point `champion` at `version` if its held-out `metric` tag strictly beats the champion's (or none)."""
-    if "test" in metric:
+def promote_if_better(name: str, version: str, metric: str = "select_acc") -> bool:
+    """Point `champion` at `version` if its `metric` tag strictly beats the champion's (or there is none).
+
+    Only select metrics decide: fit metrics are what the soup was fitted on, and test data decide nothing.
+    """
+    if not metric.startswith("select"):
         raise SoupError(
-            f"metric {metric!r}: test accuracy never selects a model; promote on a held-out metric such as val_acc"
+            f"metric {metric!r}: only select data choose a model (fit data trained it, test data decide nothing); "
+            "promote on a select metric such as select_acc"
         )
     client = _client()
     candidate = _tag_float(client.get_model_version(name, str(version)), metric)

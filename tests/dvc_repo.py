@@ -17,7 +17,7 @@ TINY = {
     "sweep": {"members": [0, 1, 2], "epochs_range": [1, 2]},
     "soup": {"passes": 0.5, "device": "cpu", "batch_size": 32},
     "evaluate": {"methods": ["uniform", "greedy", "mehl_soup_plus"], "ingredient_counts": [2], "remove_top": [1]},
-    "tracking": {"system_metrics": False},
+    "tracking": {"system_metrics": False, "register_method": "mehl_soup_plus"},
 }
 
 

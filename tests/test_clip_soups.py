@@ -26,7 +26,7 @@ def clip_store(pretrained_base, tiny_splits, tmp_path_factory):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_on_open_clip_ingredients(clip_store, tiny_splits, method):
     spec = clip_store.ingredients[0].meta["classifier_spec"]
-    objective = Objective(lambda: classifier_from_spec(spec), tiny_splits.heldout, batch_size=64)
+    objective = Objective(lambda: classifier_from_spec(spec), tiny_splits.fit, tiny_splits.select, batch_size=64)
     params = SoupParams(device="cpu", passes=0.5, learned_epochs=1, batch_size=64, model_batch=2)
     result = run_method(method, clip_store, objective, params)
     assert torch.allclose(result.beta.sum(0), torch.ones(result.beta.shape[1], dtype=result.beta.dtype), atol=1e-9)

@@ -7,42 +7,84 @@ from typing import get_args
 import pytest
 import torch
 from PIL import Image
+from sklearn.datasets import load_digits
 from torchvision.transforms import ToTensor
 
-from soup_pipeline.config import Augmentation, DataParams, SweepParams, parse_section
+from soup_pipeline.config import Augmentation, DataParams, Params, SweepParams, parse_section
 from soup_pipeline.data import (
-    AUGMENTATIONS, DIGIT_CLASSNAMES, IMAGE_TEMPLATES, augment, build_datasets, digits_splits, split_indices,
-    torchvision_dataset,
+    AUGMENTATIONS, DIGIT_CLASSNAMES, IMAGE_TEMPLATES, augment, build_datasets, digits_splits, select_split,
+    stratified_indices, torchvision_dataset,
 )
 from soup_pipeline.errors import SoupError
+from soup_pipeline.stages.layout import load_splits
 
 
-def test_split_indices_are_disjoint_and_deterministic():
-    sizes = [500, 300, 500, 497]
-    first, again = split_indices(1797, sizes, seed=0), split_indices(1797, sizes, seed=0)
+def test_stratified_indices_are_disjoint_deterministic_and_keep_class_shares():
+    labels = torch.arange(1000) % 4  # four classes of 250
+    sizes = [400, 200, 100]
+    first, again = stratified_indices(labels, sizes, seed=0), stratified_indices(labels, sizes, seed=0)
     assert [len(part) for part in first] == sizes
     assert len(torch.cat(first).unique()) == sum(sizes)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert not torch.equal(first[0], split_indices(1797, sizes, seed=1)[0])
+    assert not torch.equal(first[0], stratified_indices(labels, sizes, seed=1)[0])
+    for part, size in zip(first, sizes):
+        assert torch.bincount(labels[part], minlength=4).tolist() == [size // 4] * 4
 
 
 def test_split_sizes_too_large_are_refused():
     with pytest.raises(SoupError, match=r"\[1000, 1000\]"):
-        split_indices(1797, [1000, 1000], seed=0)
+        stratified_indices(torch.zeros(1797, dtype=torch.long), [1000, 1000], seed=0)
 
 
-def test_digits_default_splits():
+def test_select_split_is_stratified_seeded_and_refuses_an_empty_role():
+    labels = torch.arange(300) % 3
+    fit, select = select_split(labels, 0.4, seed=0)
+    assert len(select) == 120 and len(fit) == 180 and not set(fit.tolist()) & set(select.tolist())
+    assert torch.bincount(labels[select]).tolist() == [40, 40, 40]
+    assert torch.equal(select, select_split(labels, 0.4, seed=0)[1])
+    assert not torch.equal(select, select_split(labels, 0.4, seed=1)[1])
+    with pytest.raises(SoupError, match="select_fraction"):
+        select_split(labels[:2], 0.1, seed=0)
+
+
+def test_digits_default_splits_sizes_and_source_disjointness():
     splits = digits_splits(DataParams())
-    assert [len(splits.pretrain), len(splits.train), len(splits.heldout), len(splits.test)] == [500, 300, 500, 497]
+    sizes = {name: len(getattr(splits, name)) for name in ("pretrain", "train", "fit", "select", "test", "test_shift")}
+    assert sizes["fit"] + sizes["select"] >= 1000 and sizes["test"] >= 1000 and sizes["test_shift"] == sizes["test"]
+    assert sizes == {"pretrain": 400, "train": 400, "fit": 597, "select": 594, "test": 1000, "test_shift": 1000}
     images, labels = splits.train.tensors
-    assert images.shape == (300, 3, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert images.shape == (400, 3, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
     assert splits.classnames == DIGIT_CLASSNAMES and all("{}" in t for t in splits.templates)
+    sources = {name: set(value.tolist()) for name, value in splits.sources.items()}
+    trained_on = sources["pretrain"] | sources["train"]
+    for evaluated in ("fit", "select", "test"):  # no held-out or test source image is trained on
+        assert not sources[evaluated] & trained_on, evaluated
+    assert not sources["fit"] & sources["select"] and not (sources["fit"] | sources["select"]) & sources["test"]
+    assert len(sources["fit"] | sources["select"]) == 397 and len(sources["test"]) == 1000
+    for name in ("fit", "select", "test"):  # each view is labelled like its source image
+        assert torch.equal(getattr(splits, name).tensors[1], torch.as_tensor(load_digits().target)[splits.sources[name]])
     assert torch.equal(splits.test.tensors[1], splits.test_shift.tensors[1])
     assert not torch.allclose(splits.test.tensors[0], splits.test_shift.tensors[0])
     again = digits_splits(DataParams())
-    for name in ("pretrain", "train", "heldout", "test", "test_shift"):
+    for name in ("pretrain", "train", "fit", "select", "test", "test_shift"):
         for a, b in zip(getattr(splits, name).tensors, getattr(again, name).tensors):
             assert torch.equal(a, b), name
+
+
+def test_select_fraction_moves_held_out_sources_between_roles_only():
+    half, third = digits_splits(DataParams()), digits_splits(DataParams(select_fraction=0.3))
+    assert torch.equal(half.test.tensors[0], third.test.tensors[0])  # test data do not depend on the roles
+    assert torch.equal(half.train.tensors[0], third.train.tensors[0])
+    assert set(torch.cat([half.sources["fit"], half.sources["select"]]).tolist()) == \
+        set(torch.cat([third.sources["fit"], third.sources["select"]]).tolist())
+    assert len(third.select) < len(half.select)
+
+
+def test_the_target_task_moves_the_digits_off_the_pre_training_images():
+    splits = digits_splits(DataParams(heldout_views=2))
+    fit_images, sources = splits.fit.tensors[0], splits.sources["fit"]
+    assert torch.equal(sources[0::2], sources[1::2])  # views of one source sit side by side
+    assert not torch.allclose(fit_images[0::2], fit_images[1::2])  # and differ
 
 
 def test_augmentation_presets():
@@ -68,7 +110,9 @@ def test_image_folder_splits_are_read(tmp_path):
     _write_folder(tmp_path)
     splits = build_datasets(DataParams(source="image_folder", root=str(tmp_path)), transform=ToTensor())
     assert splits.classnames == ("cat", "dog") and splits.templates == IMAGE_TEMPLATES
-    assert [len(splits.train), len(splits.heldout), len(splits.test)] == [4, 4, 4] and splits.test_shift is None
+    assert [len(splits.train), len(splits.fit), len(splits.select), len(splits.test)] == [4, 2, 2, 4]
+    assert splits.test_shift is None
+    assert sorted(splits.fit[i][1] for i in range(2)) == [0, 1]  # stratified: one of each class in each role
     image, label = splits.train[2]
     assert image.shape == (3, 40, 40) and label == 1
 
@@ -94,3 +138,12 @@ def test_bad_params_key_is_named():
         parse_section(SweepParams, {"lr_range": [1e-3, 1e-5]}, "params.yaml:sweep")
     with pytest.raises(SoupError, match="root"):
         parse_section(DataParams, {"source": "image_folder"})
+
+
+def test_held_out_roles_stay_put_when_members_are_added():
+    params = Params()
+    grown = params.model_copy(update={"sweep": params.sweep.model_copy(update={"members": [*params.sweep.members, 12]})})
+    before, after = load_splits(params), load_splits(grown)
+    for role in ("fit", "select"):
+        assert torch.equal(before.sources[role], after.sources[role])
+        assert torch.equal(getattr(before, role).tensors[0], getattr(after, role).tensors[0])

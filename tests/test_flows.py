@@ -31,7 +31,9 @@ FAST = {  # on top of TINY: the least work that still runs every stage
     "data": {"pretrain_size": 60, "train_size": 40, "heldout_size": 40, "test_size": 40},
     "pretrain": {"epochs": 1},
     "sweep": {"epochs_range": [1, 1]},
-    "evaluate": {"methods": ["uniform", "mehl_soup_plus"], "ingredient_counts": [], "remove_top": []},
+    "evaluate": {"methods": ["uniform", "greedy", "mehl_soup_plus", "mehl_soup_auto"], "ingredient_counts": [],
+                 "remove_top": [], "bootstrap_resamples": 200},
+    "tracking": {"system_metrics": False, "register_method": "mehl_soup_auto"},
 }
 EXPERIMENT = "soup-pipeline"
 MODEL = "soup-pipeline-soup"
@@ -105,23 +107,30 @@ def test_flow_tracks_a_parent_run_with_nested_fine_tunes_and_soups(tracked):
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "tables")} >= {
         "tables/ingredients.json", "tables/evaluation.json"}
     runs = children(parent.info.run_id)
-    assert set(runs) == {"finetune-0", "finetune-1", "finetune-2", "uniform", "mehl_soup_plus"}
+    assert set(runs) == {"finetune-0", "finetune-1", "finetune-2", "uniform", "greedy", "mehl_soup_plus", "mehl_soup_auto"}
     for k in range(3):
         (run,) = runs[f"finetune-{k}"]
-        assert 0 <= run.data.metrics["val_acc"] <= 1 and run.data.params["hparams.epochs"] == "1"
+        assert 0 <= run.data.metrics["fit_acc"] <= 1 and run.data.params["hparams.epochs"] == "1"
         assert run.data.params["reused"] == "False" and run.data.tags["kind"] == "finetune"
     (soup,) = runs["mehl_soup_plus"]
-    assert {"val_acc", "test_acc", "shifted_test_acc", "construction_s", "peak_cpu_rss_bytes"} <= set(soup.data.metrics)
-    assert len(client.get_metric_history(soup.info.run_id, "heldout_loss")) >= 1
+    assert {"fit_acc", "select_acc", "test_acc", "shifted_test_acc", "test_vs_greedy", "test_mcnemar_p", "construction_s", "peak_cpu_rss_bytes"} <= set(soup.data.metrics)
+    assert len(client.get_metric_history(soup.info.run_id, "fit_loss")) >= 1
     assert tracking.load_mixing_weights(soup.info.run_id).beta.shape[0] == 3
+    (auto,) = runs["mehl_soup_auto"]  # the grouping chosen on select data, with the whole candidate table
+    assert auto.data.params["chosen.grouping"] in {"tensor", "block", "model"}
+    assert "tables/search-mehl_soup_auto.json" in {a.path for a in client.list_artifacts(auto.info.run_id, "tables")}
 
 
 def test_flow_registers_the_soup_with_its_provenance_and_promotes_it(tracked):
     assert tracked.summary["registered_version"] == "1"
     version = MlflowClient().get_model_version(MODEL, "1")
-    row = next(r for r in tracked.summary["rows"] if r["method"] == "mehl_soup_plus")
-    assert version.tags["method"] == "mehl_soup_plus" and version.tags["K"] == "3" and version.tags["b"] == "2"
-    assert float(version.tags["val_acc"]) == pytest.approx(row["heldout_acc"])
+    row = next(r for r in tracked.summary["rows"] if r["method"] == "mehl_soup_auto")
+    assert version.tags["method"] == "mehl_soup_auto" and version.tags["K"] == "3" and version.tags["b"] == "2"
+    assert float(version.tags["select_acc"]) == pytest.approx(row["select_acc"])
+    assert float(version.tags["test_vs_greedy"]) == pytest.approx(row["test_vs_greedy"])
+    assert version.tags["chosen_grouping"] in {"tensor", "block", "model"}
+    search = json.loads((tracked.repo / "runs" / "soups" / "mehl_soup_auto" / "search.json").read_text())
+    assert [r["grouping"] for r in search] == ["tensor", "block", "model"] and sum(r["chosen"] for r in search) == 1
     assert float(version.tags["test_acc"]) == pytest.approx(row["test_acc"])
     assert version.tags["git_commit"] == sh("git", "rev-parse", "HEAD", cwd=tracked.repo).strip()
     assert version.tags["dvc_lock_hash"] == file_sha256(tracked.repo / "dvc.lock")

@@ -20,7 +20,7 @@ def test_a_wrapped_state_dict_becomes_an_ingredient(tmp_path):
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "ext.pt")
     ingredient = importer.run(PARAMS, tmp_path, tmp_path / "ext.pt", 5, strip_prefix="module.")
     assert ingredient.path == tmp_path / "runs/ingredients/member-5.safetensors"
-    assert 0.0 <= ingredient.val_acc <= 1.0 and ingredient.meta["imported_from"].endswith("ext.pt")
+    assert 0.0 <= ingredient.fit_acc <= 1.0 and ingredient.meta["imported_from"].endswith("ext.pt")
     loaded = IngredientStore([ingredient.path]).load(0)
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
 

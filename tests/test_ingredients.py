@@ -20,14 +20,14 @@ PARAMS = SoupParams(device=DEVICE, batch_size=32, passes=1.0)
 
 
 def _save(tmp_path, name, state):
-    return save_ingredient(state, tmp_path / f"{name}.safetensors", meta={"val_acc": 0.5})
+    return save_ingredient(state, tmp_path / f"{name}.safetensors", meta={"fit_acc": 0.5})
 
 
 def test_sidecar_records_hash_and_round_trips(tmp_path):
     state = Toy().state_dict()
-    ingredient = save_ingredient(state, tmp_path / "a.safetensors", meta={"val_acc": 0.7, "hparams": {"lr": 1e-3}})
+    ingredient = save_ingredient(state, tmp_path / "a.safetensors", meta={"fit_acc": 0.7, "hparams": {"lr": 1e-3}})
     again = read_ingredient(tmp_path / "a.safetensors")
-    assert again.meta["val_acc"] == 0.7 and len(again.meta["sha256"]) == 64
+    assert again.meta["fit_acc"] == 0.7 and len(again.meta["sha256"]) == 64
     assert ingredient.name == "a"
     loaded = IngredientStore([again]).load(0)
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
@@ -100,7 +100,7 @@ def test_plain_state_dict_checkpoint_imports(tmp_path):
     state = Toy().state_dict()
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "ext.pt")
     ingredient = import_checkpoint(tmp_path / "ext.pt", tmp_path / "imp.safetensors", strip_prefix="module.",
-                                   meta={"val_acc": 0.6})
+                                   meta={"fit_acc": 0.6})
     assert ingredient.meta["imported_from"].endswith("ext.pt")
     loaded = IngredientStore([ingredient]).load(0)
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
@@ -171,7 +171,7 @@ def test_ingredients_of_other_base_models_are_refused(tmp_path):
 
 def test_overfitting_guard_warns(tmp_path):
     store = toy_ingredients(tmp_path, K=4)
-    with pytest.warns(UserWarning, match="24 learned coefficients .K=4 x L=6. exceed the 20 held-out examples"):
+    with pytest.warns(UserWarning, match="24 learned coefficients .K=4 x L=6. exceed the 20 fit examples"):
         run_method("hl_soup_plus", store, toy_objective(n=20), PARAMS)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -41,7 +41,7 @@ def test_projected_gradient_equals_autograd(tmp_path):
     model, keys, centre, directions = _full_set(store, objective)
     grouping = group_layers(keys, "tensor")
     X = (0.3 * torch.randn(5, grouping.size, dtype=torch.float64)).requires_grad_()
-    inputs, targets = fetch_batch(objective.heldout, range(40))
+    inputs, targets = fetch_batch(objective.fit, range(40))
     theta = _combined(centre, directions, X, grouping)
     loss = objective.loss_fn(functional_call(model, {**centre, **theta}, (inputs,)), targets)
     (autograd_grad,) = torch.autograd.grad(loss, X)
@@ -66,7 +66,7 @@ def reference_block_descent(store, objective, params, perms, batches, layerwise)
     grouping = group_layers(keys, params.grouping if layerwise else "model")
     K, b = len(store), min(params.model_batch, len(store))
     X = torch.zeros(K, grouping.size, dtype=torch.float64)
-    steps = round(params.passes * math.ceil(len(objective.heldout) / params.batch_size))
+    steps = round(params.passes * math.ceil(len(objective.fit) / params.batch_size))
     warmup = int(params.warmup_frac * steps)
     batch_iter = iter(batches)
     for perm in perms:
@@ -78,7 +78,7 @@ def reference_block_descent(store, objective, params, perms, batches, layerwise)
             for _ in range(steps):
                 full = X.index_put((block,), x)
                 theta = _combined(centre, directions, full, grouping)
-                inputs, targets = fetch_batch(objective.heldout, next(batch_iter))
+                inputs, targets = fetch_batch(objective.fit, next(batch_iter))
                 loss = objective.loss_fn(functional_call(model, {**centre, **theta}, (inputs,)), targets)
                 grads = torch.autograd.grad(loss, list(theta.values()), retain_graph=True)
                 if params.grad_clip is not None:
@@ -158,7 +158,7 @@ def test_zero_directions_are_masked_without_division(tmp_path):
     for k in range(3):  # make one layer identical across ingredients
         state = store.load(k)
         state["net.1.bias"] = store.load(0)["net.1.bias"]
-        paths.append(save_ingredient(dict(state), tmp_path / f"same{k}.safetensors", meta={"val_acc": 0.5}))
+        paths.append(save_ingredient(dict(state), tmp_path / f"same{k}.safetensors", meta={"fit_acc": 0.5}))
     same = IngredientStore(paths)
     params = SoupParams(**{**PARAMS, "normalize_directions": True})
     result = run_method("mehl_soup_plus", same, toy_objective(), params)

@@ -10,7 +10,7 @@ from torch.utils.data import TensorDataset
 from soup_pipeline.config import SoupParams
 from soup_pipeline.ingredients import IngredientStore, save_ingredient
 from soup_pipeline.soups import Objective, run_method
-from soup_pipeline.soups.base import heldout_metrics, model_at
+from soup_pipeline.soups.base import dataset_metrics, model_at
 from soup_pipeline.soups.hyperplane import hyperplane_soup
 
 from toys import DEVICE, toy_ingredients, toy_objective
@@ -39,29 +39,28 @@ class Threshold(nn.Module):
         return self.head(x)
 
 
-def _threshold_ingredient(folder, name, t, order_acc):
+def _threshold_ingredient(folder, name, t):
     state = {"head.weight": torch.tensor([[0.0], [1.0]], dtype=torch.float64),
              "head.bias": torch.tensor([0.0, -t], dtype=torch.float64)}
-    return save_ingredient(state, folder / f"{name}.safetensors", meta={"val_acc": order_acc})
+    return save_ingredient(state, folder / f"{name}.safetensors", meta={"fit_acc": 0.0})  # a stale sidecar: unused
 
 
-def test_greedy_keeps_only_strict_improvements(tmp_path):
-    # held-out: x = 0.5 .. 5.5, label 1 iff x > 3. Accuracy of threshold t: 1.0 for t in (2.5, 3.5).
+def test_greedy_orders_on_fit_data_and_keeps_only_strict_improvements(tmp_path):
+    # fit data: x = 0.5 .. 5.5, label 1 iff x > 3. Accuracy of threshold t: 1.0 for t in (2.5, 3.5).
     x = torch.arange(0.5, 6.0, 1.0, dtype=torch.float64).unsqueeze(1)
     objective = Objective(Threshold, TensorDataset(x, (x[:, 0] > 3).long()), batch_size=8)
-    # sidecar accuracies fix the order: A, B, C, E, D (E and D tie; the stable sort keeps file order)
-    ingredients = [_threshold_ingredient(tmp_path, "A", 1.0, 0.9),   # 4/6 alone
-                   _threshold_ingredient(tmp_path, "B", 5.0, 0.8),   # A+B: t=3 -> 6/6, kept
-                   _threshold_ingredient(tmp_path, "C", 3.0, 0.7),   # A+B+C: t=3 -> 6/6, a tie: rejected
-                   _threshold_ingredient(tmp_path, "E", 3.0, 0.6),   # tie again: rejected
-                   _threshold_ingredient(tmp_path, "D", 30.0, 0.6)]  # t=12 -> 3/6: rejected
+    # measured fit accuracies: A 4/6, B 4/6, C 5/6, D 3/6, E 5/6, T 5/6, so the order is C, E, T, A, B, D
+    # (ties keep file order)
+    ingredients = [_threshold_ingredient(tmp_path, name, t)
+                   for name, t in [("A", 1.0), ("B", 5.0), ("C", 2.0), ("D", 30.0), ("E", 4.0), ("T", 4.2)]]
     result = run_method("greedy", IngredientStore(ingredients), objective, SoupParams(**PARAMS))
-    assert [step["ingredient"] for step in result.info["trail"]] == ["A", "B", "C", "E", "D"]
-    assert [step["kept"] for step in result.info["trail"]] == [True, True, False, False, False]
-    assert [round(step["heldout_acc"], 4) for step in result.info["trail"]] == [0.6667, 1.0, 1.0, 1.0, 0.5]
-    assert result.info["members"] == ["A", "B"]
+    assert [step["ingredient"] for step in result.info["trail"]] == ["C", "E", "T", "A", "B", "D"]
+    # C alone 5/6; C+E: t=3 -> 6/6 kept; +T: t=3.4 -> 6/6, a tie: rejected; +A: t=2.33 -> 5/6; +B: t=3.67 -> 5/6; +D: 3/6
+    assert [step["kept"] for step in result.info["trail"]] == [True, True, False, False, False, False]
+    assert [round(step["fit_acc"], 4) for step in result.info["trail"]] == [0.8333, 1.0, 1.0, 0.8333, 0.8333, 0.5]
+    assert result.info["members"] == ["C", "E"]
     assert result.state_dict["head.bias"].tolist() == [0.0, -3.0]
-    assert result.beta.flatten().tolist() == [0.5, 0.5, 0.0, 0.0, 0.0]
+    assert result.beta.flatten().tolist() == [0.0, 0.0, 0.5, 0.0, 0.5, 0.0]
 
 
 @pytest.mark.parametrize("name", ["learned_soup", "learned_soup_plus"])
@@ -74,8 +73,8 @@ def test_learned_soup_weights_sum_to_one_and_lower_heldout_loss(tmp_path, name):
     assert torch.allclose(learned.beta.sum(0), torch.ones(learned.beta.shape[1], dtype=torch.float64))
     assert (learned.beta >= 0).all() and (learned.beta - 0.25).abs().max() > 0.01
     device = torch.device("cpu")
-    before = heldout_metrics(model_at(objective, uniform.state_dict, device), objective, device)[0]
-    after = heldout_metrics(model_at(objective, learned.state_dict, device), objective, device)[0]
+    before = dataset_metrics(model_at(objective, uniform.state_dict, device), objective.fit, objective, device)[0]
+    after = dataset_metrics(model_at(objective, learned.state_dict, device), objective.fit, objective, device)[0]
     assert after < before - 0.01
 
 
@@ -110,7 +109,7 @@ def test_hyperplane_extrapolates_where_the_optimum_lies_outside_the_hull(tmp_pat
     accs = {}
     for name in ["uniform", "greedy", "hl_soup", "mehl_soup"]:
         result = run_method(name, store, objective, params)
-        accs[name] = heldout_metrics(model_at(test, result.state_dict, device), test, device)[1]
+        accs[name] = dataset_metrics(model_at(test, result.state_dict, device), test.fit, test, device)[1]
         if name.endswith("hl_soup"):
             assert result.beta.min() < 0 or result.beta.max() > 1, result.beta
     assert accs["hl_soup"] > max(accs["uniform"], accs["greedy"]) + 0.05, accs

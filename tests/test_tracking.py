@@ -75,11 +75,11 @@ def soup_run(uri: str) -> Iterator[str]:
 TAGS = {"K": 3, "b": 2, "test_acc": 0.5, "params_hash": "p1", "git_commit": "abc", "dvc_lock_hash": "d1"}
 
 
-def register(name: str, val_acc: float) -> tuple[str, torch.nn.Module]:
-    """Register a fresh tiny classifier as a new version of `name`, tagged with `val_acc`."""
+def register(name: str, select_acc: float, **extra_tags) -> tuple[str, torch.nn.Module]:
+    """Register a fresh tiny classifier as a new version of `name`, tagged with `select_acc`."""
     module = tiny_classifier(SPEC)
     state = module.state_dict()
-    tags = {**TAGS, "val_acc": val_acc}
+    tags = {**TAGS, "select_acc": select_acc, **extra_tags}
     version = tracking.register_soup(
         state, SPEC, name=name, method="mehl_soup_plus", tags=tags, input_example=images(2)
     )
@@ -108,10 +108,10 @@ def test_parent_and_nested_runs_carry_params_and_metrics(backend, monkeypatch):
         with tracking.nested_run("finetune-0", kind="finetune") as finetune_id:
             tracking.log_series({"train_loss": [2.0, 1.5, 1.25]})
         with tracking.nested_run("mehl_soup_plus", kind="soup") as soup_id:
-            tracking.log_series({"heldout_loss": [float(v) for v in range(1500)]})
-            scalars = {"val_acc": 0.9, "test_acc": 0.8, "shifted_test_acc": 0.6, "construction_s": 1.5}
+            tracking.log_series({"fit_loss": [float(v) for v in range(1500)]})
+            scalars = {"select_acc": 0.9, "test_acc": 0.8, "shifted_test_acc": 0.6, "construction_s": 1.5}
             tracking.log_scalars({**scalars, "peak_rss_bytes": 1e9, "peak_cuda_bytes": None})
-            rows = [{"method": "mehl_soup_plus", "val_acc": 0.9}, {"method": "uniform", "val_acc": 0.85}]
+            rows = [{"method": "mehl_soup_plus", "select_acc": 0.9}, {"method": "uniform", "select_acc": 0.85}]
             tracking.log_table(rows, "evaluation")
         time.sleep(1.2)  # let the system-metrics monitor take a sample
 
@@ -124,7 +124,7 @@ def test_parent_and_nested_runs_carry_params_and_metrics(backend, monkeypatch):
     assert [run.data.tags["kind"] for run in children] == ["finetune", "soup"]
     history = client.get_metric_history(finetune_id, "train_loss")
     assert [(m.step, m.value) for m in history] == [(0, 2.0), (1, 1.5), (2, 1.25)]
-    assert len(client.get_metric_history(soup_id, "heldout_loss")) == 1500
+    assert len(client.get_metric_history(soup_id, "fit_loss")) == 1500
     soup_metrics = client.get_run(soup_id).data.metrics
     assert soup_metrics["test_acc"] == 0.8 and soup_metrics["peak_rss_bytes"] == 1e9
     assert "peak_cuda_bytes" not in soup_metrics
@@ -139,7 +139,7 @@ def test_nested_run_under_explicit_parent_from_no_active_run(backend):
         with tracking.nested_run("orphan", kind="finetune"):
             pass
     with tracking.nested_run("worker", kind="finetune", parent_run_id=parent_id) as child_id:
-        tracking.log_scalars({"val_acc": 0.5})
+        tracking.log_scalars({"select_acc": 0.5})
     assert [run.info.run_id for run in tracking.child_runs(parent_id)] == [child_id]
 
 
@@ -164,10 +164,10 @@ def test_mixing_weights_shape_must_match_names():
 def test_registered_champion_loads_and_predicts_like_the_torch_module(backend):
     name = unique("soup")
     with soup_run(backend):
-        version, module = register(name, val_acc=0.9)
+        version, module = register(name, select_acc=0.9)
     assert tracking.promote_if_better(name, version)
     tags = MlflowClient().get_model_version(name, version).tags
-    assert tags == {key: str(value) for key, value in {**TAGS, "val_acc": 0.9, "method": "mehl_soup_plus"}.items()}
+    assert tags == {key: str(value) for key, value in {**TAGS, "select_acc": 0.9, "method": "mehl_soup_plus"}.items()}
     batch = images(7, seed=1)
     probs = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(batch)
     with torch.no_grad():
@@ -176,25 +176,36 @@ def test_registered_champion_loads_and_predicts_like_the_torch_module(backend):
     np.testing.assert_allclose(probs, expected, rtol=1e-6, atol=1e-7)
 
 
-def test_champion_moves_only_to_a_strictly_better_heldout_version(backend):
+def test_champion_moves_only_to_a_strictly_better_select_version(backend):
     name = unique("soup")
     with soup_run(backend):
-        first, _ = register(name, val_acc=0.80)
+        first, _ = register(name, select_acc=0.80)
         assert tracking.promote_if_better(name, first)
-        for val_acc in (0.80, 0.70):  # equal, then worse: the champion stays
-            assert not tracking.promote_if_better(name, register(name, val_acc=val_acc)[0])
-        better, _ = register(name, val_acc=0.85)
+        for select_acc in (0.80, 0.70):  # equal, then worse: the champion stays
+            assert not tracking.promote_if_better(name, register(name, select_acc=select_acc)[0])
+        better, _ = register(name, select_acc=0.85)
         assert tracking.promote_if_better(name, better)
     rows = tracking.compare_versions(name)
     expected = [(1, "", "0.8"), (2, "", "0.8"), (3, "", "0.7"), (4, "champion", "0.85")]
-    assert [(row["version"], row["aliases"], row["val_acc"]) for row in rows] == expected
+    assert [(row["version"], row["aliases"], row["select_acc"]) for row in rows] == expected
     text = tracking.registry_compare_main(name, backend)
-    assert text.splitlines()[0] == "| version | aliases | method | K | b | val_acc | test_acc | git_commit |"
+    assert text.splitlines()[0] == "| version | aliases | method | K | b | select_acc | test_acc | git_commit |"
     assert "| 4 | champion | mehl_soup_plus | 3 | 2 | 0.85 | 0.5 | abc |" in text
-    with pytest.raises(SoupError, match="test accuracy never selects"):
-        tracking.promote_if_better(name, better, metric="test_acc")
+    for metric in ("test_acc", "fit_acc"):  # test data decide nothing; fit data are what the soup was fitted on
+        with pytest.raises(SoupError, match="only select data choose a model"):
+            tracking.promote_if_better(name, better, metric=metric)
     with pytest.raises(SoupError, match="no registered model named 'missing'"):
         tracking.registry_compare_main("missing", backend)
+
+
+def test_a_soup_that_fits_better_but_selects_worse_is_not_promoted(backend):
+    name = unique("soup")
+    with soup_run(backend):
+        honest, _ = register(name, select_acc=0.84, fit_acc=0.85)
+        assert tracking.promote_if_better(name, honest)
+        overfit, _ = register(name, select_acc=0.80, fit_acc=0.99)
+        assert not tracking.promote_if_better(name, overfit)
+    assert str(MlflowClient().get_registered_model(name).aliases["champion"]) == honest
 
 
 def test_register_needs_a_run_and_weights_that_fit_before_logging(local_uri):

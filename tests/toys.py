@@ -46,9 +46,9 @@ def toy_ingredients(folder: Path, K: int, *, dtype=torch.float64, spread: float 
                  for key, v in base.state_dict().items()}
         state["shift"] = state["shift"] + 0.01 * k  # a float buffer: averaged uniformly
         paths.append(save_ingredient(state, folder / f"toy{k:02d}.safetensors",
-                                     meta={"val_acc": 0.5 + 0.01 * k, "base_model": "toy"}))
+                                     meta={"fit_acc": 0.5 + 0.01 * k, "base_model": "toy"}))
     return IngredientStore(paths)
 
 
 def toy_objective(dtype=torch.float64, batch_size: int = 32, n: int = 120) -> Objective:
-    return Objective(model_factory=lambda: Toy(dtype), heldout=toy_data(n, dtype=dtype), batch_size=batch_size)
+    return Objective(model_factory=lambda: Toy(dtype), fit=toy_data(n, dtype=dtype), batch_size=batch_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-from ..config import SoupParams
+from ..config import AUTO_GROUPING_REFUSED, SoupParams
 from ..errors import SoupError
 from ..ingredients import IngredientStore
 from ..meters import measure
@@ -14,6 +14,7 @@ from .ensemble import ensemble
 from .greedy import greedy_soup
 from .hyperplane import hl_soup, hyperplane_soup
 from .learned import learned_soup
+from .search import with_search
 from .uniform import uniform_soup
 
 Method = Callable[..., SoupResult]
@@ -29,19 +30,27 @@ METHODS: dict[str, Method] = {
     "mehl_soup": functools.partial(hyperplane_soup, layerwise=False),
     "mehl_soup_plus": functools.partial(hyperplane_soup, layerwise=True),
     "mehl_soup_plus_matched": functools.partial(hyperplane_soup, layerwise=True, compute_matched=True),
+    "mehl_soup_auto": with_search(functools.partial(hyperplane_soup, layerwise=True)),  # grouping, lr, wd chosen on select data
 }
+SEARCHABLE = ("hl_soup_plus", "mehl_soup_plus", "mehl_soup_plus_matched")  # run the `soup.search` grid under grouping: auto
 
 
-def get_method(name: str) -> Method:
-    """The method registered under `name`; an unknown name lists the known ones."""
+def get_method(name: str, params: SoupParams | None = None) -> Method:
+    """The method registered under `name` (searching the grid when `params.grouping` is auto); an unknown name lists the known ones."""
     if name not in METHODS:
         raise SoupError(f"unknown soup method {name!r}; choose one of {sorted(METHODS)}")
+    if params is not None and params.grouping == "auto":
+        if name in AUTO_GROUPING_REFUSED:
+            raise SoupError(f"soup.grouping: auto is not available for {name}; give it a fixed grouping "
+                            f"('tensor', 'block', 'model') or use one of {sorted(SEARCHABLE)} or mehl_soup_auto")
+        if name in SEARCHABLE:
+            return with_search(METHODS[name])
     return METHODS[name]
 
 
 def run_method(name: str, store: IngredientStore, objective: Objective, params: SoupParams, **options) -> SoupResult:
     """Run one method, timing it and measuring its peak memory (CPU RSS; CUDA allocator on a GPU)."""
-    method = get_method(name)
+    method = get_method(name, params)
     with measure(resolve_device(params.device)) as meter:
         result = method(store, objective, params, name=name, **options)
     result.seconds, result.peak_bytes = meter.seconds, meter.peak_bytes

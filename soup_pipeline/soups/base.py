@@ -23,11 +23,15 @@ class Objective:
     """What a soup is fitted to: a model to hold the weights, held-out data and a loss.
 
     model_factory: returns a fresh module whose state_dict has the ingredients' keys.
-    heldout: (input, target) pairs, disjoint from fine-tuning and test data.
+    fit: held-out (input, target) pairs that greedy soup's inclusion test and every learned
+      coefficient see; disjoint from fine-tuning and test data.
+    select: held-out pairs disjoint from `fit`, read only to choose among candidate settings
+      (`grouping: auto`); never trained on. None when no choice is to be made.
     """
 
     model_factory: Callable[[], nn.Module]
-    heldout: Dataset
+    fit: Dataset
+    select: Dataset | None = None
     batch_size: int = 128
     loss_fn: LossFn = F.cross_entropy
 
@@ -149,10 +153,10 @@ def model_at(objective: Objective, state: dict[str, torch.Tensor], device: torch
 
 
 @torch.no_grad()
-def heldout_metrics(model: nn.Module, objective: Objective, device: torch.device) -> tuple[float, float]:
-    """(mean loss, accuracy) of a model over the whole held-out set."""
+def dataset_metrics(model: nn.Module, dataset: Dataset, objective: Objective, device: torch.device) -> tuple[float, float]:
+    """(mean loss, accuracy) of a model over a whole data set, with the objective's loss."""
     loss_sum, correct, count = 0.0, 0, 0
-    for inputs, targets in sequential_batches(objective.heldout, objective.batch_size):
+    for inputs, targets in sequential_batches(dataset, objective.batch_size):
         logits = model(inputs.to(device))
         targets = targets.to(device)
         loss_sum += float(objective.loss_fn(logits, targets)) * len(targets)
@@ -164,7 +168,7 @@ def heldout_metrics(model: nn.Module, objective: Objective, device: torch.device
 def step_loss(model: Callable[[torch.Tensor], torch.Tensor], objective: Objective, stream: HeldOutStream,
               device: torch.device) -> torch.Tensor:
     """Forward one held-out mini-batch and return its loss."""
-    inputs, targets = fetch_batch(objective.heldout, stream.next())
+    inputs, targets = fetch_batch(objective.fit, stream.next())
     return objective.loss_fn(model(inputs.to(device)), targets.to(device))
 
 
@@ -200,11 +204,11 @@ def uniform_beta(K: int, L: int, dtype: torch.dtype = torch.float64) -> torch.Te
     return torch.full((K, L), 1.0 / K, dtype=dtype)
 
 
-def warn_overfitting(K: int, L: int, heldout_size: int) -> None:
-    """Warn when the learned coefficients outnumber the held-out examples (DESIGN.md, overfitting guard)."""
-    if K * L > heldout_size:
+def warn_overfitting(K: int, L: int, fit_size: int) -> None:
+    """Warn when the learned coefficients outnumber the fit examples (the overfitting guard)."""
+    if K * L > fit_size:
         warnings.warn(
-            f"{K * L} learned coefficients (K={K} x L={L}) exceed the {heldout_size} held-out examples: "
-            "the soup may overfit the held-out data; use coarser grouping (grouping: block) or weight decay",
+            f"{K * L} learned coefficients (K={K} x L={L}) exceed the {fit_size} fit examples: "
+            "the soup may overfit them; let select data choose the grouping (grouping: auto) or use a coarser one",
             stacklevel=3,
         )

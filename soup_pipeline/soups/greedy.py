@@ -1,4 +1,8 @@
-"""Greedy soup (Wortsman et al., 2022): add ingredients in order of held-out accuracy while it improves."""
+"""Greedy soup (Wortsman et al., 2022): add ingredients in order of fit accuracy while it improves.
+
+Every accuracy here is measured on the objective's fit data: the order, the first ingredient and
+each inclusion test. Select data are never read, so they can judge the soup afterwards.
+"""
 
 from __future__ import annotations
 
@@ -6,41 +10,41 @@ import torch
 
 from ..config import SoupParams
 from ..ingredients import IngredientStore
-from .base import Objective, SoupResult, check_ingredient_count, heldout_metrics, model_at, resolve_device
+from .base import Objective, SoupResult, check_ingredient_count, dataset_metrics, model_at, resolve_device
 
 
-def heldout_order(store: IngredientStore, objective: Objective, device: torch.device) -> list[tuple[int, float]]:
-    """(index, held-out accuracy) by accuracy, descending; a stable sort, so ties keep ingredient order.
+def fit_accuracy(objective: Objective, state: dict[str, torch.Tensor], device: torch.device) -> float:
+    """Accuracy of the objective's model holding `state` on the fit data."""
+    return dataset_metrics(model_at(objective, state, device), objective.fit, objective, device)[1]
 
-    Accuracies come from the sidecars; a missing one is measured on the objective's held-out data.
+
+def fit_order(store: IngredientStore, objective: Objective, device: torch.device) -> list[tuple[int, float]]:
+    """(index, fit accuracy) by accuracy, descending; a stable sort, so ties keep ingredient order.
+
+    Measured here, one ingredient at a time, so the order always comes from the fit data.
     """
-    scored = []
-    for index, ingredient in enumerate(store.ingredients):
-        acc = ingredient.val_acc
-        if acc is None:
-            acc = heldout_metrics(model_at(objective, store.load(index), device), objective, device)[1]
-        scored.append((index, acc))
+    scored = [(index, fit_accuracy(objective, store.load(index), device)) for index in range(len(store))]
     return sorted(scored, key=lambda pair: -pair[1])
 
 
 def greedy_soup(store: IngredientStore, objective: Objective, params: SoupParams, *, name: str = "greedy") -> SoupResult:
-    """Start from the best ingredient; keep each next one only if the held-out accuracy strictly improves.
+    """Start from the best ingredient; keep each next one only if the fit accuracy strictly improves.
 
     Memory: the float64 running sum, one ingredient and the candidate.
     """
     check_ingredient_count(store)
     device = resolve_device(params.device)
     dtype = next(objective.model_factory().parameters()).dtype
-    order = heldout_order(store, objective, device)
+    order = fit_order(store, objective, device)
     first = order[0][0]
     total = {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in store.load(first).items()}
     members = [first]
-    best = heldout_metrics(model_at(objective, _average(total, 1, dtype), device), objective, device)[1]
-    trail = [{"ingredient": store.ingredients[first].name, "heldout_acc": best, "kept": True}]
+    best = order[0][1]
+    trail = [{"ingredient": store.ingredients[first].name, "fit_acc": best, "kept": True}]
     for index, _ in order[1:]:
         current = store.load(index)
         candidate = _average(total, len(members) + 1, dtype, extra=current)
-        acc = heldout_metrics(model_at(objective, candidate, device), objective, device)[1]
+        acc = fit_accuracy(objective, candidate, device)
         kept = acc > best
         if kept:
             for key, value in total.items():
@@ -48,14 +52,14 @@ def greedy_soup(store: IngredientStore, objective: Objective, params: SoupParams
                     value += current[key]
             members.append(index)
             best = acc
-        trail.append({"ingredient": store.ingredients[index].name, "heldout_acc": acc, "kept": kept})
+        trail.append({"ingredient": store.ingredients[index].name, "fit_acc": acc, "kept": kept})
         del current, candidate
     beta = torch.zeros(len(store), 1, dtype=torch.float64)
     beta[members] = 1.0 / len(members)
     return SoupResult(method=name, state_dict=_average(total, len(members), dtype), beta=beta, layer_names=["model"],
                       ingredient_names=[i.name for i in store.ingredients],
                       info={"K": len(store), "members": [store.ingredients[i].name for i in members],
-                            "heldout_acc": best, "trail": trail})
+                            "fit_acc": best, "trail": trail})
 
 
 def _average(total: dict[str, torch.Tensor], count: int, dtype: torch.dtype,

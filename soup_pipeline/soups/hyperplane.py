@@ -100,7 +100,7 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: SoupPa
     dtype = next(model.parameters()).dtype
     grouping = group_layers(param_keys, params.grouping if layerwise else "model")
     L = grouping.size
-    warn_overfitting(K, L, len(objective.heldout))
+    warn_overfitting(K, L, len(objective.fit))
 
     model.load_state_dict(store.centre(dtype=dtype))
     model.to(device).eval()
@@ -112,7 +112,7 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: SoupPa
 
     perms = model_permutations(K, epochs, params.seed, permutations)
     blocks = [perm[i : i + b] for perm in perms for i in range(0, K, b)]
-    stream = HeldOutStream(len(objective.heldout), params.batch_size, params.seed, batches)
+    stream = HeldOutStream(len(objective.fit), params.batch_size, params.seed, batches)
     passes = params.passes * b / K if compute_matched else params.passes
     steps = max(1, round(passes * stream.batches_per_pass))
     warmup = int(params.warmup_frac * steps)

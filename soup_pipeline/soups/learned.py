@@ -28,7 +28,7 @@ def learned_soup(store: IngredientStore, objective: Objective, params: SoupParam
     param_keys, _ = mixable_keys(model, store)
     dtype = next(model.parameters()).dtype
     grouping = group_layers(param_keys, params.grouping if layerwise else "model")
-    warn_overfitting(K, grouping.size, len(objective.heldout))
+    warn_overfitting(K, grouping.size, len(objective.fit))
 
     other_keys = [k for k in store.keys if k not in set(param_keys)]
     model.load_state_dict(store.centre(other_keys, dtype=dtype), strict=False)
@@ -41,7 +41,7 @@ def learned_soup(store: IngredientStore, objective: Objective, params: SoupParam
     logits_w = torch.zeros(K, grouping.size, dtype=dtype, device=device, requires_grad=True)
     temperature = torch.ones((), dtype=dtype, device=device, requires_grad=True)
     optimizer = torch.optim.AdamW([logits_w, temperature], lr=params.learned_lr, weight_decay=0.0)
-    stream = HeldOutStream(len(objective.heldout), params.batch_size, params.seed)
+    stream = HeldOutStream(len(objective.fit), params.batch_size, params.seed)
     losses = LossLog()
 
     def mixed(weights: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -8,16 +8,17 @@ from pathlib import Path
 from ..atomic import write_json
 from ..config import Params
 from ..data import DataSplits
+from ..evaluate import SPLIT_COLUMNS, predictor, split_accuracies
 from ..ingredients import IngredientStore
 from ..plots import plot_curves
 from ..soups import run_method
 from ..soups.base import model_at, resolve_device
 from ..tracking import markdown_table
-from .evaluate import predictor, split_accuracies
 from .layout import Layout, load_splits, open_store, soup_objective
 
 CURVE_METHODS = ("greedy", "mehl_soup_plus")
 REMOVAL_METHODS = ("uniform", "greedy", "mehl_soup_plus")
+ACCURACY_COLUMNS = list(SPLIT_COLUMNS.values())
 
 
 def soup_accuracies(params: Params, store: IngredientStore, splits: DataSplits, method: str,
@@ -47,7 +48,7 @@ def run(params: Params, root: str | Path) -> dict:
     curve = [{"ingredients": n, "method": m,
               **soup_accuracies(params, IngredientStore(paths[:n]), splits, m, full_soup(m, n))}
              for n in counts for m in CURVE_METHODS]
-    by_acc = sorted(range(K), key=lambda k: -(full.ingredients[k].val_acc or 0.0))
+    by_acc = sorted(range(K), key=lambda k: -(full.ingredients[k].fit_acc or 0.0))
     removal = []
     for n in sorted({0, *(n for n in params.evaluate.remove_top if 0 < n <= K - 2)}):
         kept = sorted(by_acc[n:])
@@ -57,9 +58,9 @@ def run(params: Params, root: str | Path) -> dict:
     out = layout.ablation_dir
     write_json(out / "ablation.json", {"ingredient_count": curve, "remove_top": removal})
     (out / "ablation.md").write_text("## Test accuracy against the number of ingredients\n\n"
-                                     + markdown_table(curve, ["ingredients", "method", "heldout_acc", "test_acc", "test_shift_acc"])
+                                     + markdown_table(curve, ["ingredients", "method", *ACCURACY_COLUMNS])
                                      + "\n\n## After removing the top-n ingredients\n\n"
-                                     + markdown_table(removal, ["removed_top", "method", "heldout_acc", "test_acc", "test_shift_acc"])
+                                     + markdown_table(removal, ["removed_top", "method", *ACCURACY_COLUMNS])
                                      + "\n")
     plot_curves({m: [(r["ingredients"], r["test_acc"]) for r in curve if r["method"] == m] for m in CURVE_METHODS},
                 out / "ingredient_count.png", xlabel="number of ingredients", ylabel="test accuracy")

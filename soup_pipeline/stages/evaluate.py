@@ -1,6 +1,7 @@
-"""Stage `evaluate`: one table over every method (held-out, test and shifted-test accuracy, time, memory).
+"""Stage `evaluate`: one table over every method (fit, select, test and shifted-test accuracy, the paired
+comparison against greedy soup on the test sets, time, memory).
 
-Test data are read here only, once per method, after every soup is built from held-out data.
+Test data are read here only, once per method, after every soup is built; they decide nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from ..atomic import write_json
 from ..config import Params
 from ..data import DataSplits
-from ..evaluate import accuracy, dataset_targets, model_logits
+from ..evaluate import accuracies, compare_to_reference, predictor, split_correctness
 from ..ingredients import IngredientStore
 from ..plots import plot_methods, plot_mixing_weights
 from ..soups.base import model_at, resolve_device
@@ -20,47 +21,46 @@ from ..soups.ensemble import ensemble_logits
 from ..tracking import markdown_table
 from .layout import Layout, load_splits, open_store, read_json, soup_objective
 
-SPLIT_COLUMNS = {"heldout": "heldout_acc", "test": "test_acc", "test_shift": "test_shift_acc"}
-TABLE_COLUMNS = ["method", "heldout_acc", "test_acc", "test_shift_acc", "seconds", "peak_cpu_mib", "peak_cuda_mib"]
+REFERENCE = "greedy"  # every method is compared with greedy soup, the practical default
+TABLE_COLUMNS = ["method", "fit_acc", "select_acc", "test_acc", "shifted_test_acc", "test_vs_greedy", "test_ci_low",
+                 "test_ci_high", "test_mcnemar_p", "seconds", "peak_cpu_mib", "peak_cuda_mib"]
 
 
-def split_accuracies(predict, splits: DataSplits) -> dict[str, float]:
-    """Accuracy of `predict(dataset) -> logits` on every split present."""
-    out = {}
-    for split, column in SPLIT_COLUMNS.items():
-        dataset = getattr(splits, split)
-        if dataset is not None:
-            out[column] = accuracy(predict(dataset), dataset_targets(dataset))
-    return out
-
-
-def predictor(model: torch.nn.Module, batch_size: int, device: torch.device):
-    """`predict(dataset) -> logits` of a model."""
-    return lambda dataset: model_logits(model, dataset, batch_size, device)
+def best_individual(store: IngredientStore) -> int:
+    """The ingredient with the highest fit accuracy (first on ties): chosen on fit data, judged on the rest."""
+    return max(range(len(store)), key=lambda k: store.ingredients[k].fit_acc or 0.0)
 
 
 def evaluate_rows(params: Params, layout: Layout, store: IngredientStore, splits: DataSplits) -> list[dict]:
-    """Rows: zero-shot, best individual, each soup of `evaluate.methods`, and the ensemble."""
+    """Rows: zero-shot, best individual, each soup of `evaluate.methods`, and the ensemble, each with its
+    accuracies and, where greedy soup is built, its paired comparison against it on the test sets."""
     objective = soup_objective(params, store, splits)
     device = resolve_device(params.soup.device)
     batch = params.evaluate.batch_size
-    zero_shot = read_json(layout.base_info)["zero_shot"]
-    rows = [{"method": "zero_shot", **zero_shot}]
-    best = max(range(len(store)), key=lambda k: store.ingredients[k].val_acc or 0.0)  # first best on ties
-    rows.append({"method": "best_individual", "member": store.ingredients[best].name,
-                 **split_accuracies(predictor(model_at(objective, store.load(best), device), batch, device), splits)})
+    best = best_individual(store)
+    rows = [{"method": "zero_shot", **read_json(layout.base_info)["zero_shot"]}]
+    correct = {"best_individual": split_correctness(predictor(model_at(objective, store.load(best), device), batch, device),
+                                                   splits)}
+    extra = {"best_individual": {"member": store.ingredients[best].name}}
     for method in params.evaluate.methods:
         folder = layout.soup_dir(method)
         state = IngredientStore([folder / "soup.safetensors"]).load(0)
-        rows.append({**read_json(folder / "metrics.json"), "method": method,
-                     **split_accuracies(predictor(model_at(objective, state, device), batch, device), splits)})
-    rows.append({"method": "ensemble", **split_accuracies(lambda ds: ensemble_logits(store, objective, device, ds), splits)})
+        correct[method] = split_correctness(predictor(model_at(objective, state, device), batch, device), splits)
+        extra[method] = read_json(folder / "metrics.json")
+    correct["ensemble"] = split_correctness(lambda ds: ensemble_logits(store, objective, device, ds), splits)
+    for method, values in correct.items():
+        row = {**extra.get(method, {}), "method": method, **accuracies(values)}
+        if REFERENCE in correct:
+            row.update(compare_to_reference(values, correct[REFERENCE], name=REFERENCE, seed=params.evaluate.bootstrap_seed,
+                                            resamples=params.evaluate.bootstrap_resamples))
+        rows.append(row)
     return rows
 
 
 def ingredient_rows(store: IngredientStore) -> list[dict]:
-    """One row per ingredient: its hyperparameters and held-out accuracy."""
-    return [{"ingredient": i.name, "val_acc": i.val_acc, **i.meta.get("hparams", {})} for i in store.ingredients]
+    """One row per ingredient: its hyperparameters and its fit and select accuracy."""
+    return [{"ingredient": i.name, "fit_acc": i.fit_acc, "select_acc": i.meta.get("select_acc"),
+             **i.meta.get("hparams", {})} for i in store.ingredients]
 
 
 def run(params: Params, root: str | Path) -> list[dict]:

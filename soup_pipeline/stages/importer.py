@@ -1,7 +1,7 @@
 """`soup-pipeline import`: an external checkpoint (e.g. one of the public model-soups fine-tunes) as a sweep member.
 
 The file is read by the restricted loader (safetensors or `torch.load(weights_only=True)`), its keys
-are checked against the classifier of `model.arch`, and its held-out accuracy is measured, so the
+are checked against the classifier of `model.arch`, and its fit and select accuracy are measured, so the
 imported ingredient is souped like any fine-tune of the sweep.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..config import Params
 from ..errors import IngredientError
-from ..finetune import classifier_accuracy
+from ..finetune import heldout_accuracies
 from ..ingredients import Ingredient, read_state_file, save_ingredient
 from ..models import classifier_from_spec, classifier_spec
 from ..soups.base import resolve_device
@@ -20,7 +20,7 @@ from .layout import Layout, load_splits
 
 def run(params: Params, root: str | Path, source: str | Path, member: int, *, strip_prefix: str = "",
         base_model: str = "external") -> Ingredient:
-    """Write runs/ingredients/member-MEMBER.safetensors from `source`, with its measured held-out accuracy."""
+    """Write runs/ingredients/member-MEMBER.safetensors from `source`, with its measured fit and select accuracy."""
     splits = load_splits(params)
     spec = classifier_spec(params.model.arch, len(splits.classnames))
     model = classifier_from_spec(spec)
@@ -31,7 +31,7 @@ def run(params: Params, root: str | Path, source: str | Path, member: int, *, st
                               f"missing {missing[:5]}, unexpected {extra[:5]}; map its keys (--strip-prefix) or fix model.arch")
     model.load_state_dict(state)
     device = resolve_device(params.soup.device)
-    val_acc = classifier_accuracy(model.to(device).eval(), splits.heldout, device, params.evaluate.batch_size)
-    meta = {"hparams": {}, "val_acc": val_acc, "base_model": base_model, "member": member,
+    accuracies = heldout_accuracies(model.to(device).eval(), splits, device, params.evaluate.batch_size)
+    meta = {"hparams": {}, **accuracies, "base_model": base_model, "member": member,
             "classifier_spec": spec, "imported_from": str(source)}
     return save_ingredient(state, Layout(Path(root)).ingredient(member), meta=meta)

@@ -91,11 +91,11 @@ def open_store(params: Params, layout: Layout, members: list[int] | None = None)
 
 
 def soup_objective(params: Params, store: IngredientStore, splits: DataSplits) -> Objective:
-    """Held-out cross-entropy of the classifier the ingredients were fine-tuned as."""
+    """Cross-entropy of the classifier the ingredients were fine-tuned as, fitted on the fit role, choosing on select."""
     spec = store.ingredients[0].meta.get("classifier_spec")
     if spec is None:
         raise SoupError(f"{store.ingredients[0].path} has no classifier_spec in its sidecar; re-run its fine-tune")
-    return Objective(model_factory=lambda: classifier_from_spec(spec), heldout=splits.heldout,
+    return Objective(model_factory=lambda: classifier_from_spec(spec), fit=splits.fit, select=splits.select,
                      batch_size=params.soup.batch_size)
 
 

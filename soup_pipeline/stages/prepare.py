@@ -15,9 +15,10 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..atomic import write_json
 from ..config import Params
+from ..data import dataset_labels
 from .layout import Layout, load_splits
 
-SPLITS = ("pretrain", "train", "heldout", "test", "test_shift")
+SPLITS = ("pretrain", "train", "fit", "select", "test", "test_shift")
 
 
 def fingerprint(dataset: Dataset) -> str:
@@ -37,14 +38,18 @@ def fingerprint(dataset: Dataset) -> str:
 
 
 def run(params: Params, root: str | Path) -> dict:
-    """Write runs/data/manifest.json: sizes, class names, templates and a fingerprint per split."""
+    """Write runs/data/manifest.json: sizes, class counts, class names, templates and a fingerprint per
+    split (and, for the embedded default, how many distinct source images each split holds)."""
     splits = load_splits(params)
     manifest = {
         "source": params.data.source,
         "classnames": list(splits.classnames),
         "templates": list(splits.templates),
-        "splits": {name: {"size": len(ds), "sha256": fingerprint(ds)}
+        "splits": {name: {"size": len(ds), "class_counts": torch.bincount(dataset_labels(ds)).tolist(),
+                          "sha256": fingerprint(ds)}
                    for name in SPLITS if (ds := getattr(splits, name)) is not None},
     }
+    for name, sources in (splits.sources or {}).items():
+        manifest["splits"][name]["source_images"] = len(sources.unique())
     write_json(Layout(Path(root)).data_manifest, manifest)
     return manifest

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from ..atomic import write_json
 from ..config import Params
+from ..evaluate import predictor, split_accuracies
 from ..models import base_model_id, classifier_from_clip, load_clip, zero_shot_head
 from ..pretrain import pretrain
 from ..soups.base import resolve_device
-from .evaluate import predictor, split_accuracies
 from .layout import Layout, base_reference, load_splits, read_json
 
 

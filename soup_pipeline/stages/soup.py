@@ -10,32 +10,40 @@ from ..atomic import write_json
 from ..config import Params
 from ..ingredients import save_ingredient
 from ..soups import SoupResult, run_method
-from ..soups.base import heldout_metrics, model_at, resolve_device
+from ..soups.base import Objective, dataset_metrics, model_at, resolve_device
 from .layout import Layout, load_splits, open_store, soup_objective
 
-RESUMABLE = ("hl_soup", "hl_soup_plus", "mehl_soup", "mehl_soup_plus", "mehl_soup_plus_matched")
+RESUMABLE = ("hl_soup", "hl_soup_plus", "mehl_soup", "mehl_soup_plus", "mehl_soup_plus_matched", "mehl_soup_auto")
 MIB = 2**20
 
 
-def soup_metrics(result: SoupResult, heldout: tuple[float, float], heldout_size: int) -> dict:
-    """The numbers a soup is judged by before test data is touched (and K x L against the held-out size)."""
+def soup_metrics(result: SoupResult, objective: Objective, device) -> dict:
+    """The numbers a soup is judged by before test data is touched: loss and accuracy on the fit and
+    select roles, and K x L against the fit size."""
+    model = model_at(objective, result.state_dict, device)
+    fit_loss, fit_acc = dataset_metrics(model, objective.fit, objective, device)
+    select_loss, select_acc = dataset_metrics(model, objective.select, objective, device)
     return {
         "method": result.method,
         "K": len(result.ingredient_names),
         "L": len(result.layer_names),
         "coefficients": result.beta.numel(),
-        "heldout_size": heldout_size,
-        "heldout_loss": heldout[0],
-        "heldout_acc": heldout[1],
+        "fit_size": len(objective.fit),
+        "select_size": len(objective.select),
+        "fit_loss": fit_loss,
+        "fit_acc": fit_acc,
+        "select_loss": select_loss,
+        "select_acc": select_acc,
         "seconds": result.seconds,
         "peak_cpu_mib": result.peak_bytes.get("cpu_rss", 0) / MIB,
         "peak_cuda_mib": result.peak_bytes["cuda"] / MIB if "cuda" in result.peak_bytes else None,
-        **{k: v for k, v in result.info.items() if k in ("b", "model_epochs", "steps_per_block", "steps", "members")},
+        **{k: v for k, v in result.info.items() if k in ("b", "model_epochs", "steps_per_block", "steps", "members", "chosen")},
     }
 
 
 def run(params: Params, root: str | Path, method: str) -> SoupResult:
-    """Run `method` and write runs/soups/METHOD/{soup.safetensors, soup.json, beta.json, metrics.json, history.json}."""
+    """Run `method` and write runs/soups/METHOD/{soup.safetensors, soup.json, beta.json, metrics.json, history.json}
+    (and search.json, the candidate table, when the grouping was chosen on select data)."""
     layout = Layout(Path(root))
     store = open_store(params, layout)
     objective = soup_objective(params, store, load_splits(params))
@@ -43,14 +51,15 @@ def run(params: Params, root: str | Path, method: str) -> SoupResult:
     result = run_method(method, store, objective, params.soup, **options)
     out = layout.soup_dir(method)
     device = resolve_device(params.soup.device)
-    metrics = soup_metrics(result, heldout_metrics(model_at(objective, result.state_dict, device), objective, device),
-                           len(objective.heldout))
+    metrics = soup_metrics(result, objective, device)
     save_ingredient(result.state_dict, out / "soup.safetensors",
                     meta={"method": method, "classifier_spec": store.ingredients[0].meta.get("classifier_spec"),
-                          "base_model": store.ingredients[0].meta.get("base_model"), "val_acc": metrics["heldout_acc"],
+                          "base_model": store.ingredients[0].meta.get("base_model"), "fit_acc": metrics["fit_acc"],
                           "ingredients": result.ingredient_names})
     write_json(out / "beta.json", {"ingredients": result.ingredient_names, "layers": result.layer_names,
                                    "beta": result.beta.to(torch.float64).tolist()})
     write_json(out / "history.json", [{"step": i, "heldout_loss": v} for i, v in enumerate(result.history)])
     write_json(out / "metrics.json", metrics)
+    if "search" in result.info:
+        write_json(out / "search.json", result.info["search"])
     return result

@@ -26,6 +26,8 @@ from .evaluate import ingredient_rows
 from .layout import Layout, load_splits, member_ids, open_store
 
 BUILDER = "soup_pipeline.models:classifier_from_spec"  # rebuilds the classifier in the registered pyfunc model
+ROW_METRICS = ("fit_acc", "select_acc", "test_acc", "shifted_test_acc", "test_vs_greedy", "test_ci_low", "test_ci_high",
+               "test_mcnemar_p", "shifted_test_vs_greedy")  # from the evaluation row, on the soup's run and its version
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,8 @@ def child_run(tracker: Tracker, name: str, *, kind: str) -> Iterator[None]:
 def tracked_finetune(tracker: Tracker, params: Params, root: str | Path, member: int) -> Ingredient:
     """Fine-tune `member` (an identical finished one is reused) in its own nested run.
 
-    Logs the hyperparameters, base model, content hash, whether it was reused, val_acc, the seconds
-    taken and the training loss per epoch.
+    Logs the hyperparameters, base model, content hash, whether it was reused, fit and select
+    accuracy, the seconds taken and the training loss per epoch.
     """
     path = Layout(Path(root)).ingredient(member)
     before = path.stat().st_mtime_ns if path.is_file() else None
@@ -111,7 +113,8 @@ def tracked_finetune(tracker: Tracker, params: Params, root: str | Path, member:
             meta = ingredient.meta
             tracking.log_params({"member": member, "hparams": meta["hparams"], "base_model": meta["base_model"],
                                  "sha256": meta["sha256"], "reused": before == path.stat().st_mtime_ns})
-            tracking.log_scalars({"val_acc": ingredient.val_acc, "finetune_s": seconds})
+            tracking.log_scalars({"fit_acc": ingredient.fit_acc, "select_acc": meta.get("select_acc"),
+                                  "finetune_s": seconds})
             tracking.log_series({"train_loss": meta.get("train_loss", [])})
     return ingredient
 
@@ -127,7 +130,8 @@ def log_tables(tracker: Tracker, params: Params, root: str | Path, rows: list[di
 
 def record_soup(tracker: Tracker, params: Params, root: str | Path, result: SoupResult, row: Mapping[str, Any], *,
                 register: bool = False) -> str | None:
-    """The soup's nested run: params, held-out loss per step, accuracies, seconds, peak memory and beta.
+    """The soup's nested run: params, fit loss per step, accuracies on every split, the paired comparison
+    with greedy soup, seconds, peak memory, beta, and the candidate table of a grouping chosen on select data.
 
     With `register`, the soup is also registered from this run; returns the new version (else None).
     """
@@ -137,12 +141,14 @@ def record_soup(tracker: Tracker, params: Params, root: str | Path, result: Soup
         tracking.log_params({"method": result.method, "K": len(result.ingredient_names),
                              "ingredients": result.ingredient_names, "soup": params.soup.model_dump(mode="json")})
         if result.history:
-            tracking.log_series({"heldout_loss": result.history})
+            tracking.log_series({"fit_loss": result.history})
         tracking.log_scalars({
-            "val_acc": row.get("heldout_acc"), "test_acc": row.get("test_acc"),
-            "shifted_test_acc": row.get("test_shift_acc"), "construction_s": result.seconds,
+            **{key: row.get(key) for key in ROW_METRICS}, "construction_s": result.seconds,
             "peak_cpu_rss_bytes": result.peak_bytes.get("cpu_rss"), "peak_cuda_bytes": result.peak_bytes.get("cuda"),
         })
+        if "search" in result.info:
+            tracking.log_params({f"chosen.{key}": value for key, value in result.info["chosen"].items()})
+            tracking.log_table(result.info["search"], f"search-{result.method}")
         tracking.log_mixing_weights(tracking.MixingWeights(result.beta.double().cpu().numpy(),
                                                            result.ingredient_names, result.layer_names))
         return register_soup(params, root, result, row) if register else None
@@ -152,12 +158,12 @@ def register_soup(params: Params, root: str | Path, result: SoupResult, row: Map
     """Register the soup from the active run, tagged with its accuracies and provenance; promote it if best."""
     layout = Layout(Path(root))
     spec = {**read_ingredient(layout.ingredient(member_ids(params)[0])).meta["classifier_spec"], "builder": BUILDER}
-    image = load_splits(params).heldout[0][0]
+    image = load_splits(params).select[0][0]
     k = len(result.ingredient_names)
     tags = {
-        "K": k, "b": min(params.soup.model_batch, k), "val_acc": row["heldout_acc"], "test_acc": row.get("test_acc"),
-        "shifted_test_acc": row.get("test_shift_acc"), "params_hash": params_hash(params),
-        "git_commit": git_commit(root), "dvc_lock_hash": dvc_lock_hash(root),
+        "K": k, "b": min(params.soup.model_batch, k), **{key: row.get(key) for key in ROW_METRICS},
+        **{f"chosen_{key}": value for key, value in result.info.get("chosen", {}).items()},
+        "params_hash": params_hash(params), "git_commit": git_commit(root), "dvc_lock_hash": dvc_lock_hash(root),
     }
     name = params.tracking.registered_model
     version = tracking.register_soup(result.state_dict, spec, name=name, method=result.method,

@@ -1,0 +1,75 @@
+"""`grouping: auto`: fit one soup per candidate setting on fit data, keep the one with the lowest select loss.
+
+The candidates are the declared grid `soup.search` (groupings x learning rates x weight decays).
+Each candidate is an ordinary run of the method, one after another, so each keeps the method's
+memory bound; between runs only the best candidate's state dict is kept. The select data decide
+the choice and nothing else: no candidate is trained on them. The chosen soup is not refitted
+on fit + select data, so its fit and select numbers stay those of the soup that is returned.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+
+from ..config import SoupParams
+from ..errors import SoupError
+from ..ingredients import IngredientStore
+from .base import Objective, SoupResult, dataset_metrics, model_at, resolve_device
+
+Method = Callable[..., SoupResult]
+
+
+def candidate_settings(params: SoupParams) -> list[SoupParams]:
+    """One SoupParams per point of the grid `params.search`, in grid order (grouping, then lr, then weight decay)."""
+    grid = params.search
+    return [params.model_copy(update={"grouping": grouping, "lr": lr, "weight_decay": weight_decay})
+            for grouping in grid.groupings for lr in grid.lrs for weight_decay in grid.weight_decays]
+
+
+def searched_soup(method: Method, store: IngredientStore, objective: Objective, params: SoupParams, *,
+                  name: str, **options) -> SoupResult:
+    """Run `method` once per candidate setting; return the soup with the lowest select loss.
+
+    Ties keep the earlier candidate. `info["search"]` holds one row per candidate (setting, L,
+    K x L against the fit size, fit and select loss and accuracy, and which one was chosen).
+    """
+    if objective.select is None or len(objective.select) == 0:
+        raise SoupError("grouping: auto chooses on select data, and the objective has none; "
+                        "give Objective(select=...) or a fixed grouping ('tensor', 'block', 'model')")
+    device = resolve_device(params.device)
+    rows, best, best_loss = [], None, float("inf")
+    for candidate in candidate_settings(params):
+        with warnings.catch_warnings():  # K x L against the fit size is a column of the candidate table here
+            warnings.filterwarnings("ignore", message=r".*learned coefficients .* exceed")
+            result = method(store, objective, candidate, name=name, **options)
+        model = model_at(objective, result.state_dict, device)
+        fit_loss, fit_acc = dataset_metrics(model, objective.fit, objective, device)
+        select_loss, select_acc = dataset_metrics(model, objective.select, objective, device)
+        L = len(result.layer_names)
+        rows.append({"grouping": candidate.grouping, "lr": candidate.lr, "weight_decay": candidate.weight_decay,
+                     "L": L, "coefficients": len(store) * L, "fit_size": len(objective.fit), "fit_loss": fit_loss,
+                     "fit_acc": fit_acc, "select_loss": select_loss, "select_acc": select_acc})
+        if select_loss < best_loss:
+            best, best_loss = result, select_loss
+            chosen = len(rows) - 1
+        del model, result
+    if best is None:
+        raise SoupError(f"every candidate of grouping: auto gave a non-finite select loss ({rows}); "
+                        "lower soup.search.lrs or check the ingredients")
+    for index, row in enumerate(rows):
+        row["chosen"] = index == chosen
+    best.info.update({"search": rows, "chosen": {key: rows[chosen][key] for key in ("grouping", "lr", "weight_decay")}})
+    return best
+
+
+def with_search(method: Method) -> Method:
+    """`method` made to search the grid of `params.search`, choosing on select data."""
+    def run(store: IngredientStore, objective: Objective, params: SoupParams, *, name: str, **options) -> SoupResult:
+        return searched_soup(method, store, objective, params, name=name, **options)
+
+    return run
+
+
+__all__ = ["candidate_settings", "searched_soup", "with_search"]
