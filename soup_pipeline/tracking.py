@@ -34,8 +34,9 @@ MODEL_NAME = "model"  # name of the logged pyfunc model inside its run
 MIXING_DIR = "mixing_weights"  # artifact folder of beta.json and beta.png
 TABLES_DIR = "tables"  # artifact folder of logged tables
 REQUIREMENTS = ("mlflow", "torch", "numpy", "safetensors", "open_clip_torch")  # pinned from this env
-COMPARE_COLUMNS = ("version", "aliases", "method", "K", "b", "fit_acc", "select_acc", "test_acc", "shifted_test_acc",
-                   "test_vs_greedy", "test_ci_low", "test_ci_high", "test_mcnemar_p", "git_commit")
+METRIC_TAGS = ("fit_acc", "select_acc", "test_acc", "shifted_test_acc", "test_vs_greedy", "test_ci_low", "test_ci_high",
+               "test_mcnemar_p")  # version tags shown as numbers by `registry compare`
+COMPARE_COLUMNS = ("version", "aliases", "method", "K", "b", *METRIC_TAGS, "git_commit")
 
 
 def _mlflow():
@@ -333,7 +334,8 @@ def format_comparison(rows: Sequence[Mapping[str, Any]]) -> str:
     """The comparison table (Markdown) over the known columns that any row has."""
     if not rows:
         return "no registered versions\n"
-    return markdown_table(rows, [column for column in COMPARE_COLUMNS if any(column in row for row in rows)])
+    shown = [{key: _number(value) if key in METRIC_TAGS else value for key, value in row.items()} for row in rows]
+    return markdown_table(shown, [column for column in COMPARE_COLUMNS if any(column in row for row in rows)])
 
 
 def registry_compare_main(name: str, tracking_uri: str) -> str:
@@ -383,6 +385,14 @@ def _tag_float(version, metric: str) -> float:
             f"model {version.name} version {version.version} has no numeric tag {metric!r} ({exc}); "
             f"register it with tags={{'{metric}': ...}}"
         ) from exc
+
+
+def _number(value: Any) -> Any:
+    """A tag read back as a float where it is one (so tables round it), else unchanged."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
 
 
 def _strings(values: Mapping[str, Any]) -> dict[str, str]:

@@ -190,7 +190,7 @@ def test_champion_moves_only_to_a_strictly_better_select_version(backend):
     assert [(row["version"], row["aliases"], row["select_acc"]) for row in rows] == expected
     text = tracking.registry_compare_main(name, backend)
     assert text.splitlines()[0] == "| version | aliases | method | K | b | select_acc | test_acc | git_commit |"
-    assert "| 4 | champion | mehl_soup_plus | 3 | 2 | 0.85 | 0.5 | abc |" in text
+    assert "| 4 | champion | mehl_soup_plus | 3 | 2 | 0.8500 | 0.5000 | abc |" in text
     for metric in ("test_acc", "fit_acc"):  # test data decide nothing; fit data are what the soup was fitted on
         with pytest.raises(SoupError, match="only select data choose a model"):
             tracking.promote_if_better(name, better, metric=metric)

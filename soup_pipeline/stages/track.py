@@ -26,8 +26,9 @@ from .evaluate import ingredient_rows
 from .layout import Layout, load_splits, member_ids, open_store
 
 BUILDER = "soup_pipeline.models:classifier_from_spec"  # rebuilds the classifier in the registered pyfunc model
-ROW_METRICS = ("fit_acc", "select_acc", "test_acc", "shifted_test_acc", "test_vs_greedy", "test_ci_low", "test_ci_high",
-               "test_mcnemar_p", "shifted_test_vs_greedy")  # from the evaluation row, on the soup's run and its version
+# from the evaluation row, logged on the soup's run and tagged on its registered version
+ROW_METRICS = (*tracking.METRIC_TAGS, "shifted_test_vs_greedy", "shifted_test_ci_low", "shifted_test_ci_high",
+               "shifted_test_mcnemar_p")
 
 
 @dataclass(frozen=True)
