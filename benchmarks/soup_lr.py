@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         row = {"lr": lr}
         for role in ("fit", "select"):
             row[f"{role}_loss"], row[f"{role}_acc"] = dataset_metrics(model, getattr(objective, role), objective, device)
-        rows.append({**row, "max |beta - 1/K|": float((result.beta - 1.0 / len(store)).abs().max()),
+        rows.append({**row, "max abs(beta - 1/K)": float((result.beta - 1.0 / len(store)).abs().max()),
                      "seconds": result.seconds})
         print(markdown_table(rows[-1:]), flush=True)
     print(f"fitted on {len(objective.fit)} fit examples, scored on them and on {len(objective.select)} select examples:")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
+from .config import SOUP_METHODS
 from .errors import SoupError
 
 OFFLINE_DEFAULTS = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
@@ -23,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     finetune = commands.add_parser("finetune", help="fine-tune one sweep member into an ingredient")
     finetune.add_argument("--member", type=int, required=True)
     soup = commands.add_parser("soup", help="build one soup")
-    soup.add_argument("--method", required=True)
+    soup.add_argument("--method", required=True, choices=SOUP_METHODS,
+                      help="the soup to build (the ensemble is not a soup: `evaluate` reports it)")
     imported = commands.add_parser("import", help="make an external checkpoint a sweep member (no pickle)")
     imported.add_argument("--source", required=True, help=".safetensors, or a .pt/.pth state dict of tensors")
     imported.add_argument("--member", type=int, required=True)
@@ -37,10 +40,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The package's own warnings as one line for the user; other libraries' keep their source line."""
+    if str(Path(filename).resolve()).startswith(PACKAGE_DIR):
+        print(f"soup-pipeline: warning: {message}", file=file or sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `soup-pipeline` command."""
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    warnings.showwarning = _show_warning
     args = _parser().parse_args(argv)
     try:
         print(_dispatch(args))

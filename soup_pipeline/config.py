@@ -24,7 +24,7 @@ class SearchParams(Strict):
     """The grid that `grouping: auto` (and the method mehl_soup_auto) searches, choosing by select loss."""
 
     groupings: list[Grouping] = ["tensor", "block", "model"]  # candidate layer groupings
-    lrs: list[float] = [0.05]  # candidate coefficient learning rates
+    lrs: list[float] = [0.05, 0.1]  # candidate coefficient learning rates
     weight_decays: list[float] = [0.0]  # candidate coefficient weight decays (towards the uniform soup)
 
     @model_validator(mode="after")
@@ -94,7 +94,7 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-# -- model, data, pre-training and sweep (DESIGN.md section 3) -------------------------------
+# -- model, data, pre-training and sweep ---------------------------------------------------
 
 Augmentation = Literal["none", "light", "strong"]  # presets in soup_pipeline.data.AUGMENTATIONS
 
@@ -214,7 +214,7 @@ AUTO_GROUPING_REFUSED = ("learned_soup_plus",)  # layer-wise methods that cannot
 
 
 class EvaluateParams(Strict):
-    """What is compared, and the ablations (DESIGN.md s.3; the paper's Fig. 2 and Table 3)."""
+    """What is compared, and the ablations (the paper's Fig. 2 and Table 3)."""
 
     methods: list[str] = SOUP_METHODS  # soups built (one DVC stage each); best individual and ensemble are always added
     batch_size: int = Field(256, gt=0)  # evaluation batch size
@@ -223,6 +223,15 @@ class EvaluateParams(Strict):
     bootstrap_seed: int = 0  # seeds the paired-bootstrap intervals of each method against greedy soup
     bootstrap_resamples: int = Field(2000, gt=0)  # paired-bootstrap resamples
 
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str]) -> list[str]:
+        unknown = [m for m in methods if m not in SOUP_METHODS]
+        if unknown:
+            raise ValueError(f"unknown soup methods {unknown}; choose from {SOUP_METHODS} "
+                             "(best individual and the ensemble are always evaluated, never built)")
+        return methods
+
 
 class TrackingParams(Strict):
     """MLflow: where runs go (MLFLOW_TRACKING_URI wins) and which soup is registered."""
@@ -230,7 +239,7 @@ class TrackingParams(Strict):
     enabled: bool = True  # log runs to MLflow (a local SQLite file when no URI is set)
     experiment: str = "soup-pipeline"  # MLflow experiment name
     registered_model: str = "soup-pipeline-soup"  # registry name of the soup
-    register_method: str = "mehl_soup_auto"  # the soup registered at the end of a pipeline run
+    register_method: Literal[tuple(SOUP_METHODS)] = "mehl_soup_auto"  # the soup registered at the end of a pipeline run
     system_metrics: bool = True  # log CPU / memory / GPU usage while the pipeline runs
 
 

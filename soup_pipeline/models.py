@@ -1,6 +1,6 @@
 """open_clip models: the shipped tiny config, restricted weight loading, the zero-shot image classifier.
 
-The only module that imports open_clip (DESIGN.md section 4). Weights are read with safetensors
+The only module that imports open_clip. Weights are read with safetensors
 or `torch.load(weights_only=True)`, never plain pickle; open_clip tags are resolved from the local
 cache only, nothing is downloaded.
 """
@@ -89,7 +89,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 
 @contextlib.contextmanager
 def _quiet_random_init_warning():
-    """Hide open_clip's "initialized randomly" warning while our own loader fills the weights."""
+    """Hide open_clip's "initialized randomly" warning: the caller asked for random weights or fills them itself."""
     def keep(record: logging.LogRecord) -> bool:
         return "initialized randomly" not in record.getMessage()
 
@@ -115,11 +115,9 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, cache_dir: str
                 f"uses quick_gelu={config.get('quick_gelu', False)}; use the matching architecture (e.g. '{arch}-quickgelu')"
             )
         overrides = {f"image_{key}": tag_cfg[key] for key in ("mean", "std", "interpolation", "resize_mode") if key in tag_cfg}
-    if weights is None:
-        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(arch, pretrained=None)
-    else:
-        with _quiet_random_init_warning():
-            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(arch, pretrained=None, **overrides)
+    with _quiet_random_init_warning():
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(arch, pretrained=None, **overrides)
+    if weights is not None:
         load_weights(model, weights)
     return LoadedClip(model, preprocess_train, preprocess_val, open_clip.get_tokenizer(arch), arch)
 

@@ -1,4 +1,4 @@
-"""The core never imports Prefect, MLflow or DVC (DESIGN.md s.4); the CLI names bad params clearly."""
+"""The core never imports Prefect, MLflow or DVC; the CLI names bad params and bad methods clearly."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 CORE = ["soup_pipeline.config", "soup_pipeline.ingredients", "soup_pipeline.soups", "soup_pipeline.models",
         "soup_pipeline.data", "soup_pipeline.pretrain", "soup_pipeline.finetune", "soup_pipeline.sweep",
         "soup_pipeline.evaluate", "soup_pipeline.meters", "soup_pipeline.plots", "soup_pipeline.stages.evaluate",
-        "soup_pipeline.stages.soup", "soup_pipeline.tracking"]
+        "soup_pipeline.stages.soup", "soup_pipeline.tracking", "soup_pipeline.statistics", "soup_pipeline.cli"]
 
 BLOCKER = """
 import sys
@@ -44,3 +44,21 @@ def test_bad_params_give_one_clear_error(tmp_path):
     assert "soup.lr: Input should be greater than 0 (got -1)" in done.stderr
     assert "soup.model_batchs: Extra inputs are not permitted" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_params_method_list_is_the_registry_less_the_ensemble():
+    from soup_pipeline.config import SOUP_METHODS
+    from soup_pipeline.soups import METHODS
+
+    assert set(SOUP_METHODS) == set(METHODS) - {"ensemble"}
+
+
+def test_a_method_that_is_not_a_soup_is_refused_before_any_work(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "soup_pipeline.cli", "soup", "--method", "ensemble"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and "invalid choice: 'ensemble'" in done.stderr
+    bad = tmp_path / "params.yaml"
+    bad.write_text("evaluate:\n  methods: [greedy, mehl_soup_pluss]\n")
+    done = subprocess.run([sys.executable, "-m", "soup_pipeline.cli", "--params", str(bad), "prepare"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown soup methods ['mehl_soup_pluss']" in done.stderr

@@ -130,7 +130,8 @@ def test_flow_registers_the_soup_with_its_provenance_and_promotes_it(tracked):
     assert float(version.tags["test_vs_greedy"]) == pytest.approx(row["test_vs_greedy"])
     assert version.tags["chosen_grouping"] in {"tensor", "block", "model"}
     search = json.loads((tracked.repo / "runs" / "soups" / "mehl_soup_auto" / "search.json").read_text())
-    assert [r["grouping"] for r in search] == ["tensor", "block", "model"] and sum(r["chosen"] for r in search) == 1
+    assert [(r["grouping"], r["lr"]) for r in search] == [(g, lr) for g in ("tensor", "block", "model") for lr in (0.05, 0.1)]
+    assert sum(r["chosen"] for r in search) == 1
     assert float(version.tags["test_acc"]) == pytest.approx(row["test_acc"])
     assert version.tags["git_commit"] == sh("git", "rev-parse", "HEAD", cwd=tracked.repo).strip()
     assert version.tags["dvc_lock_hash"] == file_sha256(tracked.repo / "dvc.lock")

@@ -1,4 +1,4 @@
-"""The hyperplane methods compute exactly DESIGN.md section 2 (float64 comparisons)."""
+"""The hyperplane methods compute exactly docs/method.md (float64 comparisons)."""
 
 from __future__ import annotations
 

@@ -57,7 +57,8 @@ def expert_ingredients(folder) -> IngredientStore:
     return IngredientStore(paths)
 
 
-SEARCH = SoupParams(device="cpu", passes=30, lr=0.3, model_batch=K, grad_clip=None, batch_size=64)
+SEARCH = SoupParams(device="cpu", passes=30, model_batch=K, grad_clip=None, batch_size=64,
+                    search=SearchParams(groupings=["tensor", "block", "model"], lrs=[0.05]))
 
 
 @pytest.mark.parametrize("examples, chosen", [(12, "model"), (800, "tensor")])
@@ -137,7 +138,7 @@ def test_auto_reads_select_data_only_to_score_each_candidate_once(tmp_path):
     store = toy_ingredients(tmp_path, K=3)
     objective = toy_objective()
     objective.select = Counted(toy_data(50, seed=5))
-    params = SoupParams(device="cpu", passes=0.5, search=SearchParams(groupings=["tensor", "block", "model"]))
+    params = SoupParams(device="cpu", passes=0.5, search=SearchParams(groupings=["tensor", "block", "model"], lrs=[0.05]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # K x L against the fit size is in the table, not a warning
         run_method("mehl_soup_auto", store, objective, params)
@@ -148,5 +149,6 @@ def test_each_candidate_keeps_the_memory_bound_of_mehl_soup(tmp_path):
     store = toy_ingredients(tmp_path, K=6)
     objective = toy_objective()
     objective.select = toy_data(60, seed=5)
-    run_method("mehl_soup_auto", store, objective, SoupParams(device="cpu", passes=0.5, model_batch=2, prefetch=False))
+    params = SoupParams(device="cpu", passes=0.5, model_batch=2, prefetch=False)  # the default grid: 6 candidates
+    run_method("mehl_soup_auto", store, objective, params)
     assert store.peak_resident_count == 2 and store.resident_count == 0  # one block of b at a time, over every candidate

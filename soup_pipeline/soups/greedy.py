@@ -7,6 +7,7 @@ each inclusion test. Select data are never read, so they can judge the soup afte
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import SoupParams
 from ..ingredients import IngredientStore
@@ -41,7 +42,7 @@ def greedy_soup(store: IngredientStore, objective: Objective, params: SoupParams
     members = [first]
     best = order[0][1]
     trail = [{"ingredient": store.ingredients[first].name, "fit_acc": best, "kept": True}]
-    for index, _ in order[1:]:
+    for index, _ in tqdm(order[1:], desc=name, unit="ingredient", disable=None):
         current = store.load(index)
         candidate = _average(total, len(members) + 1, dtype, extra=current)
         acc = fit_accuracy(objective, candidate, device)

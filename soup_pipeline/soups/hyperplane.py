@@ -1,4 +1,4 @@
-"""HL-Soup(+) and MEHL-Soup(+): coefficients on the hyperplane through the uniform soup (DESIGN.md s.2).
+"""HL-Soup(+) and MEHL-Soup(+): coefficients on the hyperplane through the uniform soup (docs/method.md).
 
 theta_l(alpha) = c_l + sum_k alpha_{k,l} d_{k,l}, with c the uniform soup and d_k = theta_k - c.
 MEHL walks a seeded permutation of the K ingredients in blocks of b; for each block it holds only
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import SoupParams
 from ..errors import SoupError
@@ -87,7 +88,7 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: SoupPa
 
     permutations / batches: explicit ingredient order per epoch and held-out index batches, to
     compare implementations step by step. resume_dir: save state after each block and resume.
-    compute_matched: S scaled by b/K, so the run takes HL-Soup's number of steps (DESIGN.md s.2).
+    compute_matched: S scaled by b/K, so the run takes HL-Soup's number of steps.
     """
     K = len(store)
     check_ingredient_count(store)
@@ -123,7 +124,7 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: SoupPa
     start = 0
     saved_at = None
     if resume_dir is not None:
-        settings = {**params.model_dump(), "layerwise": layerwise, "b": b, "epochs": epochs, "steps": steps,
+        settings = {**params.model_dump(exclude={"search"}), "layerwise": layerwise, "b": b, "epochs": epochs, "steps": steps,
                     "perms": perms, "batches": batches, "dtype": str(dtype)}
         saved_at = state_path(resume_dir, fingerprint(store, settings))
         state = load_state(saved_at)
@@ -135,7 +136,8 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: SoupPa
                     soup[key].copy_(value)
 
     with BlockPrefetcher(store, blocks[start:], param_keys, enabled=params.prefetch, device=device) as prefetcher:
-        for position in range(start, len(blocks)):
+        for position in tqdm(range(start, len(blocks)), desc=name, unit="block", initial=start, total=len(blocks),
+                             disable=None):
             block = blocks[position]
             directions = prefetcher.get(position - start)
             for key in param_keys:  # in place, so the store keeps counting these b ingredients

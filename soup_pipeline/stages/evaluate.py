@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..atomic import write_json
 from ..config import Params
@@ -42,7 +43,7 @@ def evaluate_rows(params: Params, layout: Layout, store: IngredientStore, splits
     correct = {"best_individual": split_correctness(predictor(model_at(objective, store.load(best), device), batch, device),
                                                    splits)}
     extra = {"best_individual": {"member": store.ingredients[best].name}}
-    for method in params.evaluate.methods:
+    for method in tqdm(params.evaluate.methods, desc="evaluate", unit="soup", disable=None):
         folder = layout.soup_dir(method)
         state = IngredientStore([folder / "soup.safetensors"]).load(0)
         correct[method] = split_correctness(predictor(model_at(objective, state, device), batch, device), splits)
