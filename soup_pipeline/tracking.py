@@ -267,13 +267,14 @@ def register_soup(
     method: str,
     tags: Mapping[str, Any],
     input_example: np.ndarray,
+    description: str | None = None,
 ) -> str:
     """Log the soup as a pyfunc model in the active run and register it as a new version of `name`.
 
     `tags` carries K, b, select_acc, test_acc, params_hash, git_commit, dvc_lock_hash, ...; the version
     is tagged with them and with `method`. `spec["builder"]` names the module builder;
-    `input_example` is a small image batch (one image is enough: it is stored as JSON).
-    Returns the new version number.
+    `input_example` is a small image batch (one image is enough: it is stored as JSON);
+    `description` (Markdown) is the version's model card. Returns the new version number.
     """
     mlflow = _mlflow()
     from mlflow.models import infer_signature
@@ -294,7 +295,10 @@ def register_soup(
             pip_requirements=_pip_requirements(),
         )
     version_tags = _strings({**tags, "method": method})
-    return str(mlflow.register_model(info.model_uri, name, tags=version_tags).version)
+    version = str(mlflow.register_model(info.model_uri, name, tags=version_tags).version)
+    if description:
+        _client().update_model_version(name, version, description=description)
+    return version
 
 
 def promote_if_better(name: str, version: str, metric: str = "select_acc") -> bool:

@@ -36,10 +36,10 @@ def wait_healthy(uri: str, process: subprocess.Popen, log: Path, timeout_s: floa
     raise RuntimeError(f"mlflow server at {uri} not healthy after {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
-def stop(process: subprocess.Popen, timeout_s: float = 15) -> None:
-    """SIGTERM the server's process group (mlflow runs uvicorn as a child), then wait; SIGKILL if stuck."""
+def stop(process: subprocess.Popen, timeout_s: float = 15, sig: int = signal.SIGTERM) -> None:
+    """Send `sig` to the server's process group (mlflow runs uvicorn as a child), then wait; SIGKILL if stuck."""
     if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, sig)
         try:
             process.wait(timeout_s)
         except subprocess.TimeoutExpired:

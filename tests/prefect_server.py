@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,15 +21,16 @@ T = TypeVar("T")
 
 
 @contextlib.contextmanager
-def spawn(command: list[str], log: Path, env: dict[str, str], cwd: Path) -> Iterator[subprocess.Popen]:
-    """Start `command` in its own process group with output to `log`; SIGTERM the group after."""
+def spawn(command: list[str], log: Path, env: dict[str, str], cwd: Path,
+          sig: int = signal.SIGTERM) -> Iterator[subprocess.Popen]:
+    """Start `command` in its own process group with output to `log`; send the group `sig` after."""
     with open(log, "wb") as out:
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     try:
         yield process
     finally:
-        stop(process)
+        stop(process, sig=sig)
 
 
 @contextlib.contextmanager
@@ -57,10 +59,26 @@ def serve_deployment(api: str, folder: Path, *, name: str, params: Path, root: P
         yield process
 
 
-def cli(api: str, *args: str) -> str:
+@contextlib.contextmanager
+def worker(api: str, folder: Path, *, pool: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """`prefect worker start --pool POOL` against `api`; stopped with SIGINT (it ignores SIGTERM for long)."""
+    log = folder / f"worker-{pool}.log"
+    command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool]
+    with spawn(command, log, {**os.environ, **(env or {}), "PREFECT_API_URL": api}, folder, sig=signal.SIGINT) as process:
+        yield process
+
+
+def flow_run_states(api: str, flow_run_id: str) -> list[str]:
+    """The names of every state a flow run went through, oldest first."""
+    with urllib.request.urlopen(f"{api}/flow_run_states/?flow_run_id={flow_run_id}", timeout=10) as response:
+        states = json.loads(response.read())
+    return [state["name"] for state in sorted(states, key=lambda state: state["timestamp"])]
+
+
+def cli(api: str, *args: str, cwd: Path | None = None) -> str:
     """Run the `prefect` CLI against `api`; return its output, failing with it when the command fails."""
     done = subprocess.run([sys.executable, "-m", "prefect", *args], env={**os.environ, "PREFECT_API_URL": api},
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=cwd)
     if done.returncode != 0:
         raise AssertionError(f"prefect {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     return done.stdout

@@ -19,7 +19,8 @@ from dvc_repo import PROJECT, TINY, make_repo, sh, write_params
 from flows.pipeline import soup_pipeline_flow
 from flows.serve import NIGHTLY
 from mlflow_server import free_port
-from prefect_server import cli, deployment, finished_flow_run, poll, prefect_server, serve_deployment
+from prefect_server import (cli, deployment, finished_flow_run, flow_run_states, poll, prefect_server,
+                            serve_deployment, worker)
 from soup_pipeline import tracking
 from soup_pipeline.errors import SoupError
 from soup_pipeline.ingredients import file_sha256
@@ -129,6 +130,7 @@ def test_flow_registers_the_soup_with_its_provenance_and_promotes_it(tracked):
     assert float(version.tags["select_acc"]) == pytest.approx(row["select_acc"])
     assert float(version.tags["test_vs_greedy"]) == pytest.approx(row["test_vs_greedy"])
     assert version.tags["chosen_grouping"] in {"tensor", "block", "model"}
+    assert "| mehl_soup_auto |" in version.description and "mixing_weights/beta.png" in version.description
     search = json.loads((tracked.repo / "runs" / "soups" / "mehl_soup_auto" / "search.json").read_text())
     assert [(r["grouping"], r["lr"]) for r in search] == [(g, lr) for g in ("tensor", "block", "model") for lr in (0.05, 0.1)]
     assert sum(r["chosen"] for r in search) == 1
@@ -195,3 +197,25 @@ def test_nightly_deployment_runs_on_a_real_prefect_server_with_the_sweep_on_dask
     (parent,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id],
                                    filter_string=f"tags.prefect_flow_run_id = '{flow_run_id}'")
     assert parent.info.status == "FINISHED" and parent.data.metrics["K"] == 3
+
+
+def test_prefect_yaml_deployment_runs_on_a_worker_and_runs_never_overlap(tmp_path):
+    root = params_root(tmp_path / "root")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with prefect_server(tmp_path / "prefect") as api:
+        cli(api, "work-pool", "create", "soup-pipeline", "--type", "process")
+        cli(api, "--no-prompt", "deploy", "--all", cwd=PROJECT)  # reads the project's prefect.yaml
+        nightly = deployment(api, "nightly")
+        assert nightly["schedules"][0]["schedule"]["cron"] == NIGHTLY and nightly["work_pool_name"] == "soup-pipeline"
+        assert nightly["global_concurrency_limit"]["limit"] == 1
+        overrides = ["--param", f"root={root}", "--param", f"params_path={root / 'params.yaml'}"]
+        ids = [re.search(r"UUID: ([0-9a-f-]{36})", cli(api, "deployment", "run", "soup-pipeline/nightly", *overrides)).group(1)
+               for _ in range(2)]
+        with worker(api, tmp_path, pool="soup-pipeline", env={"MLFLOW_TRACKING_URI": uri}) as process:
+            runs = [poll(lambda: finished_flow_run(api, run_id), timeout_s=400, process=process,
+                         log=tmp_path / "worker-soup-pipeline.log") for run_id in ids]
+        states = {run_id: flow_run_states(api, run_id) for run_id in ids}
+    assert [run["state"]["type"] for run in runs] == ["COMPLETED", "COMPLETED"], states
+    first, second = sorted(runs, key=lambda run: run["start_time"])
+    assert second["start_time"] >= first["end_time"]  # the concurrency slot kept them apart
+    assert "AwaitingConcurrencySlot" in states[second["id"]]  # the second run waited for it

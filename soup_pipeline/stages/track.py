@@ -155,6 +155,25 @@ def record_soup(tracker: Tracker, params: Params, root: str | Path, result: Soup
         return register_soup(params, root, result, row) if register else None
 
 
+def model_card(result: SoupResult, row: Mapping[str, Any], layout: Layout) -> str:
+    """The registered version's description: what the soup is, how it was chosen, and the run's evaluation table."""
+    chosen = result.info.get("chosen")
+    lines = [
+        f"## {result.method}: a soup of {len(result.ingredient_names)} fine-tunes",
+        "",
+        f"Fitted on the fit data; select accuracy {row.get('select_acc', float('nan')):.4f} (what promotes a version), "
+        f"test accuracy {row.get('test_acc', float('nan')):.4f} (reported, never used to decide).",
+    ]
+    if chosen:
+        lines.append(f"Setting chosen on select data: {', '.join(f'{k} {v}' for k, v in chosen.items())}.")
+    lines += [f"Mixing weights (beta, {len(result.ingredient_names)} x {len(result.layer_names)}): "
+              f"`{tracking.MIXING_DIR}/beta.png` (heatmap) and `beta.json` of this version's run.", ""]
+    table = layout.eval_dir / "table.md"
+    if table.is_file():
+        lines += ["### Evaluation of every method in this pipeline run", "", table.read_text()]
+    return "\n".join(lines)
+
+
 def register_soup(params: Params, root: str | Path, result: SoupResult, row: Mapping[str, Any]) -> str:
     """Register the soup from the active run, tagged with its accuracies and provenance; promote it if best."""
     layout = Layout(Path(root))
@@ -169,6 +188,6 @@ def register_soup(params: Params, root: str | Path, result: SoupResult, row: Map
     name = params.tracking.registered_model
     version = tracking.register_soup(result.state_dict, spec, name=name, method=result.method,
                                      tags={key: value for key, value in tags.items() if value is not None},
-                                     input_example=image[None].numpy())
+                                     input_example=image[None].numpy(), description=model_card(result, row, layout))
     tracking.promote_if_better(name, version)
     return version
