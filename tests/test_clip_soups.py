@@ -10,7 +10,9 @@ from soup_pipeline.evaluate import accuracy, dataset_targets, result_logits
 from soup_pipeline.finetune import finetune
 from soup_pipeline.ingredients import IngredientStore
 from soup_pipeline.models import classifier_from_spec
-from soup_pipeline.soups import METHODS, Objective, run_method
+from soup_pipeline.soups import METHODS, Objective, SoupResult, run_method
+from soup_pipeline.soups.base import dataset_metrics, model_at
+from soup_pipeline.soups.layers import group_layers
 
 
 @pytest.fixture(scope="module")
@@ -38,3 +40,29 @@ def test_every_method_on_open_clip_ingredients(clip_store, tiny_splits, method):
     test_acc = accuracy(result_logits(result, objective, tiny_splits.test, "cpu"), dataset_targets(tiny_splits.test))
     assert test_acc > 0.3  # chance is 0.1
     assert result.seconds > 0 and result.peak_bytes["cpu_rss"] >= 0
+    ingredients = [clip_store.load(k) for k in range(len(clip_store))]
+    if method == "ensemble":  # the mean of the K models' logits, computed here by hand
+        by_hand = torch.stack([result_logits(SoupResult(method, state, result.beta, [], []), objective, tiny_splits.test,
+                                             "cpu") for state in ingredients]).mean(0)
+        assert torch.allclose(result_logits(result, objective, tiny_splits.test, "cpu"), by_hand, atol=1e-5)
+        return
+    grouping = result.info.get("chosen", {}).get("grouping") or ("tensor" if "_plus" in method else "model")
+    keys = [key for key, _ in classifier_from_spec(spec).named_parameters()]
+    groups = group_layers(keys, grouping)
+    assert groups.names == result.layer_names
+    for key in keys:  # the soup is exactly the beta-weighted sum of the ingredients, group by group
+        column = result.beta[:, groups.group_of[key]].float()
+        mixed = sum(weight * state[key] for weight, state in zip(column, ingredients))
+        assert torch.allclose(result.state_dict[key], mixed, atol=2e-5, rtol=1e-4), key
+    if method == "uniform":
+        assert torch.equal(result.beta, torch.full_like(result.beta, 1 / 3))
+    elif method == "greedy":
+        members = result.info["members"]
+        assert members and result.beta.flatten().tolist() == [
+            1 / len(members) if i.name in members else 0.0 for i in clip_store.ingredients]
+    elif method != "mehl_soup_plus_matched":  # the learned methods lower the fit loss they were fitted on
+        uniform = run_method("uniform", clip_store, objective, params).state_dict
+        device = torch.device("cpu")
+        before = dataset_metrics(model_at(objective, uniform, device), objective.fit, objective, device)[0]
+        after = dataset_metrics(model_at(objective, result.state_dict, device), objective.fit, objective, device)[0]
+        assert after < before, (before, after)
