@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import SOUP_METHODS
+from .config import soup_methods
 from .errors import SoupError
 
 OFFLINE_DEFAULTS = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     finetune = commands.add_parser("finetune", help="fine-tune one sweep member into an ingredient")
     finetune.add_argument("--member", type=int, required=True)
     soup = commands.add_parser("soup", help="build one soup")
-    soup.add_argument("--method", required=True, choices=SOUP_METHODS,
+    soup.add_argument("--method", required=True, choices=soup_methods(),
                       help="the soup to build (the ensemble is not a soup: `evaluate` reports it)")
     imported = commands.add_parser("import", help="make an external checkpoint a sweep member (no pickle)")
     imported.add_argument("--source", required=True, help=".safetensors, or a .pt/.pth state dict of tensors")

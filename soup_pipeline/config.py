@@ -208,15 +208,24 @@ class SweepParams(Strict):
         return self
 
 
-SOUP_METHODS = ["uniform", "greedy", "learned_soup", "learned_soup_plus", "hl_soup", "hl_soup_plus", "mehl_soup",
-                "mehl_soup_plus", "mehl_soup_plus_matched", "mehl_soup_auto"]
-AUTO_GROUPING_REFUSED = ("learned_soup_plus",)  # layer-wise methods that cannot run grouping: auto
+def soup_methods() -> list[str]:
+    """Every soup the registry can build (from the method specs in soup_pipeline.soups)."""
+    from .soups import SOUPS  # imported here: the methods import this module
+
+    return list(SOUPS)
+
+
+def _check_soups(names: list[str]) -> None:
+    unknown = [name for name in names if name not in soup_methods()]
+    if unknown:
+        raise ValueError(f"unknown soup methods {unknown}; choose from {soup_methods()} "
+                         "(best individual and the ensemble are always evaluated, never built)")
 
 
 class EvaluateParams(Strict):
     """What is compared, and the ablations (the paper's Fig. 2 and Table 3)."""
 
-    methods: list[str] = SOUP_METHODS  # soups built (one DVC stage each); best individual and ensemble are always added
+    methods: list[str] = Field(default_factory=soup_methods)  # soups built (one DVC stage each); best individual and ensemble are always added
     batch_size: int = Field(256, gt=0)  # evaluation batch size
     ingredient_counts: list[int] = [2, 4, 8]  # Fig. 2: greedy and MEHL-Soup+ on the first n members (plus all K)
     remove_top: list[int] = [1, 3]  # Table 3: soups after removing the n best ingredients (by fit accuracy)
@@ -226,10 +235,7 @@ class EvaluateParams(Strict):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, methods: list[str]) -> list[str]:
-        unknown = [m for m in methods if m not in SOUP_METHODS]
-        if unknown:
-            raise ValueError(f"unknown soup methods {unknown}; choose from {SOUP_METHODS} "
-                             "(best individual and the ensemble are always evaluated, never built)")
+        _check_soups(methods)
         return methods
 
 
@@ -239,8 +245,14 @@ class TrackingParams(Strict):
     enabled: bool = True  # log runs to MLflow (a local SQLite file when no URI is set)
     experiment: str = "soup-pipeline"  # MLflow experiment name
     registered_model: str = "soup-pipeline-soup"  # registry name of the soup
-    register_method: Literal[tuple(SOUP_METHODS)] = "mehl_soup_auto"  # the soup registered at the end of a pipeline run
+    register_method: str = "mehl_soup_auto"  # the soup registered at the end of a pipeline run
     system_metrics: bool = True  # log CPU / memory / GPU usage while the pipeline runs
+
+    @field_validator("register_method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        _check_soups([method])
+        return method
 
 
 class Params(Strict):
@@ -257,10 +269,10 @@ class Params(Strict):
 
 def check_auto_grouping(params: Params) -> None:
     """grouping: auto is refused up front when a method that cannot search is to be built."""
-    refused = [m for m in params.evaluate.methods if m in AUTO_GROUPING_REFUSED]
-    if params.soup.grouping == "auto" and refused:
-        raise SoupError(f"soup.grouping: auto is not available for {refused}; remove them from evaluate.methods "
-                        "or give soup.grouping a fixed value ('tensor', 'block', 'model')")
+    from .soups import check_auto_grouping as check  # imported here: the methods import this module
+
+    for method in params.evaluate.methods:
+        check(method, params.soup.grouping)
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:

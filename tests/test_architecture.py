@@ -46,13 +46,6 @@ def test_bad_params_give_one_clear_error(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_the_params_method_list_is_the_registry_less_the_ensemble():
-    from soup_pipeline.config import SOUP_METHODS
-    from soup_pipeline.soups import METHODS
-
-    assert set(SOUP_METHODS) == set(METHODS) - {"ensemble"}
-
-
 def test_a_method_that_is_not_a_soup_is_refused_before_any_work(tmp_path):
     done = subprocess.run([sys.executable, "-m", "soup_pipeline.cli", "soup", "--method", "ensemble"],
                           capture_output=True, text=True, cwd=tmp_path)

@@ -1,51 +1,43 @@
-"""Souping methods behind a small registry: a method is one module plus one line here."""
+"""Souping methods behind a small registry: a method is one module declaring its spec plus one line here."""
 
 from __future__ import annotations
 
-import functools
-from typing import Callable
-
-from ..config import AUTO_GROUPING_REFUSED, SoupParams
+from ..config import SoupParams
 from ..errors import SoupError
 from ..ingredients import IngredientStore
 from ..meters import measure
-from .base import Objective, SoupResult, resolve_device
-from .ensemble import ensemble
-from .greedy import greedy_soup
-from .hyperplane import hl_soup, hyperplane_soup
-from .learned import learned_soup
-from .search import with_search
-from .uniform import uniform_soup
+from . import ensemble, greedy, hyperplane, learned, search, uniform
+from .base import Method, MethodSpec, Objective, SoupResult, resolve_device
 
-Method = Callable[..., SoupResult]
+SPECS: dict[str, MethodSpec] = {spec.name: spec for module in (uniform, greedy, learned, hyperplane, search, ensemble)
+                                for spec in module.SPECS}
+METHODS: dict[str, Method] = {name: spec.run for name, spec in SPECS.items()}
+SOUPS = [name for name, spec in SPECS.items() if spec.kind == "soup"]  # what can be built (one stage each)
 
-METHODS: dict[str, Method] = {
-    "uniform": uniform_soup,
-    "greedy": greedy_soup,
-    "ensemble": ensemble,
-    "learned_soup": functools.partial(learned_soup, layerwise=False),
-    "learned_soup_plus": functools.partial(learned_soup, layerwise=True),
-    "hl_soup": functools.partial(hl_soup, layerwise=False),
-    "hl_soup_plus": functools.partial(hl_soup, layerwise=True),
-    "mehl_soup": functools.partial(hyperplane_soup, layerwise=False),
-    "mehl_soup_plus": functools.partial(hyperplane_soup, layerwise=True),
-    "mehl_soup_plus_matched": functools.partial(hyperplane_soup, layerwise=True, compute_matched=True),
-    "mehl_soup_auto": with_search(functools.partial(hyperplane_soup, layerwise=True)),  # grouping, lr, wd chosen on select data
-}
-SEARCHABLE = ("hl_soup_plus", "mehl_soup_plus", "mehl_soup_plus_matched")  # run the `soup.search` grid under grouping: auto
+
+def get_spec(name: str) -> MethodSpec:
+    """The spec registered under `name`; an unknown name lists the known ones."""
+    if name not in SPECS:
+        raise SoupError(f"unknown soup method {name!r}; choose one of {sorted(SPECS)}")
+    return SPECS[name]
+
+
+def check_auto_grouping(name: str, grouping) -> None:
+    """grouping: auto is refused for a layer-wise method that cannot search."""
+    spec = get_spec(name)
+    if grouping == "auto" and spec.layerwise and spec.search == "no":
+        raise SoupError(f"soup.grouping: auto is not available for {name}; give it a fixed grouping "
+                        f"('tensor', 'block', 'model') or use one of {sorted(n for n, s in SPECS.items() if s.search != 'no')}")
 
 
 def get_method(name: str, params: SoupParams | None = None) -> Method:
-    """The method registered under `name` (searching the grid when `params.grouping` is auto); an unknown name lists the known ones."""
-    if name not in METHODS:
-        raise SoupError(f"unknown soup method {name!r}; choose one of {sorted(METHODS)}")
+    """The method registered under `name`, made to search the grid when `params.grouping` is auto."""
+    spec = get_spec(name)
     if params is not None and params.grouping == "auto":
-        if name in AUTO_GROUPING_REFUSED:
-            raise SoupError(f"soup.grouping: auto is not available for {name}; give it a fixed grouping "
-                            f"('tensor', 'block', 'model') or use one of {sorted(SEARCHABLE)} or mehl_soup_auto")
-        if name in SEARCHABLE:
-            return with_search(METHODS[name])
-    return METHODS[name]
+        check_auto_grouping(name, params.grouping)
+        if spec.search == "auto":
+            return search.with_search(spec.run)
+    return spec.run
 
 
 def run_method(name: str, store: IngredientStore, objective: Objective, params: SoupParams, **options) -> SoupResult:
@@ -57,4 +49,5 @@ def run_method(name: str, store: IngredientStore, objective: Objective, params: 
     return result
 
 
-__all__ = ["METHODS", "Objective", "SoupResult", "get_method", "run_method"]
+__all__ = ["METHODS", "SOUPS", "SPECS", "MethodSpec", "Objective", "SoupResult", "check_auto_grouping", "get_method",
+           "get_spec", "run_method"]

@@ -16,6 +16,7 @@ from ..errors import SoupError
 from ..ingredients import IngredientStore
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Method = Callable[..., "SoupResult"]
 
 
 @dataclass
@@ -49,6 +50,18 @@ class SoupResult:
     peak_bytes: dict[str, int] = field(default_factory=dict)
     history: list[float] = field(default_factory=list)  # held-out loss per step, where learned
     info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the registry, the params checks, the stages and the CLI know of a method; each method module declares its own."""
+
+    name: str
+    run: Method  # run(store, objective, params, *, name, **options) -> SoupResult
+    kind: str = "soup"  # "soup" (a state dict) or "ensemble" (predictions only: evaluated, never built as a stage)
+    layerwise: bool = False  # one coefficient per layer group: reads soup.grouping
+    resumable: bool = False  # takes resume_dir= and continues after its last finished block
+    search: str = "no"  # the soup.search grid: "auto" runs it when soup.grouping is auto, "always" is the method itself
 
 
 def resolve_device(name: str) -> torch.device:

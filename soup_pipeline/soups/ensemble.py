@@ -9,7 +9,8 @@ from torch.utils.data import Dataset
 
 from ..config import SoupParams
 from ..ingredients import IngredientStore
-from .base import Objective, SoupResult, check_ingredient_count, model_at, resolve_device, sequential_batches, uniform_beta
+from .base import (MethodSpec, Objective, SoupResult, check_ingredient_count, model_at, resolve_device, sequential_batches,
+                   uniform_beta)
 
 
 @torch.no_grad()
@@ -30,3 +31,6 @@ def ensemble(store: IngredientStore, objective: Objective, params: SoupParams, *
     predict = functools.partial(ensemble_logits, store, objective, resolve_device(params.device))
     return SoupResult(method=name, state_dict=None, beta=uniform_beta(len(store), 1), layer_names=["model"],
                       ingredient_names=[i.name for i in store.ingredients], info={"K": len(store), "predict": predict})
+
+
+SPECS = (MethodSpec("ensemble", ensemble, kind="ensemble"),)

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..config import SoupParams
 from ..ingredients import IngredientStore
-from .base import Objective, SoupResult, check_ingredient_count, dataset_metrics, model_at, resolve_device
+from .base import MethodSpec, Objective, SoupResult, check_ingredient_count, dataset_metrics, model_at, resolve_device
 
 
 def fit_accuracy(objective: Objective, state: dict[str, torch.Tensor], device: torch.device) -> float:
@@ -73,3 +73,6 @@ def _average(total: dict[str, torch.Tensor], count: int, dtype: torch.dtype,
         else:
             out[key] = value
     return out
+
+
+SPECS = (MethodSpec("greedy", greedy_soup),)

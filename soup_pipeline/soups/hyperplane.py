@@ -9,6 +9,7 @@ forward/backward through the combined model, then the projections. HL-Soup is b 
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from ..config import SoupParams
 from ..errors import SoupError
 from ..ingredients import BlockPrefetcher, IngredientStore
-from .base import (HeldOutStream, Objective, SoupResult, check_ingredient_count, mixable_keys, resolve_device,
+from .base import (HeldOutStream, MethodSpec, Objective, SoupResult, check_ingredient_count, mixable_keys, resolve_device,
                    LossLog, step_loss, warn_overfitting)
 from .layers import group_layers
 from .mixing import per_tensor, project_block, rebuild_, row_norms, tensor_columns
@@ -194,3 +195,14 @@ def hl_soup(store: IngredientStore, objective: Objective, params: SoupParams, *,
     """HL-Soup(+): all K directions in one block, one model epoch."""
     return hyperplane_soup(store, objective, params, layerwise=layerwise, model_batch=len(store), model_epochs=1,
                            name=name, **options)
+
+
+SPECS = (
+    MethodSpec("hl_soup", functools.partial(hl_soup, layerwise=False), resumable=True),
+    MethodSpec("hl_soup_plus", functools.partial(hl_soup, layerwise=True), layerwise=True, resumable=True, search="auto"),
+    MethodSpec("mehl_soup", functools.partial(hyperplane_soup, layerwise=False), resumable=True),
+    MethodSpec("mehl_soup_plus", functools.partial(hyperplane_soup, layerwise=True), layerwise=True, resumable=True,
+               search="auto"),
+    MethodSpec("mehl_soup_plus_matched", functools.partial(hyperplane_soup, layerwise=True, compute_matched=True),
+               layerwise=True, resumable=True, search="auto"),
+)

@@ -7,12 +7,14 @@ flows through the combination by autograd; the K ingredients are held once (no c
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.func import functional_call
 
 from ..config import SoupParams
 from ..ingredients import IngredientStore
-from .base import (HeldOutStream, Objective, SoupResult, check_ingredient_count, mixable_keys, resolve_device,
+from .base import (HeldOutStream, MethodSpec, Objective, SoupResult, check_ingredient_count, mixable_keys, resolve_device,
                    LossLog, step_loss, warn_overfitting)
 from .layers import group_layers
 from .mixing import MixAll, per_tensor, tensor_columns
@@ -68,3 +70,9 @@ def learned_soup(store: IngredientStore, objective: Objective, params: SoupParam
     return SoupResult(method=name, state_dict=state_dict, beta=weights.detach().cpu().double(), layer_names=grouping.names,
                       ingredient_names=[i.name for i in store.ingredients], history=losses.values,
                       info={"K": K, "L": grouping.size, "steps": steps, "temperature": float(temperature.detach())})
+
+
+SPECS = (
+    MethodSpec("learned_soup", functools.partial(learned_soup, layerwise=False)),
+    MethodSpec("learned_soup_plus", functools.partial(learned_soup, layerwise=True), layerwise=True),
+)

@@ -10,15 +10,14 @@ on fit + select data, so its fit and select numbers stay those of the soup that 
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+import functools
 
 
 from ..config import SoupParams
 from ..errors import SoupError
 from ..ingredients import IngredientStore
-from .base import Objective, SoupResult, dataset_metrics, model_at, resolve_device
-
-Method = Callable[..., SoupResult]
+from .base import Method, MethodSpec, Objective, SoupResult, dataset_metrics, model_at, resolve_device
+from .hyperplane import hyperplane_soup
 
 
 def candidate_settings(params: SoupParams) -> list[SoupParams]:
@@ -73,3 +72,7 @@ def with_search(method: Method) -> Method:
 
 
 __all__ = ["candidate_settings", "searched_soup", "with_search"]
+
+
+SPECS = (MethodSpec("mehl_soup_auto", with_search(functools.partial(hyperplane_soup, layerwise=True)), layerwise=True,
+                    resumable=True, search="always"),)  # MEHL-Soup+ with grouping, lr and weight decay chosen on select data

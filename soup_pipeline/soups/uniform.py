@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import SoupParams
 from ..ingredients import IngredientStore
-from .base import Objective, SoupResult, check_ingredient_count, uniform_beta
+from .base import MethodSpec, Objective, SoupResult, check_ingredient_count, uniform_beta
 
 
 def uniform_soup(store: IngredientStore, objective: Objective, params: SoupParams, *, name: str = "uniform") -> SoupResult:
@@ -15,3 +15,6 @@ def uniform_soup(store: IngredientStore, objective: Objective, params: SoupParam
     state = store.centre(dtype=dtype)
     return SoupResult(method=name, state_dict=state, beta=uniform_beta(len(store), 1), layer_names=["model"],
                       ingredient_names=[i.name for i in store.ingredients], info={"K": len(store)})
+
+
+SPECS = (MethodSpec("uniform", uniform_soup),)

@@ -9,11 +9,10 @@ import torch
 from ..atomic import write_json
 from ..config import Params
 from ..ingredients import save_ingredient
-from ..soups import SoupResult, run_method
+from ..soups import SoupResult, get_spec, run_method
 from ..soups.base import Objective, dataset_metrics, model_at, resolve_device
 from .layout import Layout, load_splits, open_store, soup_objective
 
-RESUMABLE = ("hl_soup", "hl_soup_plus", "mehl_soup", "mehl_soup_plus", "mehl_soup_plus_matched", "mehl_soup_auto")
 MIB = 2**20
 
 
@@ -47,7 +46,7 @@ def run(params: Params, root: str | Path, method: str) -> SoupResult:
     layout = Layout(Path(root))
     store = open_store(params, layout)
     objective = soup_objective(params, store, load_splits(params))
-    options = {"resume_dir": layout.runs / "resume" / method} if method in RESUMABLE else {}
+    options = {"resume_dir": layout.runs / "resume" / method} if get_spec(method).resumable else {}
     result = run_method(method, store, objective, params.soup, **options)
     out = layout.soup_dir(method)
     device = resolve_device(params.soup.device)
