@@ -27,8 +27,9 @@ from soup_pipeline.config import Params, load_params
 from soup_pipeline.errors import SoupError
 from soup_pipeline.ingredients import Ingredient
 from soup_pipeline.soups import SoupResult
-from soup_pipeline.stages import ablate, evaluate, prepare, pretrain, soup, track
-from soup_pipeline.stages.layout import member_ids
+from soup_pipeline.layout import member_ids
+from soup_pipeline.stages import ablate, evaluate, prepare, pretrain, soup
+from soup_pipeline.tracking import flow as track
 
 MIN_MEMBERS = 2  # a soup of fewer ingredients is not a soup
 

@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> str:
     from .config import load_params
     from .stages import ablate, evaluate, finetune, importer, prepare, pretrain, soup
-    from .stages.layout import Layout
-    from .tracking import markdown_table
+    from .layout import Layout
+    from .tables import markdown_table
 
     params = load_params(args.params)
     root = Path(args.root)

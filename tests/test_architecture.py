@@ -1,4 +1,5 @@
-"""The core never imports Prefect, MLflow or DVC; the CLI names bad params and bad methods clearly."""
+"""The core (stages included) never imports the tracking package, Prefect, MLflow or DVC; the CLI names bad
+params and bad methods clearly."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ import sys
 
 CORE = ["soup_pipeline.config", "soup_pipeline.ingredients", "soup_pipeline.soups", "soup_pipeline.models",
         "soup_pipeline.data", "soup_pipeline.pretrain", "soup_pipeline.finetune", "soup_pipeline.sweep",
-        "soup_pipeline.evaluate", "soup_pipeline.meters", "soup_pipeline.plots", "soup_pipeline.stages.evaluate",
-        "soup_pipeline.stages.soup", "soup_pipeline.tracking", "soup_pipeline.statistics", "soup_pipeline.cli"]
+        "soup_pipeline.evaluate", "soup_pipeline.meters", "soup_pipeline.plots", "soup_pipeline.statistics",
+        "soup_pipeline.layout", "soup_pipeline.tables", "soup_pipeline.cli",
+        *(f"soup_pipeline.stages.{stage}" for stage in ("prepare", "pretrain", "finetune", "soup", "evaluate", "ablate",
+                                                         "importer"))]
 
 BLOCKER = """
 import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("prefect", "mlflow", "dvc"):
+        if name.split(".")[0] in ("prefect", "mlflow", "dvc") or name.startswith("soup_pipeline.tracking"):
             raise ImportError(f"blocked: {name}")
 sys.meta_path.insert(0, Block())
 import importlib
@@ -31,8 +34,9 @@ def test_core_imports_with_prefect_mlflow_and_dvc_blocked():
 
 
 def test_blocker_really_blocks():
-    done = subprocess.run([sys.executable, "-c", BLOCKER, "mlflow"], capture_output=True, text=True)
-    assert done.returncode != 0 and "blocked: mlflow" in done.stderr
+    for module in ("mlflow", "soup_pipeline.tracking"):
+        done = subprocess.run([sys.executable, "-c", BLOCKER, module], capture_output=True, text=True)
+        assert done.returncode != 0 and f"blocked: {module}" in done.stderr
 
 
 def test_bad_params_give_one_clear_error(tmp_path):

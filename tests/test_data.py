@@ -16,7 +16,7 @@ from soup_pipeline.data import (
     stratified_indices, torchvision_dataset,
 )
 from soup_pipeline.errors import SoupError
-from soup_pipeline.stages.layout import load_splits
+from soup_pipeline.layout import load_splits
 
 
 def test_stratified_indices_are_disjoint_deterministic_and_keep_class_shares():

@@ -24,7 +24,7 @@ from prefect_server import (cli, deployment, finished_flow_run, flow_run_states,
 from soup_pipeline import tracking
 from soup_pipeline.errors import SoupError
 from soup_pipeline.ingredients import file_sha256
-from soup_pipeline.stages.layout import Layout
+from soup_pipeline.layout import Layout
 
 pytestmark = pytest.mark.slow
 

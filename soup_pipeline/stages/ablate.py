@@ -13,8 +13,8 @@ from ..ingredients import IngredientStore
 from ..plots import plot_curves
 from ..soups import run_method
 from ..soups.base import model_at, resolve_device
-from ..tracking import markdown_table
-from .layout import Layout, load_splits, open_store, soup_objective
+from ..tables import markdown_table
+from ..layout import Layout, load_splits, open_store, soup_objective
 
 CURVE_METHODS = ("greedy", "mehl_soup_plus")
 REMOVAL_METHODS = ("uniform", "greedy", "mehl_soup_plus")

@@ -19,8 +19,8 @@ from ..ingredients import IngredientStore
 from ..plots import plot_methods, plot_mixing_weights
 from ..soups.base import model_at, resolve_device
 from ..soups.ensemble import ensemble_logits
-from ..tracking import markdown_table
-from .layout import Layout, load_splits, open_store, read_json, soup_objective
+from ..tables import markdown_table
+from ..layout import Layout, load_splits, open_store, read_json, soup_objective
 
 REFERENCE = "greedy"  # every method is compared with greedy soup, the practical default
 TABLE_COLUMNS = ["method", "fit_acc", "select_acc", "test_acc", "shifted_test_acc", "test_vs_greedy", "test_ci_low",

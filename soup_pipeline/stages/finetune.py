@@ -9,7 +9,7 @@ from ..finetune import finetune
 from ..ingredients import Ingredient, read_ingredient
 from ..models import base_model_id
 from ..sweep import sample_hparams
-from .layout import Layout, base_reference, load_splits
+from ..layout import Layout, base_reference, load_splits
 
 
 def is_done(ingredient_file: Path, hparams: dict, base_id: str) -> bool:

@@ -15,7 +15,7 @@ from ..finetune import heldout_accuracies
 from ..ingredients import Ingredient, read_state_file, save_ingredient
 from ..models import classifier_from_spec, classifier_spec
 from ..soups.base import resolve_device
-from .layout import Layout, load_splits
+from ..layout import Layout, load_splits
 
 
 def run(params: Params, root: str | Path, source: str | Path, member: int, *, strip_prefix: str = "",

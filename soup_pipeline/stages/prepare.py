@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from ..atomic import write_json
 from ..config import Params
 from ..data import dataset_labels
-from .layout import Layout, load_splits
+from ..layout import Layout, load_splits
 
 SPLITS = ("pretrain", "train", "fit", "select", "test", "test_shift")
 

@@ -15,7 +15,7 @@ from ..evaluate import predictor, split_accuracies
 from ..models import base_model_id, classifier_from_clip, load_clip, zero_shot_head
 from ..pretrain import pretrain
 from ..soups.base import resolve_device
-from .layout import Layout, base_reference, load_splits, read_json
+from ..layout import Layout, base_reference, load_splits, read_json
 
 
 def settings(params: Params) -> dict:

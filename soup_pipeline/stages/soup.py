@@ -11,7 +11,7 @@ from ..config import Params
 from ..ingredients import save_ingredient
 from ..soups import SoupResult, get_spec, run_method
 from ..soups.base import Objective, dataset_metrics, model_at, resolve_device
-from .layout import Layout, load_splits, open_store, soup_objective
+from ..layout import Layout, load_splits, open_store, soup_objective
 
 MIB = 2**20
 

@@ -3,7 +3,7 @@
 One parent run per pipeline execution (`pipeline_run`), one nested run per fine-tune and per
 soup method (`nested_run`). Params are logged flattened (`soup.lr`), step series in batches,
 the mixing weights beta (K x L) as JSON plus a heatmap, tables as JSON, CSV and Markdown.
-Soups are registered as pyfunc models (safetensors + JSON, see `stages/pyfunc_model.py`); the `champion`
+Soups are registered as pyfunc models (safetensors + JSON, see `tracking/pyfunc_model.py`); the `champion`
 alias moves only to a version whose select accuracy strictly beats the current champion's (select data
 judge soups fitted on the fit data; test accuracy never promotes).
 """
@@ -26,8 +26,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .errors import SoupError
-from .plots import plot_mixing_weights
+from ..errors import SoupError
+from ..plots import plot_mixing_weights
+from ..tables import columns_of, markdown_table
 
 CHAMPION = "champion"
 MODEL_NAME = "model"  # name of the logged pyfunc model inside its run
@@ -234,17 +235,9 @@ def load_mixing_weights(run_id: str) -> MixingWeights:
     return MixingWeights(np.asarray(payload["beta"], dtype=np.float64), payload["ingredients"], payload["layers"])
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """A GitHub-style Markdown table; columns default to every key, in order of first appearance."""
-    columns = list(columns) if columns is not None else _columns(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_cell(row.get(column)) for column in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def log_table(rows: Sequence[Mapping[str, Any]], name: str) -> None:
     """Log rows as `tables/<name>.json`, `.csv` and `.md` (ingredient hyperparameters, evaluation)."""
-    columns = _columns(rows)
+    columns = columns_of(rows)
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         (base / f"{name}.json").write_text(json.dumps(list(map(dict, rows)), indent=2, default=str) + "\n")
@@ -279,7 +272,7 @@ def register_soup(
     mlflow = _mlflow()
     from mlflow.models import infer_signature
 
-    from .stages import pyfunc_model
+    from . import pyfunc_model
 
     _active_run_id()  # a version always links back to the run (params, metrics) that made it
     example = np.asarray(input_example, dtype=np.float32)
@@ -401,13 +394,3 @@ def _number(value: Any) -> Any:
 
 def _strings(values: Mapping[str, Any]) -> dict[str, str]:
     return {key: str(value) for key, value in values.items()}
-
-
-def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    return list(dict.fromkeys(key for row in rows for key in row))
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    return f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -20,10 +20,10 @@ from typing import Any, Iterator, Mapping
 from .. import tracking
 from ..config import Params
 from ..ingredients import Ingredient, file_sha256, read_ingredient
+from ..layout import Layout, load_splits, member_ids, open_store
 from ..soups import SoupResult
-from . import finetune
-from .evaluate import ingredient_rows
-from .layout import Layout, load_splits, member_ids, open_store
+from ..stages import finetune
+from ..stages.evaluate import ingredient_rows
 
 BUILDER = "soup_pipeline.models:classifier_from_spec"  # rebuilds the classifier in the registered pyfunc model
 # from the evaluation row, logged on the soup's run and tagged on its registered version
