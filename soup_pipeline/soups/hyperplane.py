@@ -1,8 +1,14 @@
 """HL-Soup(+) and MEHL-Soup(+): coefficients on the hyperplane through the uniform soup (docs/method.md).
 
-theta_l(alpha) = c_l + sum_k alpha_{k,l} d_{k,l}, with c the uniform soup and d_k = theta_k - c.
+Symbols, as in docs/method.md and below:
+  c            the centre, the uniform soup (`centre`); d_{k,l} = theta_{k,l} - c_l the directions (`directions`)
+  X            the learned coefficients, K x L (`X`; the loaded block's rows `X_block`)
+  scale        1, or 1/|d_{k,l}| with normalised directions, 0 where (k, l) is masked
+  alpha        X * scale: theta_l(alpha) = c_l + sum_k alpha_{k,l} d_{k,l} (`alpha`, one column per tensor)
+  beta         the reported mixing weights: alpha + (1 - sum_k alpha) / K, so theta_l = sum_k beta_{k,l} theta_{k,l}
+
 MEHL walks a seeded permutation of the K ingredients in blocks of b; for each block it holds only
-those b directions, runs S AdamW steps (warm-up then cosine) on alpha[B], and rebuilds the soup
+those b directions, runs S AdamW steps (warm-up then cosine) on X[B], and rebuilds the soup
 from the block's base after every step. dL/dalpha_{k,l} = <grad_theta_l L, d_{k,l}>: one
 forward/backward through the combined model, then the projections. HL-Soup is b = K, one epoch.
 """
@@ -107,7 +113,7 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: SoupPa
     model.load_state_dict(store.centre(dtype=dtype))
     model.to(device).eval()
     soup = dict(model.named_parameters())
-    soup_params = [soup[key] for key in param_keys]
+    soup_tensors = [soup[key] for key in param_keys]
     centre = {key: soup[key].detach().clone() for key in param_keys}
     centre_norm = row_norms({k: v.unsqueeze(0) for k, v in centre.items()}, grouping)[0]
     columns = tensor_columns(grouping, param_keys, device)
@@ -147,12 +153,12 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: SoupPa
             norms[block] = block_norms
             scale = coefficient_scale(block_norms, centre_norm, params.normalize_directions).to(device, dtype)
 
-            coeffs = X[block].to(device).requires_grad_(True)
+            X_block = X[block].to(device).requires_grad_(True)
             with torch.no_grad():
-                start_alpha = per_tensor(-(coeffs * scale), columns)
+                start_alpha = per_tensor(-(X_block * scale), columns)
                 base = {key: rebuild_(torch.empty_like(soup[key]), soup[key], start_alpha[i], directions[key])
                         for i, key in enumerate(param_keys)}
-            optimizer = torch.optim.AdamW([coeffs], lr=params.lr, weight_decay=params.weight_decay)
+            optimizer = torch.optim.AdamW([X_block], lr=params.lr, weight_decay=params.weight_decay)
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
             for step in range(steps):
                 model.zero_grad(set_to_none=True)
@@ -160,22 +166,22 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: SoupPa
                 losses.add(loss, f"block {position} (ingredients {block}), step {step}")
                 loss.backward()
                 if params.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(soup_params, params.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(soup_tensors, params.grad_clip)
                 grads = {key: soup[key].grad for key in param_keys}
-                coeffs.grad = project_block(grads, directions, columns, L, dtype) * scale
+                X_block.grad = project_block(grads, directions, columns, L, dtype) * scale
                 optimizer.step()
                 schedule.step()
                 with torch.no_grad():
-                    alpha = per_tensor(coeffs * scale, columns)
+                    alpha = per_tensor(X_block * scale, columns)
                     for i, key in enumerate(param_keys):
                         rebuild_(soup[key], base[key], alpha[i], directions[key])
                 if on_step is not None:
                     losses.flush()
                     now = X.clone()
-                    now[block] = coeffs.detach().cpu()
+                    now[block] = X_block.detach().cpu()
                     on_step(StepEvent(position, block, step, losses.values[-1], now))
             losses.flush()
-            X[block] = coeffs.detach().cpu()
+            X[block] = X_block.detach().cpu()
             del directions, base
             if saved_at is not None:
                 save_state(saved_at, next_block=position + 1, X=X, norms=norms,
