@@ -9,9 +9,8 @@ on fit + select data, so its fit and select numbers stay those of the soup that 
 
 from __future__ import annotations
 
-import warnings
 import functools
-
+import warnings
 
 from ..config import SoupParams
 from ..errors import SoupError
@@ -65,13 +64,7 @@ def searched_soup(method: Method, store: IngredientStore, objective: Objective, 
 
 def with_search(method: Method) -> Method:
     """`method` made to search the grid of `params.search`, choosing on select data."""
-    def run(store: IngredientStore, objective: Objective, params: SoupParams, *, name: str, **options) -> SoupResult:
-        return searched_soup(method, store, objective, params, name=name, **options)
-
-    return run
-
-
-__all__ = ["candidate_settings", "searched_soup", "with_search"]
+    return functools.partial(searched_soup, method)
 
 
 SPECS = (MethodSpec("mehl_soup_auto", with_search(functools.partial(hyperplane_soup, layerwise=True)), layerwise=True,
