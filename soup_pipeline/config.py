@@ -88,7 +88,10 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise SoupError(f"params file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SoupError(f"params file {path} is not valid YAML ({exc}); fix the line it names") from None
     if not isinstance(data, dict):
         raise SoupError(f"params file {path} must hold a mapping at the top level")
     return data

@@ -59,3 +59,12 @@ def test_a_method_that_is_not_a_soup_is_refused_before_any_work(tmp_path):
     done = subprocess.run([sys.executable, "-m", "soup_pipeline.cli", "--params", str(bad), "prepare"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "unknown soup methods ['mehl_soup_pluss']" in done.stderr
+
+
+def test_a_params_file_that_is_not_yaml_is_one_clear_error(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("soup:\n  lr: [0.05\n  passes: 5\n")
+    done = subprocess.run([sys.executable, "-m", "soup_pipeline.cli", "--params", str(bad), "prepare"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and f"params file {bad} is not valid YAML" in done.stderr and "line 3" in done.stderr
+    assert "Traceback" not in done.stderr
