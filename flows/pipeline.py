@@ -28,6 +28,7 @@ from soup_pipeline.errors import SoupError
 from soup_pipeline.ingredients import Ingredient
 from soup_pipeline.soups import SoupResult
 from soup_pipeline.layout import member_ids
+from soup_pipeline.lock import root_lock
 from soup_pipeline.stages import ablate, evaluate, prepare, pretrain, soup
 from soup_pipeline.tracking import flow as track
 
@@ -153,7 +154,8 @@ def soup_pipeline_flow(params_path: str = "params.yaml", root: str = ".", overri
     params_file = Path(params_path).resolve()
     params = load_params(params_file, overrides)
     check_register_method(params)
-    with track.pipeline(params, root, run_name=flow_run.name, tags={"prefect_flow_run_id": flow_run.id}) as tracker:
+    with root_lock(root, "run"), track.pipeline(params, root, run_name=flow_run.name,
+                                                 tags={"prefect_flow_run_id": flow_run.id}) as tracker:
         prepare_task(params, root)
         pretrain_task(params, root)
         kept = run_sweep(params, root, tracker)

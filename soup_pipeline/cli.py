@@ -59,11 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     args = _parser().parse_args(argv)
     try:
-        print(_dispatch(args))
+        print(_locked_dispatch(args))
     except SoupError as exc:
         print(f"soup-pipeline: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _locked_dispatch(args: argparse.Namespace) -> str:
+    """Run a command; one that writes under the root holds its lock (the `run` flow takes it itself)."""
+    if args.command in ("run", "registry"):
+        return _dispatch(args)
+    from .lock import root_lock
+
+    with root_lock(args.root, args.command):
+        return _dispatch(args)
 
 
 def _dispatch(args: argparse.Namespace) -> str:

@@ -25,6 +25,7 @@ from soup_pipeline import tracking
 from soup_pipeline.errors import SoupError
 from soup_pipeline.ingredients import file_sha256
 from soup_pipeline.layout import Layout
+from soup_pipeline.lock import root_lock
 
 pytestmark = pytest.mark.slow
 
@@ -177,7 +178,14 @@ def test_unreachable_tracking_server_fails_before_any_work(harness, tmp_path, mo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(SoupError, match="not reachable"):
         run_flow(root)
-    assert not (root / "runs").exists()
+    assert [path.name for path in (root / "runs").iterdir()] == [".lock"]  # the root's lock file, nothing computed
+
+
+def test_a_run_on_a_root_another_process_writes_is_refused_before_any_work(harness, tmp_path):
+    root = params_root(tmp_path / "root")
+    with root_lock(root, "soup"), pytest.raises(SoupError, match="is in use"):
+        run_flow(root)
+    assert [path.name for path in (root / "runs").iterdir()] == [".lock"]
 
 
 def test_nightly_deployment_runs_on_a_real_prefect_server_with_the_sweep_on_dask(tmp_path):

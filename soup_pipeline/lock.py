@@ -1,0 +1,41 @@
+"""One writer per pipeline root: an exclusive lock on ROOT/runs/.lock while a command writes outputs.
+
+The lock is an OS file lock (flock), so the kernel releases it when its holder exits, however it
+exits: a lock file left behind by a killed run holds no lock and never blocks the next run. The
+file only says who holds the lock, for the refusal message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+from .errors import SoupError
+
+
+@contextlib.contextmanager
+def root_lock(root: str | Path, command: str) -> Iterator[None]:
+    """Hold the pipeline root's lock for `command`; refuse at once, naming the holder, when another process has it."""
+    path = Path(root) / "runs" / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise SoupError(f"{Path(root).resolve()} is in use: {holder} holds {path}. Wait for it to finish, "
+                            "or give this command another --root") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} (`soup-pipeline {command}`, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,44 @@
+"""One writer per pipeline root: a second command is refused at once, naming the holder; a killed holder leaves
+no lock behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from soup_pipeline.errors import SoupError
+from soup_pipeline.lock import root_lock
+
+HOLD = "import sys, time\nfrom soup_pipeline.lock import root_lock\nwith root_lock(sys.argv[1], 'test'):\n" \
+       "    print('held', flush=True)\n    time.sleep(600)\n"
+
+
+def test_a_second_command_on_the_same_root_is_refused_with_the_holder_named(tmp_path):
+    with root_lock(tmp_path, "soup"):
+        done = subprocess.run([sys.executable, "-m", "soup_pipeline.cli", "--root", str(tmp_path), "prepare"],
+                              capture_output=True, text=True)
+        assert done.returncode == 2, done.stderr
+        assert f"is in use: pid {os.getpid()} (`soup-pipeline soup`" in done.stderr and "Traceback" not in done.stderr
+        assert not (tmp_path / "runs" / "data").exists()  # refused before any work
+        with pytest.raises(SoupError, match="is in use"):
+            with root_lock(tmp_path, "run"):
+                pass
+    with root_lock(tmp_path, "prepare"):  # released after its holder finished
+        pass
+
+
+def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(SoupError, match=f"pid {holder.pid}"):
+        with root_lock(tmp_path, "run"):
+            pass
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert (tmp_path / "runs" / ".lock").read_text().startswith(f"pid {holder.pid}")  # the file stays, the lock does not
+    with root_lock(tmp_path, "run"):
+        assert (tmp_path / "runs" / ".lock").read_text().startswith(f"pid {os.getpid()}")
