@@ -12,6 +12,7 @@ with the rest, as long as two remain.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -28,7 +29,7 @@ from soup_pipeline.errors import SoupError
 from soup_pipeline.ingredients import Ingredient
 from soup_pipeline.soups import SoupResult
 from soup_pipeline.layout import member_ids
-from soup_pipeline.lock import root_lock
+from soup_pipeline.lock import file_lock, root_lock
 from soup_pipeline.stages import ablate, evaluate, prepare, pretrain, soup
 from soup_pipeline.tracking import flow as track
 
@@ -108,6 +109,15 @@ def dvc_commit_task(root: str, follows_params: bool) -> bool:
     return True
 
 
+def dvc_repo_lock(root: str) -> contextlib.AbstractContextManager[None]:
+    """DVC's own repository lock (`.dvc/tmp/lock`, an flock as DVC takes it), so that no `dvc repro` runs beside
+    the flow's stages (it would clear their outputs); nothing outside a DVC repo."""
+    if not Path(root, ".dvc").is_dir():
+        return contextlib.nullcontext()
+    return file_lock(Path(root, ".dvc", "tmp", "lock"), "run", f"a DVC command is running in {root}",
+                     "Wait for it to finish before `soup-pipeline run`")
+
+
 def _dvc(root: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     process = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
     if check and process.returncode != 0:
@@ -156,14 +166,15 @@ def soup_pipeline_flow(params_path: str = "params.yaml", root: str = ".", overri
     check_register_method(params)
     with root_lock(root, "run"), track.pipeline(params, root, run_name=flow_run.name,
                                                  tags={"prefect_flow_run_id": flow_run.id}) as tracker:
-        prepare_task(params, root)
-        pretrain_task(params, root)
-        kept = run_sweep(params, root, tracker)
-        complete = kept == member_ids(params)
-        params = with_members(params, kept)
-        results = {method: soup_task(params, root, method) for method in params.evaluate.methods}
-        rows = evaluate_task(params, root)
-        ablate_task(params, root)
+        with dvc_repo_lock(root):  # released before the flow's own `dvc commit`
+            prepare_task(params, root)
+            pretrain_task(params, root)
+            kept = run_sweep(params, root, tracker)
+            complete = kept == member_ids(params)
+            params = with_members(params, kept)
+            results = {method: soup_task(params, root, method) for method in params.evaluate.methods}
+            rows = evaluate_task(params, root)
+            ablate_task(params, root)
         committed = dvc_commit_task(root, complete and not overrides and params_file == Path(root, "params.yaml"))
         track.log_tables(tracker, params, root, rows)
         by_method = {row["method"]: row for row in rows}

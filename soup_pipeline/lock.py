@@ -18,9 +18,9 @@ from .errors import SoupError
 
 
 @contextlib.contextmanager
-def root_lock(root: str | Path, command: str) -> Iterator[None]:
-    """Hold the pipeline root's lock for `command`; refuse at once, naming the holder, when another process has it."""
-    path = Path(root) / "runs" / ".lock"
+def file_lock(path: Path, command: str, refusal: str, fix: str) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (written with who holds it); when another process holds it, raise
+    SoupError: `refusal`, the holder, and `fix`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         try:
@@ -28,8 +28,7 @@ def root_lock(root: str | Path, command: str) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise SoupError(f"{Path(root).resolve()} is in use: {holder} holds {path}. Wait for it to finish, "
-                            "or give this command another --root") from None
+            raise SoupError(f"{refusal}: {holder} holds {path}. {fix}") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} (`soup-pipeline {command}`, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
@@ -39,3 +38,9 @@ def root_lock(root: str | Path, command: str) -> Iterator[None]:
         finally:
             handle.truncate(0)
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def root_lock(root: str | Path, command: str) -> contextlib.AbstractContextManager[None]:
+    """Hold the pipeline root's lock for `command`; refuse at once, naming the holder, when another process has it."""
+    return file_lock(Path(root) / "runs" / ".lock", command, f"{Path(root).resolve()} is in use",
+                     "Wait for it to finish, or give this command another --root")

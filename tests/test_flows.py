@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,8 +17,8 @@ import pytest
 from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
-from dvc_repo import PROJECT, TINY, make_repo, sh, write_params
-from flows.pipeline import soup_pipeline_flow
+from dvc_repo import PROJECT, TINY, make_repo, sh, tool_env, write_params
+from flows.pipeline import dvc_repo_lock, soup_pipeline_flow
 from flows.serve import NIGHTLY
 from mlflow_server import free_port
 from prefect_server import (cli, deployment, finished_flow_run, flow_run_states, poll, prefect_server,
@@ -179,6 +181,16 @@ def test_unreachable_tracking_server_fails_before_any_work(harness, tmp_path, mo
     with pytest.raises(SoupError, match="not reachable"):
         run_flow(root)
     assert [path.name for path in (root / "runs").iterdir()] == [".lock"]  # the root's lock file, nothing computed
+
+
+def test_while_the_flow_computes_dvc_repro_is_refused_by_dvcs_own_lock(tmp_path):
+    repo = make_repo(tmp_path)
+    with dvc_repo_lock(str(repo)):
+        done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, capture_output=True, text=True,
+                              env=tool_env())
+    assert done.returncode != 0 and "Unable to acquire lock" in done.stderr
+    assert not (repo / "runs").exists()  # it touched nothing
+    assert subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=repo, env=tool_env()).returncode == 0  # released
 
 
 def test_a_run_on_a_root_another_process_writes_is_refused_before_any_work(harness, tmp_path):
