@@ -164,9 +164,10 @@ def soup_pipeline_flow(params_path: str = "params.yaml", root: str = ".", overri
     params_file = Path(params_path).resolve()
     params = load_params(params_file, overrides)
     check_register_method(params)
-    with root_lock(root, "run"), track.pipeline(params, root, run_name=flow_run.name,
-                                                 tags={"prefect_flow_run_id": flow_run.id}) as tracker:
-        with dvc_repo_lock(root):  # released before the flow's own `dvc commit`
+    with root_lock(root, "run"), contextlib.ExitStack() as dvc_locked:
+        dvc_locked.enter_context(dvc_repo_lock(root))  # before the MLflow run: a refused run leaves none behind
+        with track.pipeline(params, root, run_name=flow_run.name,
+                            tags={"prefect_flow_run_id": flow_run.id}) as tracker:
             prepare_task(params, root)
             pretrain_task(params, root)
             kept = run_sweep(params, root, tracker)
@@ -175,11 +176,12 @@ def soup_pipeline_flow(params_path: str = "params.yaml", root: str = ".", overri
             results = {method: soup_task(params, root, method) for method in params.evaluate.methods}
             rows = evaluate_task(params, root)
             ablate_task(params, root)
-        committed = dvc_commit_task(root, complete and not overrides and params_file == Path(root, "params.yaml"))
-        track.log_tables(tracker, params, root, rows)
-        by_method = {row["method"]: row for row in rows}
-        versions = [record_soup_task(tracker, params, root, result, by_method[method],
-                                     register=method == params.tracking.register_method)
-                    for method, result in results.items()]
+            dvc_locked.close()  # DVC's lock is released for the flow's own `dvc commit` and `dvc push`
+            committed = dvc_commit_task(root, complete and not overrides and params_file == Path(root, "params.yaml"))
+            track.log_tables(tracker, params, root, rows)
+            by_method = {row["method"]: row for row in rows}
+            versions = [record_soup_task(tracker, params, root, result, by_method[method],
+                                         register=method == params.tracking.register_method)
+                        for method, result in results.items()]
     return {"K": len(kept), "members": kept, "rows": rows, "registered_version": next(filter(None, versions), None),
             "mlflow_run_id": tracker.parent_run_id, "dvc_committed": committed}

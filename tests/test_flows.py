@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import mlflow
 import pytest
+import zc.lockfile
 from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
@@ -191,6 +192,22 @@ def test_while_the_flow_computes_dvc_repro_is_refused_by_dvcs_own_lock(tmp_path)
     assert done.returncode != 0 and "Unable to acquire lock" in done.stderr
     assert not (repo / "runs").exists()  # it touched nothing
     assert subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=repo, env=tool_env()).returncode == 0  # released
+
+
+def test_a_run_beside_a_dvc_command_is_refused_before_any_work_or_mlflow_run(harness, tmp_path, monkeypatch):
+    repo = make_repo(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    dvc_lock = zc.lockfile.LockFile(str(repo / ".dvc" / "tmp" / "lock"))  # what a running `dvc repro` holds
+    try:
+        with pytest.raises(SoupError, match="a DVC command is running"):
+            run_flow(repo)
+    finally:
+        dvc_lock.close()
+    assert [path.name for path in (repo / "runs").iterdir()] == [".lock"]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is None or not client.search_runs([experiment.experiment_id])
 
 
 def test_a_run_on_a_root_another_process_writes_is_refused_before_any_work(harness, tmp_path):
