@@ -15,7 +15,7 @@ from pathlib import Path
 
 from soup_pipeline.config import load_params
 from soup_pipeline.soups import run_method
-from soup_pipeline.soups.base import dataset_metrics, model_at, resolve_device
+from soup_pipeline.soups.base import model_at, resolve_device, role_metrics
 from soup_pipeline.layout import Layout, load_splits, open_store, soup_objective
 from soup_pipeline.tables import markdown_table
 
@@ -34,10 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for lr in [0.0, *args.lrs]:  # lr 0 keeps the uniform soup: the reference point
         result = run_method(args.method, store, objective, params.soup.model_copy(update={"lr": lr or 1e-12}))
-        model = model_at(objective, result.state_dict, device)
-        row = {"lr": lr}
-        for role in ("fit", "select"):
-            row[f"{role}_loss"], row[f"{role}_acc"] = dataset_metrics(model, getattr(objective, role), objective, device)
+        row = {"lr": lr, **role_metrics(model_at(objective, result.state_dict, device), objective, device)}
         rows.append({**row, "max abs(beta - 1/K)": float((result.beta - 1.0 / len(store)).abs().max()),
                      "seconds": result.seconds})
         print(markdown_table(rows[-1:]), flush=True)

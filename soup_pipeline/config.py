@@ -219,9 +219,10 @@ def soup_methods() -> list[str]:
 
 
 def _check_soups(names: list[str]) -> None:
-    unknown = [name for name in names if name not in soup_methods()]
+    known = soup_methods()
+    unknown = [name for name in names if name not in known]
     if unknown:
-        raise ValueError(f"unknown soup methods {unknown}; choose from {soup_methods()} "
+        raise ValueError(f"unknown soup methods {unknown}; choose from {known} "
                          "(best individual and the ensemble are always evaluated, never built)")
 
 

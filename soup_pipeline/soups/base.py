@@ -178,6 +178,14 @@ def dataset_metrics(model: nn.Module, dataset: Dataset, objective: Objective, de
     return loss_sum / count, correct / count
 
 
+def role_metrics(model: nn.Module, objective: Objective, device: torch.device) -> dict[str, float]:
+    """{"fit_loss", "fit_acc", "select_loss", "select_acc"}: a model judged on both held-out roles."""
+    out = {}
+    for role in ("fit", "select"):
+        out[f"{role}_loss"], out[f"{role}_acc"] = dataset_metrics(model, getattr(objective, role), objective, device)
+    return out
+
+
 def step_loss(model: Callable[[torch.Tensor], torch.Tensor], objective: Objective, stream: HeldOutStream,
               device: torch.device) -> torch.Tensor:
     """Forward one held-out mini-batch and return its loss."""

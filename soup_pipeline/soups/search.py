@@ -15,7 +15,7 @@ import warnings
 from ..config import SoupParams
 from ..errors import SoupError
 from ..ingredients import IngredientStore
-from .base import Method, MethodSpec, Objective, SoupResult, dataset_metrics, model_at, resolve_device
+from .base import Method, MethodSpec, Objective, SoupResult, model_at, resolve_device, role_metrics
 from .hyperplane import hyperplane_soup
 
 
@@ -42,17 +42,14 @@ def searched_soup(method: Method, store: IngredientStore, objective: Objective, 
         with warnings.catch_warnings():  # K x L against the fit size is a column of the candidate table here
             warnings.filterwarnings("ignore", message=r".*learned coefficients .* exceed")
             result = method(store, objective, candidate, name=name, **options)
-        model = model_at(objective, result.state_dict, device)
-        fit_loss, fit_acc = dataset_metrics(model, objective.fit, objective, device)
-        select_loss, select_acc = dataset_metrics(model, objective.select, objective, device)
+        scores = role_metrics(model_at(objective, result.state_dict, device), objective, device)
         L = len(result.layer_names)
         rows.append({"grouping": candidate.grouping, "lr": candidate.lr, "weight_decay": candidate.weight_decay,
-                     "L": L, "coefficients": len(store) * L, "fit_size": len(objective.fit), "fit_loss": fit_loss,
-                     "fit_acc": fit_acc, "select_loss": select_loss, "select_acc": select_acc})
-        if select_loss < best_loss:
-            best, best_loss = result, select_loss
+                     "L": L, "coefficients": len(store) * L, "fit_size": len(objective.fit), **scores})
+        if scores["select_loss"] < best_loss:
+            best, best_loss = result, scores["select_loss"]
             chosen = len(rows) - 1
-        del model, result
+        del result
     if best is None:
         raise SoupError(f"every candidate of grouping: auto gave a non-finite select loss ({rows}); "
                         "lower soup.search.lrs or check the ingredients")

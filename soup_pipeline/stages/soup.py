@@ -10,7 +10,7 @@ from ..atomic import write_json
 from ..config import Params
 from ..ingredients import save_ingredient
 from ..soups import SoupResult, get_spec, run_method
-from ..soups.base import Objective, dataset_metrics, model_at, resolve_device
+from ..soups.base import Objective, model_at, resolve_device, role_metrics
 from ..layout import Layout, load_splits, open_store, soup_objective
 
 MIB = 2**20
@@ -19,9 +19,6 @@ MIB = 2**20
 def soup_metrics(result: SoupResult, objective: Objective, device) -> dict:
     """The numbers a soup is judged by before test data is touched: loss and accuracy on the fit and
     select roles, and K x L against the fit size."""
-    model = model_at(objective, result.state_dict, device)
-    fit_loss, fit_acc = dataset_metrics(model, objective.fit, objective, device)
-    select_loss, select_acc = dataset_metrics(model, objective.select, objective, device)
     return {
         "method": result.method,
         "K": len(result.ingredient_names),
@@ -29,10 +26,7 @@ def soup_metrics(result: SoupResult, objective: Objective, device) -> dict:
         "coefficients": result.beta.numel(),
         "fit_size": len(objective.fit),
         "select_size": len(objective.select),
-        "fit_loss": fit_loss,
-        "fit_acc": fit_acc,
-        "select_loss": select_loss,
-        "select_acc": select_acc,
+        **role_metrics(model_at(objective, result.state_dict, device), objective, device),
         "seconds": result.seconds,
         "peak_cpu_mib": result.peak_bytes.get("cpu_rss", 0) / MIB,
         "peak_cuda_mib": result.peak_bytes["cuda"] / MIB if "cuda" in result.peak_bytes else None,
