@@ -37,7 +37,7 @@ def run_seed(params_path: str, root: Path, seed: int, base: Path | None) -> list
     pretrain.run(params, root)
     for member in member_ids(params):
         finetune.run(params, root, member, reuse=True)
-    for method in params.evaluate.methods:
+    for method in params.soup.methods:
         soup.run(params, root, method)
     return evaluate.run(params, root)
 

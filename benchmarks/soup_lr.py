@@ -1,6 +1,6 @@
 """Fit and select loss and accuracy of MEHL-Soup+ for several coefficient learning rates (raw directions).
 
-How the default `soup.lr` was chosen: on held-out data only (test data are not read here). The
+How the default MEHL-Soup+ `lr` (soup.methods.*.lr) was chosen: on held-out data only (test data are not read here). The
 coefficients are fitted on the fit role and every rate is scored on both roles, so a rate that
 only fits the fit data shows up as such. Run it on a pipeline root whose ingredients exist
 (after `dvc repro` or `soup-pipeline run`):
@@ -28,12 +28,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.05, 0.1, 0.2])
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    store = open_store(params, Layout(args.root))
-    objective = soup_objective(params, store, load_splits(params))
-    device = resolve_device(params.soup.device)
+    settings = params.soup.method(args.method)
+    store = open_store(params, Layout(args.root), settings=settings)
+    objective = soup_objective(params, store, load_splits(params), settings)
+    device = resolve_device(settings.device)
     rows = []
     for lr in [0.0, *args.lrs]:  # lr 0 keeps the uniform soup: the reference point
-        result = run_method(args.method, store, objective, params.soup.model_copy(update={"lr": lr or 1e-12}))
+        result = run_method(args.method, store, objective, settings.model_copy(update={"lr": lr or 1e-12}))
         row = {"lr": lr, **role_metrics(model_at(objective, result.state_dict, device), objective, device)}
         rows.append({**row, "max abs(beta - 1/K)": float((result.beta - 1.0 / len(store)).abs().max()),
                      "seconds": result.seconds})

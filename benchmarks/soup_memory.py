@@ -23,11 +23,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from soup_pipeline.config import SoupParams
 from soup_pipeline.ingredients import IngredientStore, save_ingredient
 from soup_pipeline.meters import measure
 from soup_pipeline.models import classifier_from_spec, classifier_spec
-from soup_pipeline.soups import Objective, run_method
+from soup_pipeline.soups import Objective, params_from, run_method
 from soup_pipeline.soups.base import resolve_device
 
 NUM_CLASSES = 10
@@ -104,8 +103,9 @@ def run_one(args) -> dict:
     clock = StepClock(device)
     objective = Objective(lambda: classifier_from_spec(classifier_spec(args.arch, NUM_CLASSES)),
                           heldout(args.image_size, args.batch, args.steps), batch_size=args.batch, loss_fn=clock)
-    params = SoupParams(device=args.device, model_batch=args.b, passes=1.0, learned_epochs=1, batch_size=args.batch,
-                        prefetch=not args.no_prefetch, storage_dtype=args.storage_dtype)
+    settings = dict(device=args.device, model_batch=args.b, passes=1.0, epochs=1, batch_size=args.batch,
+                    prefetch=not args.no_prefetch, storage_dtype=args.storage_dtype)
+    params = params_from(args.method, settings)
     result = run_method(args.method, store, objective, params)
     steps_per_block = result.info.get("steps_per_block", result.info.get("steps"))
     return {"step_s": clock.step_seconds(steps_per_block), "peak_bytes": result.peak_bytes, "seconds": result.seconds,

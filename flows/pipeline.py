@@ -148,14 +148,6 @@ def with_members(params: Params, members: list[int]) -> Params:
     return params.model_copy(update={"sweep": params.sweep.model_copy(update={"members": members})})
 
 
-def check_register_method(params: Params) -> None:
-    """The soup to register must be one the pipeline builds; checked before any work."""
-    method = params.tracking.register_method
-    if params.tracking.enabled and method not in params.evaluate.methods:
-        raise SoupError(f"tracking.register_method {method!r} is not in evaluate.methods "
-                        f"{params.evaluate.methods}; add it there or register one of those")
-
-
 @flow(name="soup-pipeline", task_runner=task_runner())
 def soup_pipeline_flow(params_path: str = "params.yaml", root: str = ".", overrides: dict | None = None) -> dict:
     """Run the whole pipeline under `root` (outputs in root/runs/); return K, the members used, the
@@ -163,7 +155,6 @@ def soup_pipeline_flow(params_path: str = "params.yaml", root: str = ".", overri
     root = str(Path(root).resolve())
     params_file = Path(params_path).resolve()
     params = load_params(params_file, overrides)
-    check_register_method(params)
     with root_lock(root, "run"), contextlib.ExitStack() as dvc_locked:
         dvc_locked.enter_context(dvc_repo_lock(root))  # before the MLflow run: a refused run leaves none behind
         with track.pipeline(params, root, run_name=flow_run.name,
@@ -173,7 +164,7 @@ def soup_pipeline_flow(params_path: str = "params.yaml", root: str = ".", overri
             kept = run_sweep(params, root, tracker)
             complete = kept == member_ids(params)
             params = with_members(params, kept)
-            results = {method: soup_task(params, root, method) for method in params.evaluate.methods}
+            results = {method: soup_task(params, root, method) for method in params.soup.methods}
             rows = evaluate_task(params, root)
             ablate_task(params, root)
             dvc_locked.close()  # DVC's lock is released for the flow's own `dvc commit` and `dvc push`

@@ -17,62 +17,34 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-Grouping = Literal["tensor", "block", "model"] | list[str]
+class SoupSettings(Strict):
+    """What every soup shares; each method's own parameters extend it (declared in its module)."""
 
-
-class SearchParams(Strict):
-    """The grid that `grouping: auto` (and the method mehl_soup_auto) searches, choosing by select loss."""
-
-    groupings: list[Grouping] = ["tensor", "block", "model"]  # candidate layer groupings
-    lrs: list[float] = [0.05, 0.1]  # candidate coefficient learning rates
-    weight_decays: list[float] = [0.0]  # candidate coefficient weight decays (towards the uniform soup)
-
-    @model_validator(mode="after")
-    def _not_empty(self) -> "SearchParams":
-        for name in ("groupings", "lrs", "weight_decays"):
-            if not getattr(self, name):
-                raise ValueError(f"search.{name}: empty; list at least one candidate")
-        if min(self.lrs) <= 0 or min(self.weight_decays) < 0:
-            raise ValueError(f"search: lrs {self.lrs} must be > 0 and weight_decays {self.weight_decays} >= 0")
-        return self
-
-
-class SoupParams(Strict):
-    """How a soup is learned."""
-
-    model_batch: int = Field(2, gt=0)  # b: ingredients in memory at once (clamped to K)
-    model_epochs: int = Field(1, gt=0)  # passes over the K ingredients (MEHL-Soup); HL-Soup uses 1
-    passes: float = Field(5.0, gt=0)  # S, in passes over the held-out data, per block
-    lr: float = Field(0.05, gt=0)  # AdamW learning rate on the coefficients (raw directions)
-    weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay on the coefficients (towards uniform)
-    warmup_frac: float = Field(0.2, ge=0, lt=1)  # linear warm-up share of each block's steps
-    grad_clip: float | None = Field(1.0, gt=0)  # max global norm of grad_theta before projection; None = off
-    normalize_directions: bool = False  # use d/|d| (the official script) instead of raw d
-    grouping: Grouping | Literal["auto"] = "tensor"  # layers for the "+" variants; auto: chosen from `search` on select data
-    search: SearchParams = SearchParams()  # the candidates of grouping: auto and of mehl_soup_auto
     batch_size: int = Field(128, gt=0)  # held-out mini-batch size
     seed: int = 0  # seeds the ingredient permutations and the held-out stream
-    prefetch: bool = True  # load the next block on a background thread
-    storage_dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = None  # ingredient dtype in memory
     device: str = "auto"  # "auto" takes the GPU when there is one; else "cpu", "cuda", "cuda:1"
-    learned_lr: float = Field(0.05, gt=0)  # Learned-Soup(+) AdamW rate (reference setting)
-    learned_epochs: int = Field(5, gt=0)  # Learned-Soup(+) passes over the held-out data
+    storage_dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = None  # ingredient dtype in memory; None = the file's
 
-    @model_validator(mode="after")
-    def _grouping_patterns(self) -> "SoupParams":
-        if isinstance(self.grouping, list) and not self.grouping:
-            raise ValueError("grouping: an empty pattern list; give regex patterns or 'tensor', 'block', 'model'")
-        return self
+
+def error_lines(exc: ValidationError, prefix: str = "") -> list[str]:
+    """One `key: what is wrong (got value)` per bad key; the alternatives of a union share one line.
+
+    A check that spans a section (a value error) names its keys itself, so its whole input is not repeated.
+    """
+    problems: dict[str, list[str]] = {}
+    inputs = {}
+    for err in exc.errors():
+        key = prefix + (".".join(str(part) for part in err["loc"] if isinstance(part, int) or str(part).isidentifier())
+                        or "<root>")
+        problems.setdefault(key, []).append(err["msg"].removeprefix("Value error, "))
+        inputs[key] = None if err["type"] == "value_error" else repr(err.get("input"))
+    return [f"{key}: {'; '.join(dict.fromkeys(msgs))}" + (f" (got {inputs[key]})" if inputs[key] else "")
+            for key, msgs in problems.items()]
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
     """One line per bad key: `section.key: what is wrong (got value)`."""
-    lines = []
-    for err in exc.errors():
-        key = ".".join(str(part) for part in err["loc"]) or "<root>"
-        got = err.get("input")
-        lines.append(f"{key}: {err['msg']} (got {got!r})")
-    return f"invalid parameters in {source}:\n  " + "\n  ".join(lines)
+    return f"invalid parameters in {source}:\n  " + "\n  ".join(error_lines(exc))
 
 
 def parse_section(model: type[Strict], data: dict | None, source: str = "params") -> Strict:
@@ -218,6 +190,13 @@ def soup_methods() -> list[str]:
     return list(SOUPS)
 
 
+def method_params_type(name: str) -> type[SoupSettings]:
+    """The parameter model the method `name` declares in its spec."""
+    from .soups import get_spec  # imported here: the methods import this module
+
+    return get_spec(name).params
+
+
 def _check_soups(names: list[str]) -> None:
     known = soup_methods()
     unknown = [name for name in names if name not in known]
@@ -229,18 +208,40 @@ def _check_soups(names: list[str]) -> None:
 class EvaluateParams(Strict):
     """What is compared, and the ablations (the paper's Fig. 2 and Table 3)."""
 
-    methods: list[str] = Field(default_factory=soup_methods)  # soups built (one DVC stage each); best individual and ensemble are always added
     batch_size: int = Field(256, gt=0)  # evaluation batch size
     ingredient_counts: list[int] = [2, 4, 8]  # Fig. 2: greedy and MEHL-Soup+ on the first n members (plus all K)
     remove_top: list[int] = [1, 3]  # Table 3: soups after removing the n best ingredients (by fit accuracy)
     bootstrap_seed: int = 0  # seeds the paired-bootstrap intervals of each method against greedy soup
     bootstrap_resamples: int = Field(2000, gt=0)  # paired-bootstrap resamples
 
-    @field_validator("methods")
-    @classmethod
-    def _known_methods(cls, methods: list[str]) -> list[str]:
-        _check_soups(methods)
-        return methods
+
+class SoupParams(SoupSettings):
+    """The `soup` section: the settings every soup shares, and the soups to build with their own parameters.
+
+    `methods` maps each soup to build (one DVC stage each; best individual and the ensemble are
+    always evaluated, never built) to that method's own parameters, declared by its module's spec;
+    a key given there overrides the shared one for that method only.
+    """
+
+    methods: dict[str, dict | None] = Field(default_factory=lambda: {name: {} for name in soup_methods()})
+
+    @model_validator(mode="after")
+    def _methods(self) -> "SoupParams":
+        if not self.methods:
+            raise ValueError("methods: empty; list at least one soup to build")
+        _check_soups(list(self.methods))
+        for name in self.methods:
+            self.method(name)
+        return self
+
+    def method(self, name: str) -> SoupSettings:
+        """The typed parameters of `name`: the shared settings with its own section on top (its
+        declared defaults when it is not listed)."""
+        values = {**self.model_dump(exclude={"methods"}), **(self.methods.get(name) or {})}
+        try:
+            return method_params_type(name).model_validate(values)
+        except ValidationError as exc:
+            raise ValueError("\n  ".join(error_lines(exc, prefix=f"methods.{name}."))) from None
 
 
 class TrackingParams(Strict):
@@ -266,17 +267,16 @@ class Params(Strict):
     data: DataParams = DataParams()
     pretrain: PretrainParams = PretrainParams()
     sweep: SweepParams = SweepParams()
-    soup: SoupParams = SoupParams()
+    soup: SoupParams = Field(default_factory=SoupParams)  # built on use: its default lists the registry's soups
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
 
-
-def check_auto_grouping(params: Params) -> None:
-    """grouping: auto is refused up front when a method that cannot search is to be built."""
-    from .soups import check_auto_grouping as check  # imported here: the methods import this module
-
-    for method in params.evaluate.methods:
-        check(method, params.soup.grouping)
+    @model_validator(mode="after")
+    def _registered_soup_is_built(self) -> "Params":
+        if self.tracking.enabled and self.tracking.register_method not in self.soup.methods:
+            raise ValueError(f"tracking.register_method: {self.tracking.register_method!r} is not built; "
+                             f"add it to soup.methods or register one of {list(self.soup.methods)}")
+        return self
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
@@ -284,6 +284,4 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
     data = load_yaml(path)
     for section, values in (overrides or {}).items():
         data[section] = {**(data.get(section) or {}), **values}
-    params = parse_section(Params, data, str(path))
-    check_auto_grouping(params)
-    return params
+    return parse_section(Params, data, str(path))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from sklearn.datasets import load_digits
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
 
 from .config import DataParams
 from .errors import SoupError
@@ -206,6 +206,22 @@ def digits_splits(params: DataParams, mean: Sequence[float] = CLIP_MEAN, std: Se
         sources={"pretrain": pretrain, "train": train, "fit": heldout_source[fit_views],
                  "select": heldout_source[select_views], "test": test, "test_shift": test},
     )
+
+
+def fetch_batch(dataset: Dataset, indices: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (inputs, targets) of the given examples, by tensor indexing when the data set allows."""
+    if isinstance(dataset, TensorDataset):
+        index = torch.as_tensor(indices, dtype=torch.long)
+        inputs, targets = dataset.tensors[0][index], dataset.tensors[1][index]
+        return inputs, targets
+    return default_collate([dataset[int(i)] for i in indices])
+
+
+def sequential_batches(dataset: Dataset, batch_size: int):
+    """Batches in data set order, for evaluation."""
+    n = len(dataset)
+    for start in range(0, n, batch_size):
+        yield fetch_batch(dataset, range(start, min(n, start + batch_size)))
 
 
 def take(dataset: TensorDataset, index: torch.Tensor) -> TensorDataset:

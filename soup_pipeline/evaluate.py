@@ -1,16 +1,17 @@
-"""Evaluation: logits, per-example correctness and accuracy of soups and of the ensemble on every split,
-and the paired comparison of each method against a reference method on the same examples."""
+"""Evaluation, the one place accuracy and loss are computed: logits, per-example correctness and accuracy
+of a model (an ingredient, a soup, the ensemble) on every split, and the paired comparison of each
+method against a reference method on the same examples."""
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from .data import DataSplits
-from .soups.base import Objective, SoupResult, model_at, resolve_device, sequential_batches
+from .data import DataSplits, sequential_batches
 from .statistics import paired_comparison
 
 SPLIT_COLUMNS = {"fit": "fit_acc", "select": "select_acc", "test": "test_acc", "test_shift": "shifted_test_acc"}
@@ -18,10 +19,21 @@ Predict = Callable[[Dataset], torch.Tensor]  # data set -> logits [N, classes]
 
 
 @torch.no_grad()
+def model_outputs(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) of a model over a whole data set, read once, in data set order, on the CPU
+    (half-precision logits promoted to float32)."""
+    model.eval()
+    logits, targets = [], []
+    for inputs, batch_targets in sequential_batches(dataset, batch_size):
+        logits.append(model(inputs.to(device)).cpu())
+        targets.append(batch_targets)
+    out = torch.cat(logits)
+    return out.to(torch.promote_types(out.dtype, torch.float32)), torch.cat(targets)
+
+
 def model_logits(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device) -> torch.Tensor:
     """Logits of a model over a whole data set, in data set order, on the CPU."""
-    model.eval()
-    return torch.cat([model(inputs.to(device)).float().cpu() for inputs, _ in sequential_batches(dataset, batch_size)])
+    return model_outputs(model, dataset, batch_size, device)[0]
 
 
 def dataset_targets(dataset: Dataset, batch_size: int = 1024) -> torch.Tensor:
@@ -34,15 +46,22 @@ def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float((logits.argmax(-1) == targets).float().mean())
 
 
+def loss_and_accuracy(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
+                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy) -> tuple[float, float]:
+    """(mean loss, top-1 accuracy) of a model over a whole data set."""
+    logits, targets = model_outputs(model, dataset, batch_size, device)
+    return float(loss_fn(logits, targets)), accuracy(logits, targets)
+
+
 def predictor(model: nn.Module, batch_size: int, device: torch.device) -> Predict:
     """`predict(dataset) -> logits` of a model."""
     return lambda dataset: model_logits(model, dataset, batch_size, device)
 
 
-def split_correctness(predict: Predict, splits: DataSplits) -> dict[str, torch.Tensor]:
-    """Per split present: whether each example is classified right (bool, in data set order)."""
+def split_correctness(predict: Predict, splits: DataSplits, roles: Sequence[str] = tuple(SPLIT_COLUMNS)) -> dict[str, torch.Tensor]:
+    """Per split of `roles` present: whether each example is classified right (bool, in data set order)."""
     out = {}
-    for split in SPLIT_COLUMNS:
+    for split in roles:
         dataset = getattr(splits, split)
         if dataset is not None:
             out[split] = predict(dataset).argmax(-1) == dataset_targets(dataset)
@@ -54,9 +73,9 @@ def accuracies(correct: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return {SPLIT_COLUMNS[split]: float(values.float().mean()) for split, values in correct.items()}
 
 
-def split_accuracies(predict: Predict, splits: DataSplits) -> dict[str, float]:
-    """Accuracy of `predict` on every split present."""
-    return accuracies(split_correctness(predict, splits))
+def split_accuracies(predict: Predict, splits: DataSplits, roles: Sequence[str] = tuple(SPLIT_COLUMNS)) -> dict[str, float]:
+    """Accuracy of `predict` on every split of `roles` present."""
+    return accuracies(split_correctness(predict, splits, roles))
 
 
 def compare_to_reference(correct: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], *, name: str,
@@ -71,11 +90,3 @@ def compare_to_reference(correct: Mapping[str, torch.Tensor], reference: Mapping
             out.update({f"{prefix}_vs_{name}": stats["diff"], f"{prefix}_ci_low": stats["ci_low"],
                         f"{prefix}_ci_high": stats["ci_high"], f"{prefix}_mcnemar_p": stats["p_value"]})
     return out
-
-
-def result_logits(result: SoupResult, objective: Objective, dataset: Dataset, device: str = "auto") -> torch.Tensor:
-    """Logits of a soup (its state dict in the objective's model) or of the ensemble."""
-    target = resolve_device(device)
-    if result.state_dict is None:
-        return result.info["predict"](dataset)
-    return model_logits(model_at(objective, result.state_dict, target), dataset, objective.batch_size, target)

@@ -17,12 +17,12 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .config import FinetuneParams, parse_section
-from .data import DataSplits, augment
+from .data import DataSplits, augment, fetch_batch
 from .errors import SoupError
-from .evaluate import accuracy, dataset_targets, model_logits
+from .evaluate import predictor, split_accuracies
 from .ingredients import Ingredient, save_ingredient
 from .models import TINY_ARCH, base_model_id, classifier_from_clip, classifier_spec, load_clip, zero_shot_head
-from .soups.base import fetch_batch, resolve_device
+from .soups.base import resolve_device
 
 EpochCallback = Callable[[int, float], None]  # (epoch index, mean training loss)
 
@@ -71,16 +71,6 @@ def train_loop(model: nn.Module, dataset: Dataset, loss_fn: Callable[[torch.Tens
     return history
 
 
-def classifier_accuracy(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 256) -> float:
-    """Top-1 accuracy of a classifier over a whole data set."""
-    return accuracy(model_logits(model, dataset, batch_size, device), dataset_targets(dataset))
-
-
-def heldout_accuracies(model: nn.Module, splits: DataSplits, device: torch.device, batch_size: int = 256) -> dict[str, float]:
-    """{"fit_acc": ..., "select_acc": ...}: a classifier's accuracy on both held-out roles."""
-    return {f"{role}_acc": classifier_accuracy(model, getattr(splits, role), device, batch_size) for role in ("fit", "select")}
-
-
 def finetune(base: str | Path, hparams: Mapping, splits: DataSplits, out_path: str | Path, *, member: int,
              arch: str = TINY_ARCH, cache_dir: str | None = None, device: str = "cpu",
              on_epoch: EpochCallback | None = None) -> Ingredient:
@@ -109,7 +99,7 @@ def finetune(base: str | Path, hparams: Mapping, splits: DataSplits, out_path: s
     meta = {
         "train_loss": losses,
         "hparams": hp.model_dump(),
-        **heldout_accuracies(model, splits, target),
+        **split_accuracies(predictor(model, 256, target), splits, roles=("fit", "select")),
         "base_model": base_model_id(arch, base),
         "member": int(member),
         "classifier_spec": classifier_spec(arch, len(splits.classnames)),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Params
+from .config import Params, SoupSettings
 from .data import DataSplits, build_datasets
 from .errors import SoupError
 from .ingredients import IngredientStore
@@ -78,25 +78,29 @@ def load_splits(params: Params) -> DataSplits:
     return build_datasets(params.data, transform=transform)
 
 
-def open_store(params: Params, layout: Layout, members: list[int] | None = None) -> IngredientStore:
-    """The sweep's ingredients; a missing one names the member and how to make it."""
+def open_store(params: Params, layout: Layout, members: list[int] | None = None,
+               settings: SoupSettings | None = None) -> IngredientStore:
+    """The sweep's ingredients, held as `settings` (a method's parameters; else the shared soup keys)
+    say; a missing one names the member and how to make it."""
     chosen = member_ids(params) if members is None else members
     paths = [layout.ingredient(k) for k in chosen]
     missing = [k for k, p in zip(chosen, paths) if not p.exists()]
     if missing:
         raise SoupError(f"ingredients of members {missing} are missing under {layout.ingredients_dir}; "
                         "run `dvc repro` or `soup-pipeline finetune --member K` first")
-    dtype = params.soup.storage_dtype
+    dtype = (settings or params.soup).storage_dtype
     return IngredientStore(paths, storage_dtype=getattr(torch, dtype) if dtype else None)
 
 
-def soup_objective(params: Params, store: IngredientStore, splits: DataSplits) -> Objective:
-    """Cross-entropy of the classifier the ingredients were fine-tuned as, fitted on the fit role, choosing on select."""
+def soup_objective(params: Params, store: IngredientStore, splits: DataSplits,
+                   settings: SoupSettings | None = None) -> Objective:
+    """Cross-entropy of the classifier the ingredients were fine-tuned as, fitted on the fit role, choosing on select,
+    in mini-batches of `settings.batch_size` (a method's parameters; else the shared soup keys)."""
     spec = store.ingredients[0].meta.get("classifier_spec")
     if spec is None:
         raise SoupError(f"{store.ingredients[0].path} has no classifier_spec in its sidecar; re-run its fine-tune")
     return Objective(model_factory=lambda: classifier_from_spec(spec), fit=splits.fit, select=splits.select,
-                     batch_size=params.soup.batch_size)
+                     batch_size=(settings or params.soup).batch_size)
 
 
 def read_json(path: Path) -> dict:

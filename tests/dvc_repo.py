@@ -15,8 +15,9 @@ TINY = {
     "data": {"pretrain_size": 120, "train_size": 60, "heldout_size": 60, "test_size": 60},
     "pretrain": {"epochs": 2},
     "sweep": {"members": [0, 1, 2], "epochs_range": [1, 2]},
-    "soup": {"passes": 0.5, "device": "cpu", "batch_size": 32},
-    "evaluate": {"methods": ["uniform", "greedy", "mehl_soup_plus"], "ingredient_counts": [2], "remove_top": [1]},
+    "soup": {"device": "cpu", "batch_size": 32,
+             "methods": {"uniform": {}, "greedy": {}, "learned_soup": {"epochs": 1}, "mehl_soup_plus": {"passes": 0.5}}},
+    "evaluate": {"ingredient_counts": [2], "remove_top": [1]},
     "tracking": {"system_metrics": False, "register_method": "mehl_soup_plus"},
 }
 

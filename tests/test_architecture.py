@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 CORE = ["soup_pipeline.config", "soup_pipeline.ingredients", "soup_pipeline.soups", "soup_pipeline.models",
         "soup_pipeline.data", "soup_pipeline.pretrain", "soup_pipeline.finetune", "soup_pipeline.sweep",
         "soup_pipeline.evaluate", "soup_pipeline.meters", "soup_pipeline.plots", "soup_pipeline.statistics",
@@ -41,13 +43,28 @@ def test_blocker_really_blocks():
 
 def test_bad_params_give_one_clear_error(tmp_path):
     bad = tmp_path / "params.yaml"
-    bad.write_text("soup:\n  lr: -1\n  model_batchs: 2\n")
+    bad.write_text("soup:\n  batch_size: -1\n  model_batchs: 2\n")
     done = subprocess.run([sys.executable, "-m", "soup_pipeline.cli", "--params", str(bad), "prepare"],
                           capture_output=True, text=True)
     assert done.returncode == 2
-    assert "soup.lr: Input should be greater than 0 (got -1)" in done.stderr
+    assert "soup.batch_size: Input should be greater than 0 (got -1)" in done.stderr
     assert "soup.model_batchs: Extra inputs are not permitted" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("methods, message", [
+    ("{learned_soup: {lrr: 0.1}}", "methods.learned_soup.lrr: Extra inputs are not permitted (got 0.1)"),
+    ("{mehl_soup_plus: {model_batch: 0}}", "methods.mehl_soup_plus.model_batch: Input should be greater than 0 (got 0)"),
+    ("{learned_soup_plus: {grouping: auto}}", "methods.learned_soup_plus.grouping: Input should be 'tensor', 'block' or "
+                                              "'model'; Input should be a valid list (got 'auto')"),
+    ("{ensemble: {}}", "unknown soup methods ['ensemble']"),
+])
+def test_a_bad_method_section_names_the_method_and_key(tmp_path, methods, message):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(f"soup:\n  methods: {methods}\ntracking:\n  enabled: false\n")
+    done = subprocess.run([sys.executable, "-m", "soup_pipeline.cli", "--params", str(bad), "prepare"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 def test_a_method_that_is_not_a_soup_is_refused_before_any_work(tmp_path):
@@ -55,10 +72,14 @@ def test_a_method_that_is_not_a_soup_is_refused_before_any_work(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2 and "invalid choice: 'ensemble'" in done.stderr
     bad = tmp_path / "params.yaml"
-    bad.write_text("evaluate:\n  methods: [greedy, mehl_soup_pluss]\n")
+    bad.write_text("soup:\n  methods: {greedy: {}, mehl_soup_pluss: {}}\n")
     done = subprocess.run([sys.executable, "-m", "soup_pipeline.cli", "--params", str(bad), "prepare"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "unknown soup methods ['mehl_soup_pluss']" in done.stderr
+    bad.write_text("soup:\n  methods: {greedy: {}}\ntracking:\n  register_method: mehl_soup_auto\n")
+    done = subprocess.run([sys.executable, "-m", "soup_pipeline.cli", "--params", str(bad), "prepare"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "tracking.register_method: 'mehl_soup_auto' is not built" in done.stderr
 
 
 def test_a_params_file_that_is_not_yaml_is_one_clear_error(tmp_path):

@@ -5,14 +5,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from soup_pipeline.config import FinetuneParams, SoupParams
-from soup_pipeline.evaluate import accuracy, dataset_targets, result_logits
+from soup_pipeline.config import FinetuneParams
 from soup_pipeline.finetune import finetune
 from soup_pipeline.ingredients import IngredientStore
 from soup_pipeline.models import classifier_from_spec
-from soup_pipeline.soups import METHODS, Objective, SoupResult, run_method
-from soup_pipeline.soups.base import dataset_metrics, model_at
+from soup_pipeline.soups import SPECS, Objective, SoupResult, run_method
+from soup_pipeline.evaluate import accuracy, dataset_targets, loss_and_accuracy, model_logits
+from soup_pipeline.soups.base import model_at
 from soup_pipeline.soups.layers import group_layers
+
+from toys import params_for
+
+
+def result_logits(result: SoupResult, objective: Objective, dataset) -> torch.Tensor:
+    """Logits of a soup (its state dict in the objective's model) or of the ensemble, on the CPU."""
+    if result.state_dict is None:
+        return result.info["predict"](dataset)
+    device = torch.device("cpu")
+    return model_logits(model_at(objective, result.state_dict, device), dataset, objective.batch_size, device)
 
 
 @pytest.fixture(scope="module")
@@ -25,26 +35,26 @@ def clip_store(pretrained_base, tiny_splits, tmp_path_factory):
                             for k, hp in enumerate(hparams)])
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(SPECS))
 def test_every_method_on_open_clip_ingredients(clip_store, tiny_splits, method):
     spec = clip_store.ingredients[0].meta["classifier_spec"]
     objective = Objective(lambda: classifier_from_spec(spec), tiny_splits.fit, tiny_splits.select, batch_size=64)
-    params = SoupParams(device="cpu", passes=0.5, learned_epochs=1, batch_size=64, model_batch=2)
-    result = run_method(method, clip_store, objective, params)
+    settings = dict(device="cpu", passes=0.5, epochs=1, batch_size=64, model_batch=2)
+    result = run_method(method, clip_store, objective, params_for(method, **settings))
     assert torch.allclose(result.beta.sum(0), torch.ones(result.beta.shape[1], dtype=result.beta.dtype), atol=1e-9)
     if method.endswith("_plus"):  # one column per parameter tensor of the image tower and head
         assert result.beta.shape == (3, len(list(classifier_from_spec(spec).parameters())))
     if result.state_dict is not None:
         assert set(result.state_dict) == set(clip_store.keys)
         assert all(torch.isfinite(v).all() for v in result.state_dict.values() if v.is_floating_point())
-    test_acc = accuracy(result_logits(result, objective, tiny_splits.test, "cpu"), dataset_targets(tiny_splits.test))
+    test_acc = accuracy(result_logits(result, objective, tiny_splits.test), dataset_targets(tiny_splits.test))
     assert test_acc > 0.3  # chance is 0.1
     assert result.seconds > 0 and result.peak_bytes["cpu_rss"] >= 0
     ingredients = [clip_store.load(k) for k in range(len(clip_store))]
     if method == "ensemble":  # the mean of the K models' logits, computed here by hand
-        by_hand = torch.stack([result_logits(SoupResult(method, state, result.beta, [], []), objective, tiny_splits.test,
-                                             "cpu") for state in ingredients]).mean(0)
-        assert torch.allclose(result_logits(result, objective, tiny_splits.test, "cpu"), by_hand, atol=1e-5)
+        by_hand = torch.stack([result_logits(SoupResult(method, state, result.beta, [], []), objective, tiny_splits.test)
+                               for state in ingredients]).mean(0)
+        assert torch.allclose(result_logits(result, objective, tiny_splits.test), by_hand, atol=1e-5)
         return
     grouping = result.info.get("chosen", {}).get("grouping") or ("tensor" if "_plus" in method else "model")
     keys = [key for key, _ in classifier_from_spec(spec).named_parameters()]
@@ -61,8 +71,8 @@ def test_every_method_on_open_clip_ingredients(clip_store, tiny_splits, method):
         assert members and result.beta.flatten().tolist() == [
             1 / len(members) if i.name in members else 0.0 for i in clip_store.ingredients]
     elif method != "mehl_soup_plus_matched":  # the learned methods lower the fit loss they were fitted on
-        uniform = run_method("uniform", clip_store, objective, params).state_dict
+        uniform = run_method("uniform", clip_store, objective, params_for("uniform", **settings)).state_dict
         device = torch.device("cpu")
-        before = dataset_metrics(model_at(objective, uniform, device), objective.fit, objective, device)[0]
-        after = dataset_metrics(model_at(objective, result.state_dict, device), objective.fit, objective, device)[0]
+        before = loss_and_accuracy(model_at(objective, uniform, device), objective.fit, objective.batch_size, device)[0]
+        after = loss_and_accuracy(model_at(objective, result.state_dict, device), objective.fit, objective.batch_size, device)[0]
         assert after < before, (before, after)

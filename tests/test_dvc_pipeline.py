@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+import yaml
 
 from dvc_repo import make_repo, sh, write_params
 
@@ -38,10 +40,11 @@ def test_repro_builds_every_stage_and_a_second_repro_runs_nothing(built):
     assert "metrics.json" in sh("dvc", "metrics", "show", cwd=built)
 
 
-def test_soup_params_rerun_only_soups_and_evaluation(built):
-    write_params(built, {"soup": {"lr": 0.02}})
+def test_a_shared_soup_key_reruns_every_soup_and_evaluation(built):
+    write_params(built, {"soup": {"batch_size": 16}})
     try:
-        assert changed_stages(built) == {"soup@uniform", "soup@greedy", "soup@mehl_soup_plus", "evaluate", "ablate"}
+        assert changed_stages(built) == {"soup@uniform", "soup@greedy", "soup@learned_soup", "soup@mehl_soup_plus",
+                                         "evaluate", "ablate"}
     finally:
         sh("git", "checkout", "params.yaml", cwd=built)
 
@@ -66,3 +69,19 @@ def test_push_clone_pull_gives_identical_checkpoints(built, tmp_path):
         assert (clone / "runs/ingredients" / name).read_bytes() == (built / "runs/ingredients" / name).read_bytes()
     assert (clone / "runs/soups/mehl_soup_plus/soup.safetensors").read_bytes() == \
         (built / "runs/soups/mehl_soup_plus/soup.safetensors").read_bytes()
+
+
+def test_one_methods_parameter_reruns_only_that_soup_and_what_reads_the_soups(built):
+    soup = yaml.safe_load((built / "params.yaml").read_text())["soup"]
+    soup["methods"]["learned_soup"]["lr"] = 0.02
+    write_params(built, {"soup": soup})
+    try:
+        assert changed_stages(built) == {"soup@learned_soup", "evaluate", "ablate"}  # the other soups are not stale
+        log = sh("dvc", "repro", cwd=built)
+        ran = set(re.findall(r"Running stage '([^']+)'", log))
+        assert ran == {"soup@learned_soup", "evaluate", "ablate"}, log
+        assert {"soup@uniform", "soup@greedy", "soup@mehl_soup_plus"} <= set(re.findall(r"Stage '([^']+)' didn't change", log))
+    finally:  # back to the committed pipeline, its outputs restored from the cache
+        sh("git", "checkout", "params.yaml", "dvc.lock", cwd=built)
+        sh("dvc", "checkout", cwd=built)
+    assert changed_stages(built) == set()

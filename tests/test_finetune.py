@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from soup_pipeline.config import FinetuneParams, SweepParams
 from soup_pipeline.errors import SoupError
-from soup_pipeline.finetune import classifier_accuracy, finetune
+from soup_pipeline.evaluate import loss_and_accuracy
+from soup_pipeline.finetune import finetune
 from soup_pipeline.ingredients import IngredientStore, file_sha256
 from soup_pipeline.models import TINY_ARCH, classifier_from_clip, classifier_from_spec, load_clip, zero_shot_head
 from soup_pipeline.sweep import ingredient_path, sample_hparams
@@ -23,7 +24,7 @@ def test_pretraining_lowers_the_loss_and_beats_chance(pretrained_base, tiny_spli
     assert losses[-1] < losses[0] - 0.1
     clip = load_clip(TINY_ARCH, path)
     head = zero_shot_head(clip.model, clip.tokenizer, tiny_splits.classnames, tiny_splits.templates)
-    accuracy = classifier_accuracy(classifier_from_clip(clip.model, head), tiny_splits.test, torch.device("cpu"))
+    accuracy = loss_and_accuracy(classifier_from_clip(clip.model, head), tiny_splits.test, 256, torch.device("cpu"))[1]
     assert accuracy > 0.3  # chance is 0.1
 
 

@@ -36,8 +36,9 @@ FAST = {  # on top of TINY: the least work that still runs every stage
     "data": {"pretrain_size": 60, "train_size": 40, "heldout_size": 40, "test_size": 40},
     "pretrain": {"epochs": 1},
     "sweep": {"epochs_range": [1, 1]},
-    "evaluate": {"methods": ["uniform", "greedy", "mehl_soup_plus", "mehl_soup_auto"], "ingredient_counts": [],
-                 "remove_top": [], "bootstrap_resamples": 200},
+    "soup": {"device": "cpu", "batch_size": 32, "methods": {"uniform": {}, "greedy": {}, "mehl_soup_plus": {"passes": 0.5},
+                                                           "mehl_soup_auto": {"passes": 0.5}}},
+    "evaluate": {"ingredient_counts": [], "remove_top": [], "bootstrap_resamples": 200},
     "tracking": {"system_metrics": False, "register_method": "mehl_soup_auto"},
 }
 EXPERIMENT = "soup-pipeline"

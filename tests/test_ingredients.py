@@ -9,14 +9,14 @@ import warnings
 import pytest
 import torch
 
-from soup_pipeline.config import SoupParams, parse_section
+from soup_pipeline.config import SoupSettings
 from soup_pipeline.errors import IngredientError, SoupError
 from soup_pipeline.ingredients import IngredientStore, import_checkpoint, read_ingredient, save_ingredient
-from soup_pipeline.soups import run_method
+from soup_pipeline.soups import method_params, run_method
 
-from toys import DEVICE, Toy, toy_ingredients, toy_objective
+from toys import DEVICE, Toy, params_for, toy_ingredients, toy_objective
 
-PARAMS = SoupParams(device=DEVICE, batch_size=32, passes=1.0)
+PARAMS = dict(device=DEVICE, batch_size=32, passes=1.0)
 
 
 def _save(tmp_path, name, state):
@@ -61,7 +61,7 @@ def test_non_finite_ingredient_is_refused_with_the_key(tmp_path, value):
     save_file(state, str(tmp_path / "ext.safetensors"))
     store = IngredientStore([_save(tmp_path, "ok", Toy().state_dict()), tmp_path / "ext.safetensors"])
     with pytest.raises(IngredientError, match=r"ext.safetensors: tensor 'net.0.weight' contains NaN or Inf"):
-        run_method("uniform", store, toy_objective(), PARAMS)
+        run_method("uniform", store, toy_objective(), params_for("uniform", **PARAMS))
 
 
 def test_truncated_file_names_the_file(tmp_path):
@@ -114,7 +114,7 @@ def test_no_ingredients(tmp_path):
 def test_one_ingredient_is_the_soup_with_a_warning(tmp_path):
     store = toy_ingredients(tmp_path, K=1)
     with pytest.warns(UserWarning, match="K = 1"):
-        result = run_method("mehl_soup_plus", store, toy_objective(), PARAMS)
+        result = run_method("mehl_soup_plus", store, toy_objective(), params_for("mehl_soup_plus", **PARAMS))
     only = store.load(0)
     assert all(torch.allclose(result.state_dict[k].double(), only[k].double()) for k in only)
 
@@ -122,20 +122,24 @@ def test_one_ingredient_is_the_soup_with_a_warning(tmp_path):
 def test_model_batch_bounds(tmp_path):
     store = toy_ingredients(tmp_path, K=3)
     with pytest.warns(UserWarning, match="exceeds K = 3; using b = 3"):
-        result = run_method("mehl_soup", store, toy_objective(), PARAMS.model_copy(update={"model_batch": 5}))
+        result = run_method("mehl_soup", store, toy_objective(), params_for("mehl_soup", **PARAMS, model_batch=5))
     assert result.info["b"] == 3
-    with pytest.raises(SoupError, match="invalid parameters in soup:\n  model_batch: Input should be greater than 0 .got 0."):
-        parse_section(SoupParams, {"model_batch": 0}, "soup")
+    with pytest.raises(SoupError, match="invalid parameters in soup.methods.mehl_soup:\n  model_batch: Input should be "
+                                        "greater than 0 .got 0."):
+        method_params("mehl_soup", model_batch=0)
+    unchecked = params_for("mehl_soup", **PARAMS).model_copy(update={"model_batch": 0})  # past validation
     with pytest.raises(SoupError, match="model_batch .b. = 0"):
-        run_method("mehl_soup", store, toy_objective(), PARAMS.model_copy(update={"model_batch": 0}))
+        run_method("mehl_soup", store, toy_objective(), unchecked)
 
 
 def test_unknown_method_and_unknown_param(tmp_path):
     store = toy_ingredients(tmp_path, K=2)
     with pytest.raises(SoupError, match="unknown soup method 'best_soup'; choose one of"):
-        run_method("best_soup", store, toy_objective(), PARAMS)
+        run_method("best_soup", store, toy_objective(), SoupSettings())
     with pytest.raises(SoupError, match="learning_rate: Extra inputs are not permitted"):
-        parse_section(SoupParams, {"learning_rate": 0.1}, "soup")
+        method_params("mehl_soup", learning_rate=0.1)
+    with pytest.raises(SoupError, match="mehl_soup takes MEHLParams, not SoupSettings"):
+        run_method("mehl_soup", store, toy_objective(), SoupSettings())
 
 
 def test_non_finite_loss_stops_naming_block_and_step(tmp_path):
@@ -149,7 +153,7 @@ def test_non_finite_loss_stops_naming_block_and_step(tmp_path):
         return loss * float("nan") if calls["n"] == 7 else loss
 
     objective.loss_fn = flaky_loss
-    params = PARAMS.model_copy(update={"model_batch": 2, "passes": 1.0})  # 4 steps per block
+    params = params_for("mehl_soup_plus", **PARAMS, model_batch=2)  # 4 steps per block
     with pytest.raises(SoupError, match=r"non-finite held-out loss \(nan\) at block 1 \(ingredients \[\d, \d\]\), step 2"):
         run_method("mehl_soup_plus", store, objective, params)
 
@@ -159,7 +163,7 @@ def test_non_floating_entries_must_match(tmp_path):
     b["steps"] = torch.tensor(8)
     store = IngredientStore([_save(tmp_path, "a", a), _save(tmp_path, "b", b)])
     with pytest.raises(IngredientError, match="non-floating entry 'steps' differs"):
-        run_method("uniform", store, toy_objective(), PARAMS)
+        run_method("uniform", store, toy_objective(), params_for("uniform", **PARAMS))
 
 
 def test_ingredients_of_other_base_models_are_refused(tmp_path):
@@ -172,7 +176,7 @@ def test_ingredients_of_other_base_models_are_refused(tmp_path):
 def test_overfitting_guard_warns(tmp_path):
     store = toy_ingredients(tmp_path, K=4)
     with pytest.warns(UserWarning, match="24 learned coefficients .K=4 x L=6. exceed the 20 fit examples"):
-        run_method("hl_soup_plus", store, toy_objective(n=20), PARAMS)
+        run_method("hl_soup_plus", store, toy_objective(n=20), params_for("hl_soup_plus", **PARAMS))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        run_method("hl_soup", store, toy_objective(n=20), PARAMS)
+        run_method("hl_soup", store, toy_objective(n=20), params_for("hl_soup", **PARAMS))

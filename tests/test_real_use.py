@@ -50,8 +50,9 @@ def test_openai_tag_from_a_local_cache_fine_tunes_and_soups(tmp_path):
         "model": {"arch": ARCH, "pretrained": "openai", "cache_dir": str(tmp_path / "hf")},
         "data": {"source": "image_folder", "root": str(tmp_path / "images"), "image_size": 224},
         "sweep": {"members": [0, 1], "epochs_range": [1, 1], "batch_size": 4, "device": "cpu"},
-        "soup": {"passes": 1.0, "batch_size": 4, "device": "cpu", "model_batch": 2},
-        "evaluate": {"methods": ["mehl_soup_plus"], "batch_size": 8},
+        "soup": {"batch_size": 4, "device": "cpu", "methods": {"mehl_soup_plus": {"passes": 1.0, "model_batch": 2}}},
+        "evaluate": {"batch_size": 8},
+        "tracking": {"register_method": "mehl_soup_plus"},
         "pretrain": {"device": "cpu"},
     })
     root = tmp_path / "run"

@@ -8,14 +8,13 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from soup_pipeline.config import SoupParams
 from soup_pipeline.soups import run_method
-from soup_pipeline.soups.base import fetch_batch
+from soup_pipeline.data import fetch_batch
 from soup_pipeline.soups.hyperplane import hyperplane_soup
 from soup_pipeline.soups.layers import group_layers
 from soup_pipeline.soups.mixing import project_block, tensor_columns
 
-from toys import DEVICE, Toy, toy_ingredients, toy_objective
+from toys import DEVICE, Toy, params_for, toy_ingredients, toy_objective
 
 PARAMS = dict(device=DEVICE, batch_size=32, passes=1.0, lr=0.05, seed=3, prefetch=False)
 
@@ -97,8 +96,8 @@ def reference_block_descent(store, objective, params, perms, batches, layerwise)
 def test_block_descent_matches_reference(tmp_path, layerwise, model_batch, model_epochs, grad_clip):
     store = toy_ingredients(tmp_path, K=5)
     objective = toy_objective()
-    params = SoupParams(**{**PARAMS, "model_batch": model_batch, "model_epochs": model_epochs, "grad_clip": grad_clip,
-                           "weight_decay": 0.01})
+    params = params_for("mehl_soup_plus", **PARAMS, model_batch=model_batch, model_epochs=model_epochs,
+                        grad_clip=grad_clip, weight_decay=0.01)
     perms = [[3, 0, 4, 1, 2], [1, 4, 2, 0, 3]][:model_epochs]
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randperm(120, generator=gen)[:32].tolist() for _ in range(60)]
@@ -111,9 +110,9 @@ def test_block_descent_matches_reference(tmp_path, layerwise, model_batch, model
 @pytest.mark.parametrize("name", ["hl_soup", "hl_soup_plus"])
 def test_hl_soup_is_mehl_with_whole_set_in_one_block(tmp_path, name):
     store = toy_ingredients(tmp_path, K=4)
-    params = SoupParams(**PARAMS)
-    hl = run_method(name, store, toy_objective(), params)
-    mehl = run_method(name.replace("hl", "mehl"), store, toy_objective(), params.model_copy(update={"model_batch": 4}))
+    hl = run_method(name, store, toy_objective(), params_for(name, **PARAMS))
+    mehl_name = name.replace("hl", "mehl")
+    mehl = run_method(mehl_name, store, toy_objective(), params_for(mehl_name, **PARAMS, model_batch=4))
     assert torch.equal(hl.beta, mehl.beta)
     assert hl.info["b"] == 4 and hl.info["model_epochs"] == 1
 
@@ -127,7 +126,7 @@ def test_coefficients_outside_the_block_never_change(tmp_path):
         first = seen.setdefault(event.position, event.coefficients[outside].clone())
         assert torch.equal(event.coefficients[outside], first)
 
-    params = SoupParams(**{**PARAMS, "model_batch": 2, "model_epochs": 2})
+    params = params_for("mehl_soup_plus", **PARAMS, model_batch=2, model_epochs=2)
     result = hyperplane_soup(store, toy_objective(), params, layerwise=True, on_step=check)
     assert sorted(seen) == list(range(6))  # 3 blocks x 2 epochs, all observed
     assert (result.info["coefficients"].abs().amax(1) > 1e-4).all()  # every ingredient's coefficients moved
@@ -136,7 +135,7 @@ def test_coefficients_outside_the_block_never_change(tmp_path):
 @pytest.mark.parametrize("normalize", [False, True])
 def test_beta_sums_to_one_and_rebuilds_the_soup(tmp_path, normalize):
     store = toy_ingredients(tmp_path, K=4)
-    params = SoupParams(**{**PARAMS, "model_batch": 2, "normalize_directions": normalize, "lr": 0.05})
+    params = params_for("mehl_soup_plus", **PARAMS, model_batch=2, normalize_directions=normalize)
     result = run_method("mehl_soup_plus", store, toy_objective(), params)
     assert torch.allclose(result.beta.sum(0), torch.ones(result.beta.shape[1], dtype=torch.float64), atol=1e-12)
     grouping = group_layers([n for n, _ in Toy().named_parameters()], "tensor")
@@ -160,7 +159,7 @@ def test_zero_directions_are_masked_without_division(tmp_path):
         state["net.1.bias"] = store.load(0)["net.1.bias"]
         paths.append(save_ingredient(dict(state), tmp_path / f"same{k}.safetensors", meta={"fit_acc": 0.5}))
     same = IngredientStore(paths)
-    params = SoupParams(**{**PARAMS, "normalize_directions": True})
+    params = params_for("mehl_soup_plus", **PARAMS, normalize_directions=True)
     result = run_method("mehl_soup_plus", same, toy_objective(), params)
     column = result.layer_names.index("net.1.bias")
     assert torch.all(result.info["coefficients"][:, column] == 0)
@@ -172,7 +171,7 @@ def test_zero_directions_are_masked_without_division(tmp_path):
 def test_bf16_storage_keeps_fp32_accumulation_close(tmp_path):
     store = toy_ingredients(tmp_path, K=4, dtype=torch.float32)
     objective = toy_objective(dtype=torch.float32)
-    params = SoupParams(**{**PARAMS, "model_batch": 2})
+    params = params_for("mehl_soup_plus", **PARAMS, model_batch=2)
     full = run_method("mehl_soup_plus", store, objective, params)
     store.storage_dtype = torch.bfloat16
     half = run_method("mehl_soup_plus", store, objective, params.model_copy(update={"storage_dtype": "bfloat16"}))
@@ -182,8 +181,7 @@ def test_bf16_storage_keeps_fp32_accumulation_close(tmp_path):
 
 def test_compute_matched_mehl_takes_hl_soups_number_of_steps(tmp_path):
     store = toy_ingredients(tmp_path, K=4)
-    params = SoupParams(**{**PARAMS, "model_batch": 2, "passes": 2.0})
-    hl = run_method("hl_soup_plus", store, toy_objective(), params)
-    paper = run_method("mehl_soup_plus", store, toy_objective(), params)
-    matched = run_method("mehl_soup_plus_matched", store, toy_objective(), params)
+    settings = {**PARAMS, "model_batch": 2, "passes": 2.0}
+    hl, paper, matched = (run_method(name, store, toy_objective(), params_for(name, **settings))
+                          for name in ("hl_soup_plus", "mehl_soup_plus", "mehl_soup_plus_matched"))
     assert len(hl.history) == 8 and len(paper.history) == 16 and len(matched.history) == 8

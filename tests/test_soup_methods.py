@@ -7,20 +7,20 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from soup_pipeline.config import SoupParams
 from soup_pipeline.ingredients import IngredientStore, save_ingredient
 from soup_pipeline.soups import Objective, run_method
-from soup_pipeline.soups.base import dataset_metrics, model_at
+from soup_pipeline.evaluate import loss_and_accuracy
+from soup_pipeline.soups.base import model_at
 from soup_pipeline.soups.hyperplane import hyperplane_soup
 
-from toys import DEVICE, toy_ingredients, toy_objective
+from toys import DEVICE, params_for, toy_ingredients, toy_objective
 
 PARAMS = dict(device=DEVICE, batch_size=32, passes=2.0, seed=0)
 
 
 def test_uniform_is_the_mean(tmp_path):
     store = toy_ingredients(tmp_path, K=3)
-    result = run_method("uniform", store, toy_objective(), SoupParams(**PARAMS))
+    result = run_method("uniform", store, toy_objective(), params_for("uniform", **PARAMS))
     states = [store.load(k) for k in range(3)]
     for key, value in result.state_dict.items():
         if value.is_floating_point():
@@ -53,7 +53,7 @@ def test_greedy_orders_on_fit_data_and_keeps_only_strict_improvements(tmp_path):
     # (ties keep file order)
     ingredients = [_threshold_ingredient(tmp_path, name, t)
                    for name, t in [("A", 1.0), ("B", 5.0), ("C", 2.0), ("D", 30.0), ("E", 4.0), ("T", 4.2)]]
-    result = run_method("greedy", IngredientStore(ingredients), objective, SoupParams(**PARAMS))
+    result = run_method("greedy", IngredientStore(ingredients), objective, params_for("greedy", **PARAMS))
     assert [step["ingredient"] for step in result.info["trail"]] == ["C", "E", "T", "A", "B", "D"]
     # C alone 5/6; C+E: t=3 -> 6/6 kept; +T: t=3.4 -> 6/6, a tie: rejected; +A: t=2.33 -> 5/6; +B: t=3.67 -> 5/6; +D: 3/6
     assert [step["kept"] for step in result.info["trail"]] == [True, True, False, False, False, False]
@@ -67,14 +67,13 @@ def test_greedy_orders_on_fit_data_and_keeps_only_strict_improvements(tmp_path):
 def test_learned_soup_weights_sum_to_one_and_lower_heldout_loss(tmp_path, name):
     store = toy_ingredients(tmp_path, K=4, spread=0.5)
     objective = toy_objective()
-    params = SoupParams(**{**PARAMS, "learned_epochs": 10})
-    uniform = run_method("uniform", store, objective, params)
-    learned = run_method(name, store, objective, params)
+    uniform = run_method("uniform", store, objective, params_for("uniform", **PARAMS))
+    learned = run_method(name, store, objective, params_for(name, **{**PARAMS, "epochs": 10}))
     assert torch.allclose(learned.beta.sum(0), torch.ones(learned.beta.shape[1], dtype=torch.float64))
     assert (learned.beta >= 0).all() and (learned.beta - 0.25).abs().max() > 0.01
     device = torch.device("cpu")
-    before = dataset_metrics(model_at(objective, uniform.state_dict, device), objective.fit, objective, device)[0]
-    after = dataset_metrics(model_at(objective, learned.state_dict, device), objective.fit, objective, device)[0]
+    before = loss_and_accuracy(model_at(objective, uniform.state_dict, device), objective.fit, objective.batch_size, device)[0]
+    after = loss_and_accuracy(model_at(objective, learned.state_dict, device), objective.fit, objective.batch_size, device)[0]
     assert after < before - 0.01
 
 
@@ -104,12 +103,12 @@ def test_hyperplane_extrapolates_where_the_optimum_lies_outside_the_hull(tmp_pat
     store = IngredientStore(ingredients)
     objective = Objective(Plane, TensorDataset(x[:200], y[:200]), batch_size=50)
     test = Objective(Plane, TensorDataset(x[200:], y[200:]), batch_size=200)
-    params = SoupParams(**{**PARAMS, "passes": 20.0, "lr": 0.2, "model_batch": 2, "model_epochs": 2, "grad_clip": None})
+    settings = {**PARAMS, "passes": 20.0, "lr": 0.2, "model_batch": 2, "model_epochs": 2, "grad_clip": None}
     device = torch.device("cpu")
     accs = {}
     for name in ["uniform", "greedy", "hl_soup", "mehl_soup"]:
-        result = run_method(name, store, objective, params)
-        accs[name] = dataset_metrics(model_at(test, result.state_dict, device), test.fit, test, device)[1]
+        result = run_method(name, store, objective, params_for(name, **settings))
+        accs[name] = loss_and_accuracy(model_at(test, result.state_dict, device), test.fit, test.batch_size, device)[1]
         if name.endswith("hl_soup"):
             assert result.beta.min() < 0 or result.beta.max() > 1, result.beta
     assert accs["hl_soup"] > max(accs["uniform"], accs["greedy"]) + 0.05, accs
@@ -121,7 +120,7 @@ def test_at_most_b_ingredients_resident(tmp_path, prefetch):
     store = toy_ingredients(tmp_path, K=7)
     per_ingredient = store.ingredient_bytes()
     counts = []
-    params = SoupParams(**{**PARAMS, "model_batch": 2, "prefetch": prefetch})
+    params = params_for("mehl_soup_plus", **PARAMS, model_batch=2, prefetch=prefetch)
     hyperplane_soup(store, toy_objective(), params, layerwise=True, on_step=lambda e: counts.append(store.resident_count))
     limit = 2 * (2 if prefetch else 1)
     assert max(counts) <= limit and store.peak_resident_count <= limit
@@ -133,13 +132,13 @@ def test_at_most_b_ingredients_resident(tmp_path, prefetch):
 
 def test_learned_soup_holds_all_k(tmp_path):
     store = toy_ingredients(tmp_path, K=5)
-    run_method("learned_soup_plus", store, toy_objective(), SoupParams(**PARAMS))
+    run_method("learned_soup_plus", store, toy_objective(), params_for("learned_soup_plus", **PARAMS))
     assert store.peak_resident_count == 5
 
 
 def test_resume_after_a_crash_in_block_two_is_bitwise_identical(tmp_path):
     store = toy_ingredients(tmp_path / "ing", K=6)
-    params = SoupParams(**{**PARAMS, "model_batch": 2, "model_epochs": 2})
+    params = params_for("mehl_soup_plus", **PARAMS, model_batch=2, model_epochs=2)
     plain = hyperplane_soup(store, toy_objective(), params, layerwise=True)
 
     class Crash(RuntimeError):

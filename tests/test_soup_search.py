@@ -10,11 +10,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from soup_pipeline.config import SearchParams, SoupParams
 from soup_pipeline.errors import SoupError
 from soup_pipeline.ingredients import IngredientStore, save_ingredient
-from soup_pipeline.soups import METHODS, Objective, run_method
-from toys import toy_data, toy_ingredients, toy_objective
+from soup_pipeline.soups import SPECS, Objective, method_params, run_method
+from toys import params_for, toy_data, toy_ingredients, toy_objective
 
 BLOCKS, WIDTH, K = 6, 4, 3
 
@@ -57,8 +56,8 @@ def expert_ingredients(folder) -> IngredientStore:
     return IngredientStore(paths)
 
 
-SEARCH = SoupParams(device="cpu", passes=30, model_batch=K, grad_clip=None, batch_size=64,
-                    search=SearchParams(groupings=["tensor", "block", "model"], lrs=[0.05]))
+SEARCH = method_params("mehl_soup_auto", device="cpu", passes=30, model_batch=K, grad_clip=None, batch_size=64,
+                       search={"groupings": ["tensor", "block", "model"], "lrs": [0.05]})
 
 
 @pytest.mark.parametrize("examples, chosen", [(12, "model"), (800, "tensor")])
@@ -81,8 +80,8 @@ def test_grouping_auto_on_mehl_soup_plus_searches_the_declared_grid(tmp_path):
     store = toy_ingredients(tmp_path, K=4)
     objective = toy_objective()
     objective.select = toy_data(60, seed=5)
-    params = SoupParams(device="cpu", passes=1.0, grouping="auto",
-                        search=SearchParams(groupings=["tensor", "model"], lrs=[0.01, 0.05], weight_decays=[0.0]))
+    params = method_params("mehl_soup_plus", device="cpu", passes=1.0, grouping="auto",
+                           search={"groupings": ["tensor", "model"], "lrs": [0.01, 0.05], "weight_decays": [0.0]})
     result = run_method("mehl_soup_plus", store, objective, params)
     assert [(r["grouping"], r["lr"]) for r in result.info["search"]] == [
         ("tensor", 0.01), ("tensor", 0.05), ("model", 0.01), ("model", 0.05)]
@@ -92,9 +91,11 @@ def test_grouping_auto_on_mehl_soup_plus_searches_the_declared_grid(tmp_path):
 def test_auto_grouping_needs_select_data_and_is_refused_where_it_cannot_run(tmp_path):
     store = toy_ingredients(tmp_path, K=3)
     with pytest.raises(SoupError, match="select data"):
-        run_method("mehl_soup_auto", store, toy_objective(), SoupParams(device="cpu", passes=0.5))
-    with pytest.raises(SoupError, match="not available for learned_soup_plus"):
-        run_method("learned_soup_plus", store, toy_objective(), SoupParams(device="cpu", grouping="auto"))
+        run_method("mehl_soup_auto", store, toy_objective(), method_params("mehl_soup_auto", device="cpu", passes=0.5))
+    with pytest.raises(SoupError, match=r"learned_soup_plus.*\n  grouping: Input should be 'tensor', 'block' or 'model'"):
+        method_params("learned_soup_plus", device="cpu", grouping="auto")
+    with pytest.raises(SoupError, match="mehl_soup_auto.*\n  grouping: Input should be 'auto'"):
+        method_params("mehl_soup_auto", grouping="tensor")
 
 
 class Forbidden(Dataset):
@@ -124,12 +125,12 @@ class Counted(Dataset):
         return self.data[index]
 
 
-@pytest.mark.parametrize("method", sorted(set(METHODS) - {"mehl_soup_auto"}))
+@pytest.mark.parametrize("method", sorted(set(SPECS) - {"mehl_soup_auto"}))
 def test_no_method_reads_a_select_example(tmp_path, method):
     store = toy_ingredients(tmp_path, K=3)
     objective = toy_objective()
     objective.select = Forbidden(50)
-    result = run_method(method, store, objective, SoupParams(device="cpu", passes=0.5, learned_epochs=1))
+    result = run_method(method, store, objective, params_for(method, device="cpu", passes=0.5, epochs=1))
     if result.state_dict is None:  # the ensemble predicts later: its predictions must not read select data either
         result.info["predict"](objective.fit)
 
@@ -138,7 +139,8 @@ def test_auto_reads_select_data_only_to_score_each_candidate_once(tmp_path):
     store = toy_ingredients(tmp_path, K=3)
     objective = toy_objective()
     objective.select = Counted(toy_data(50, seed=5))
-    params = SoupParams(device="cpu", passes=0.5, search=SearchParams(groupings=["tensor", "block", "model"], lrs=[0.05]))
+    params = method_params("mehl_soup_auto", device="cpu", passes=0.5,
+                           search={"groupings": ["tensor", "block", "model"], "lrs": [0.05]})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # K x L against the fit size is in the table, not a warning
         run_method("mehl_soup_auto", store, objective, params)
@@ -149,6 +151,6 @@ def test_each_candidate_keeps_the_memory_bound_of_mehl_soup(tmp_path):
     store = toy_ingredients(tmp_path, K=6)
     objective = toy_objective()
     objective.select = toy_data(60, seed=5)
-    params = SoupParams(device="cpu", passes=0.5, model_batch=2, prefetch=False)  # the default grid: 6 candidates
+    params = method_params("mehl_soup_auto", device="cpu", passes=0.5, model_batch=2, prefetch=False)  # default grid: 6
     run_method("mehl_soup_auto", store, objective, params)
     assert store.peak_resident_count == 2 and store.resident_count == 0  # one block of b at a time, over every candidate

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from soup_pipeline.ingredients import IngredientStore, save_ingredient
-from soup_pipeline.soups import Objective
+from soup_pipeline.soups import Objective, params_from
 
 DEVICE = os.environ.get("SOUP_TEST_DEVICE", "cpu")  # set to "cuda" to run the engine tests on a GPU
 
@@ -52,3 +52,8 @@ def toy_ingredients(folder: Path, K: int, *, dtype=torch.float64, spread: float 
 
 def toy_objective(dtype=torch.float64, batch_size: int = 32, n: int = 120) -> Objective:
     return Objective(model_factory=lambda: Toy(dtype), fit=toy_data(n, dtype=dtype), batch_size=batch_size)
+
+
+def params_for(name: str, **settings):
+    """Method `name`'s typed parameters from shared test settings; keys it does not declare are left out."""
+    return params_from(name, settings)

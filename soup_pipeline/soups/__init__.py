@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from ..config import SoupParams
+from typing import Any, Mapping
+
+from pydantic import ValidationError
+
+from ..config import SoupSettings, format_validation_error
 from ..errors import SoupError
 from ..ingredients import IngredientStore
 from ..meters import measure
 from . import ensemble, greedy, hyperplane, learned, search, uniform
 from .base import Method, MethodSpec, Objective, SoupResult, resolve_device
+from .layers import SearchableParams
 
 SPECS: dict[str, MethodSpec] = {spec.name: spec for module in (uniform, greedy, learned, hyperplane, search, ensemble)
                                 for spec in module.SPECS}
-METHODS: dict[str, Method] = {name: spec.run for name, spec in SPECS.items()}
 SOUPS = [name for name, spec in SPECS.items() if spec.kind == "soup"]  # what can be built (one stage each)
 
 
@@ -22,25 +26,33 @@ def get_spec(name: str) -> MethodSpec:
     return SPECS[name]
 
 
-def check_auto_grouping(name: str, grouping) -> None:
-    """grouping: auto is refused for a layer-wise method that cannot search."""
-    spec = get_spec(name)
-    if grouping == "auto" and spec.layerwise and spec.search == "no":
-        raise SoupError(f"soup.grouping: auto is not available for {name}; give it a fixed grouping "
-                        f"('tensor', 'block', 'model') or use one of {sorted(n for n, s in SPECS.items() if s.search != 'no')}")
+def method_params(name: str, **values) -> SoupSettings:
+    """The typed parameters of method `name` (its declared defaults where not given); a bad key is one SoupError."""
+    try:
+        return get_spec(name).params.model_validate(values)
+    except ValidationError as exc:
+        raise SoupError(format_validation_error(exc, f"soup.methods.{name}")) from None
 
 
-def get_method(name: str, params: SoupParams | None = None) -> Method:
-    """The method registered under `name`, made to search the grid when `params.grouping` is auto."""
+def params_from(name: str, settings: Mapping[str, Any]) -> SoupSettings:
+    """Method `name`'s typed parameters from settings shared by several methods: the keys it declares
+    are used, the others ignored (for comparing methods under one set of settings)."""
+    declared = get_spec(name).params.model_fields
+    return method_params(name, **{key: value for key, value in settings.items() if key in declared})
+
+
+def get_method(name: str, params: SoupSettings) -> Method:
+    """The method registered under `name`, made to search its grid when its grouping is auto."""
     spec = get_spec(name)
-    if params is not None and params.grouping == "auto":
-        check_auto_grouping(name, params.grouping)
-        if spec.search == "auto":
-            return search.with_search(spec.run)
+    if not isinstance(params, spec.params):
+        raise SoupError(f"{name} takes {spec.params.__name__}, not {type(params).__name__}; "
+                        f"build them with method_params({name!r}, ...)")
+    if isinstance(params, SearchableParams) and params.grouping == "auto":
+        return search.with_search(spec.run)
     return spec.run
 
 
-def run_method(name: str, store: IngredientStore, objective: Objective, params: SoupParams, **options) -> SoupResult:
+def run_method(name: str, store: IngredientStore, objective: Objective, params: SoupSettings, **options) -> SoupResult:
     """Run one method, timing it and measuring its peak memory (CPU RSS; CUDA allocator on a GPU)."""
     method = get_method(name, params)
     with measure(resolve_device(params.device)) as meter:
@@ -49,5 +61,5 @@ def run_method(name: str, store: IngredientStore, objective: Objective, params: 
     return result
 
 
-__all__ = ["METHODS", "SOUPS", "SPECS", "MethodSpec", "Objective", "SoupResult", "check_auto_grouping", "get_method",
-           "get_spec", "run_method"]
+__all__ = ["SOUPS", "SPECS", "MethodSpec", "Objective", "SoupResult", "get_method", "get_spec", "method_params",
+           "params_from", "run_method"]

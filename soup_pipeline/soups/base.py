@@ -10,9 +10,12 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset, default_collate
+from torch.utils.data import Dataset
 
+from ..config import SoupSettings
+from ..data import fetch_batch
 from ..errors import SoupError
+from ..evaluate import loss_and_accuracy
 from ..ingredients import IngredientStore
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -58,10 +61,9 @@ class MethodSpec:
 
     name: str
     run: Method  # run(store, objective, params, *, name, **options) -> SoupResult
+    params: type[SoupSettings] = SoupSettings  # its typed parameters: params.yaml's soup.methods.NAME on the shared soup keys
     kind: str = "soup"  # "soup" (a state dict) or "ensemble" (predictions only: evaluated, never built as a stage)
-    layerwise: bool = False  # one coefficient per layer group: reads soup.grouping
     resumable: bool = False  # takes resume_dir= and continues after its last finished block
-    search: str = "no"  # the soup.search grid: "auto" runs it when soup.grouping is auto, "always" is the method itself
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,22 +74,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SoupError(f"device '{name}' asked for but no CUDA GPU is available; use device: auto or cpu")
     return device
-
-
-def fetch_batch(dataset: Dataset, indices: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (inputs, targets) of the given examples, by tensor indexing when the data set allows."""
-    if isinstance(dataset, TensorDataset):
-        index = torch.as_tensor(indices, dtype=torch.long)
-        inputs, targets = dataset.tensors[0][index], dataset.tensors[1][index]
-        return inputs, targets
-    return default_collate([dataset[int(i)] for i in indices])
-
-
-def sequential_batches(dataset: Dataset, batch_size: int):
-    """Batches in data set order, for evaluation."""
-    n = len(dataset)
-    for start in range(0, n, batch_size):
-        yield fetch_batch(dataset, range(start, min(n, start + batch_size)))
 
 
 class HeldOutStream:
@@ -165,24 +151,12 @@ def model_at(objective: Objective, state: dict[str, torch.Tensor], device: torch
     return model.to(device).eval()
 
 
-@torch.no_grad()
-def dataset_metrics(model: nn.Module, dataset: Dataset, objective: Objective, device: torch.device) -> tuple[float, float]:
-    """(mean loss, accuracy) of a model over a whole data set, with the objective's loss."""
-    loss_sum, correct, count = 0.0, 0, 0
-    for inputs, targets in sequential_batches(dataset, objective.batch_size):
-        logits = model(inputs.to(device))
-        targets = targets.to(device)
-        loss_sum += float(objective.loss_fn(logits, targets)) * len(targets)
-        correct += int((logits.argmax(-1) == targets).sum())
-        count += len(targets)
-    return loss_sum / count, correct / count
-
-
 def role_metrics(model: nn.Module, objective: Objective, device: torch.device) -> dict[str, float]:
     """{"fit_loss", "fit_acc", "select_loss", "select_acc"}: a model judged on both held-out roles."""
     out = {}
     for role in ("fit", "select"):
-        out[f"{role}_loss"], out[f"{role}_acc"] = dataset_metrics(model, getattr(objective, role), objective, device)
+        out[f"{role}_loss"], out[f"{role}_acc"] = loss_and_accuracy(model, getattr(objective, role), objective.batch_size,
+                                                                    device, objective.loss_fn)
     return out
 
 

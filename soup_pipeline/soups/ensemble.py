@@ -7,10 +7,10 @@ import functools
 import torch
 from torch.utils.data import Dataset
 
-from ..config import SoupParams
+from ..config import SoupSettings
 from ..ingredients import IngredientStore
-from .base import (MethodSpec, Objective, SoupResult, check_ingredient_count, model_at, resolve_device, sequential_batches,
-                   uniform_beta)
+from ..evaluate import model_logits
+from .base import MethodSpec, Objective, SoupResult, check_ingredient_count, model_at, resolve_device, uniform_beta
 
 
 @torch.no_grad()
@@ -19,13 +19,13 @@ def ensemble_logits(store: IngredientStore, objective: Objective, device: torch.
     total = None
     for index in range(len(store)):
         model = model_at(objective, store.load(index), device)
-        logits = torch.cat([model(x.to(device)).double().cpu() for x, _ in sequential_batches(dataset, objective.batch_size)])
+        logits = model_logits(model, dataset, objective.batch_size, device).double()
         total = logits if total is None else total + logits
         del model
     return (total / len(store)).float()
 
 
-def ensemble(store: IngredientStore, objective: Objective, params: SoupParams, *, name: str = "ensemble") -> SoupResult:
+def ensemble(store: IngredientStore, objective: Objective, params: SoupSettings, *, name: str = "ensemble") -> SoupResult:
     """The ensemble as a result with no state dict; `info["predict"](dataset)` gives its logits."""
     check_ingredient_count(store)
     predict = functools.partial(ensemble_logits, store, objective, resolve_device(params.device))

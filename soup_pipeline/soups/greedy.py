@@ -9,14 +9,16 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..config import SoupParams
+from ..config import SoupSettings
 from ..ingredients import IngredientStore
-from .base import MethodSpec, Objective, SoupResult, check_ingredient_count, dataset_metrics, model_at, resolve_device
+from ..evaluate import loss_and_accuracy
+from .base import MethodSpec, Objective, SoupResult, check_ingredient_count, model_at, resolve_device
 
 
 def fit_accuracy(objective: Objective, state: dict[str, torch.Tensor], device: torch.device) -> float:
     """Accuracy of the objective's model holding `state` on the fit data."""
-    return dataset_metrics(model_at(objective, state, device), objective.fit, objective, device)[1]
+    return loss_and_accuracy(model_at(objective, state, device), objective.fit, objective.batch_size, device,
+                             objective.loss_fn)[1]
 
 
 def fit_order(store: IngredientStore, objective: Objective, device: torch.device) -> list[tuple[int, float]]:
@@ -28,7 +30,7 @@ def fit_order(store: IngredientStore, objective: Objective, device: torch.device
     return sorted(scored, key=lambda pair: -pair[1])
 
 
-def greedy_soup(store: IngredientStore, objective: Objective, params: SoupParams, *, name: str = "greedy") -> SoupResult:
+def greedy_soup(store: IngredientStore, objective: Objective, params: SoupSettings, *, name: str = "greedy") -> SoupResult:
     """Start from the best ingredient; keep each next one only if the fit accuracy strictly improves.
 
     Memory: the float64 running sum, one ingredient and the candidate.

@@ -23,18 +23,46 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from pydantic import Field
 from tqdm.auto import tqdm
 
-from ..config import SoupParams
+from ..config import SoupSettings
 from ..errors import SoupError
 from ..ingredients import BlockPrefetcher, IngredientStore
 from .base import (HeldOutStream, MethodSpec, Objective, SoupResult, check_ingredient_count, mixable_keys, resolve_device,
                    LossLog, step_loss, warn_overfitting)
-from .layers import group_layers
+from .layers import SearchableParams, group_layers
 from .mixing import per_tensor, project_block, rebuild_, row_norms, tensor_columns
 from .resume import fingerprint, load_state, save_state, state_path
 
 MASK_RTOL = 1e-6  # a direction with |d_{k,l}| <= MASK_RTOL * |c_l| is masked (its coefficient stays 0)
+
+
+class HLParams(SoupSettings):
+    """HL-Soup: AdamW on X with warm-up and cosine decay, all K directions in one block."""
+
+    passes: float = Field(5.0, gt=0)  # S, in passes over the fit data, per block
+    lr: float = Field(0.05, gt=0)  # AdamW learning rate on X (raw directions)
+    weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay on X (towards the uniform soup)
+    warmup_frac: float = Field(0.2, ge=0, lt=1)  # linear warm-up share of each block's steps
+    grad_clip: float | None = Field(1.0, gt=0)  # max global norm of grad_theta before projection; None = off
+    normalize_directions: bool = False  # use d/|d| (the reference script) instead of raw d
+    prefetch: bool = True  # load the next block on a background thread
+
+
+class MEHLParams(HLParams):
+    """MEHL-Soup: HL-Soup's update on blocks of b ingredients, over several model epochs."""
+
+    model_batch: int = Field(2, gt=0)  # b: ingredients in memory at once (clamped to K)
+    model_epochs: int = Field(1, gt=0)  # passes over the K ingredients
+
+
+class HLPlusParams(HLParams, SearchableParams):
+    """HL-Soup+: one coefficient per layer group and ingredient."""
+
+
+class MEHLPlusParams(MEHLParams, SearchableParams):
+    """MEHL-Soup+: one coefficient per layer group and ingredient."""
 
 
 @dataclass(frozen=True)
@@ -86,8 +114,7 @@ def model_permutations(K: int, epochs: int, seed: int, given: Sequence[Sequence[
     return perms
 
 
-def hyperplane_soup(store: IngredientStore, objective: Objective, params: SoupParams, *, layerwise: bool,
-                    model_batch: int | None = None, model_epochs: int | None = None,
+def hyperplane_soup(store: IngredientStore, objective: Objective, params: MEHLParams, *, layerwise: bool,
                     permutations: Sequence[Sequence[int]] | None = None, batches: Sequence[Sequence[int]] | None = None,
                     resume_dir: str | Path | None = None, on_step: StepHook | None = None,
                     compute_matched: bool = False, name: str = "mehl_soup") -> SoupResult:
@@ -99,8 +126,8 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: SoupPa
     """
     K = len(store)
     check_ingredient_count(store)
-    b = clamp_model_batch(params.model_batch if model_batch is None else model_batch, K)
-    epochs = params.model_epochs if model_epochs is None else model_epochs
+    b = clamp_model_batch(params.model_batch, K)
+    epochs = params.model_epochs
     device = resolve_device(params.device)
 
     model = objective.model_factory()
@@ -196,19 +223,18 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: SoupPa
                             "coefficients": X, "masked": int((norms <= MASK_RTOL * centre_norm).sum())})
 
 
-def hl_soup(store: IngredientStore, objective: Objective, params: SoupParams, *, layerwise: bool,
+def hl_soup(store: IngredientStore, objective: Objective, params: HLParams, *, layerwise: bool,
             name: str = "hl_soup", **options) -> SoupResult:
-    """HL-Soup(+): all K directions in one block, one model epoch."""
-    return hyperplane_soup(store, objective, params, layerwise=layerwise, model_batch=len(store), model_epochs=1,
-                           name=name, **options)
+    """HL-Soup(+): MEHL-Soup(+) with all K directions in one block (b = K) and one model epoch."""
+    as_mehl = (MEHLPlusParams if layerwise else MEHLParams)(**params.model_dump(), model_batch=len(store), model_epochs=1)
+    return hyperplane_soup(store, objective, as_mehl, layerwise=layerwise, name=name, **options)
 
 
 SPECS = (
-    MethodSpec("hl_soup", functools.partial(hl_soup, layerwise=False), resumable=True),
-    MethodSpec("hl_soup_plus", functools.partial(hl_soup, layerwise=True), layerwise=True, resumable=True, search="auto"),
-    MethodSpec("mehl_soup", functools.partial(hyperplane_soup, layerwise=False), resumable=True),
-    MethodSpec("mehl_soup_plus", functools.partial(hyperplane_soup, layerwise=True), layerwise=True, resumable=True,
-               search="auto"),
+    MethodSpec("hl_soup", functools.partial(hl_soup, layerwise=False), HLParams, resumable=True),
+    MethodSpec("hl_soup_plus", functools.partial(hl_soup, layerwise=True), HLPlusParams, resumable=True),
+    MethodSpec("mehl_soup", functools.partial(hyperplane_soup, layerwise=False), MEHLParams, resumable=True),
+    MethodSpec("mehl_soup_plus", functools.partial(hyperplane_soup, layerwise=True), MEHLPlusParams, resumable=True),
     MethodSpec("mehl_soup_plus_matched", functools.partial(hyperplane_soup, layerwise=True, compute_matched=True),
-               layerwise=True, resumable=True, search="auto"),
+               MEHLPlusParams, resumable=True),
 )

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
+from pydantic import model_validator
+
+from ..config import Strict
 from ..errors import SoupError
+
+GroupingName = Literal["tensor", "block", "model"] | list[str]  # a named grouping, or regex patterns (group_layers)
 
 # A transformer block index in common naming schemes: resblocks.3., layers.3., blocks.3., h.3., layer.3.
 _BLOCK = re.compile(r"^(.*?\b(?:resblocks|layers|blocks|h|layer)\.\d+)\.")
@@ -64,3 +70,39 @@ def group_layers(keys: list[str], grouping: str | list[str]) -> Grouping:
         labels = [next((p.pattern for p in patterns if p.search(key)), key) for key in keys]
         return _from_labels(keys, labels)
     raise SoupError(f"grouping: unknown value {grouping!r}; use 'tensor', 'block', 'model' or a list of regex patterns")
+
+
+class LayerwiseParams(Strict):
+    """The layer grouping of a "+" method (one coefficient per group and ingredient)."""
+
+    grouping: GroupingName = "tensor"  # "tensor" (the paper's "+"), "block", "model", or regex patterns
+
+    @model_validator(mode="after")
+    def _patterns(self) -> "LayerwiseParams":
+        if isinstance(self.grouping, list) and not self.grouping:
+            raise ValueError("grouping: an empty pattern list; give regex patterns or 'tensor', 'block', 'model'")
+        return self
+
+
+class SearchParams(Strict):
+    """A grid of candidate settings, each fitted on fit data; the lowest select loss is kept."""
+
+    groupings: list[GroupingName] = ["tensor", "block", "model"]  # candidate layer groupings
+    lrs: list[float] = [0.05, 0.1]  # candidate coefficient learning rates
+    weight_decays: list[float] = [0.0]  # candidate coefficient weight decays (towards the uniform soup)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "SearchParams":
+        for name in ("groupings", "lrs", "weight_decays"):
+            if not getattr(self, name):
+                raise ValueError(f"search.{name}: empty; list at least one candidate")
+        if min(self.lrs) <= 0 or min(self.weight_decays) < 0:
+            raise ValueError(f"search: lrs {self.lrs} must be > 0 and weight_decays {self.weight_decays} >= 0")
+        return self
+
+
+class SearchableParams(LayerwiseParams):
+    """A "+" method that may choose its grouping, lr and weight decay on select data (grouping: auto)."""
+
+    grouping: GroupingName | Literal["auto"] = "tensor"  # auto: the candidate of `search` with the lowest select loss
+    search: SearchParams = SearchParams()  # the candidates of grouping: auto

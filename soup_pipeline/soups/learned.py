@@ -10,19 +10,31 @@ from __future__ import annotations
 import functools
 
 import torch
+from pydantic import Field
 from torch.func import functional_call
 
-from ..config import SoupParams
+from ..config import SoupSettings
 from ..ingredients import IngredientStore
 from .base import (HeldOutStream, MethodSpec, Objective, SoupResult, check_ingredient_count, mixable_keys, resolve_device,
                    LossLog, step_loss, warn_overfitting)
-from .layers import group_layers
+from .layers import LayerwiseParams, group_layers
 from .mixing import MixAll, per_tensor, tensor_columns
 
 
-def learned_soup(store: IngredientStore, objective: Objective, params: SoupParams, *, layerwise: bool,
+class LearnedParams(SoupSettings):
+    """Learned-Soup: AdamW on the softmax logits at a constant rate (the reference setting)."""
+
+    lr: float = Field(0.05, gt=0)  # AdamW learning rate on the logits
+    epochs: int = Field(5, gt=0)  # passes over the fit data
+
+
+class LearnedPlusParams(LearnedParams, LayerwiseParams):
+    """Learned-Soup+: one softmax column per layer group."""
+
+
+def learned_soup(store: IngredientStore, objective: Objective, params: LearnedParams, *, layerwise: bool,
                  name: str = "learned_soup") -> SoupResult:
-    """Fit softmax weights with AdamW at a constant rate over `params.learned_epochs` held-out passes."""
+    """Fit softmax weights with AdamW at a constant rate over `params.epochs` passes over the fit data."""
     K = len(store)
     check_ingredient_count(store)
     device = resolve_device(params.device)
@@ -42,7 +54,7 @@ def learned_soup(store: IngredientStore, objective: Objective, params: SoupParam
 
     logits_w = torch.zeros(K, grouping.size, dtype=dtype, device=device, requires_grad=True)
     temperature = torch.ones((), dtype=dtype, device=device, requires_grad=True)
-    optimizer = torch.optim.AdamW([logits_w, temperature], lr=params.learned_lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([logits_w, temperature], lr=params.lr, weight_decay=0.0)
     stream = HeldOutStream(len(objective.fit), params.batch_size, params.seed)
     losses = LossLog()
 
@@ -52,7 +64,7 @@ def learned_soup(store: IngredientStore, objective: Objective, params: SoupParam
     def forward(inputs: torch.Tensor) -> torch.Tensor:
         return functional_call(model, mixed(torch.softmax(logits_w, 0)), (inputs,), strict=False) * temperature
 
-    steps = params.learned_epochs * stream.batches_per_pass
+    steps = params.epochs * stream.batches_per_pass
     for step in range(steps):
         optimizer.zero_grad()
         loss = step_loss(forward, objective, stream, device)
@@ -73,6 +85,6 @@ def learned_soup(store: IngredientStore, objective: Objective, params: SoupParam
 
 
 SPECS = (
-    MethodSpec("learned_soup", functools.partial(learned_soup, layerwise=False)),
-    MethodSpec("learned_soup_plus", functools.partial(learned_soup, layerwise=True), layerwise=True),
+    MethodSpec("learned_soup", functools.partial(learned_soup, layerwise=False), LearnedParams),
+    MethodSpec("learned_soup_plus", functools.partial(learned_soup, layerwise=True), LearnedPlusParams),
 )

@@ -1,6 +1,6 @@
 """`grouping: auto`: fit one soup per candidate setting on fit data, keep the one with the lowest select loss.
 
-The candidates are the declared grid `soup.search` (groupings x learning rates x weight decays).
+The candidates are the method's declared grid `search` (groupings x learning rates x weight decays).
 Each candidate is an ordinary run of the method, one after another, so each keeps the method's
 memory bound; between runs only the best candidate's state dict is kept. The select data decide
 the choice and nothing else: no candidate is trained on them. The chosen soup is not refitted
@@ -11,22 +11,29 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import Literal
 
-from ..config import SoupParams
 from ..errors import SoupError
 from ..ingredients import IngredientStore
 from .base import Method, MethodSpec, Objective, SoupResult, model_at, resolve_device, role_metrics
-from .hyperplane import hyperplane_soup
+from .hyperplane import MEHLPlusParams, hyperplane_soup
+from .layers import SearchableParams
 
 
-def candidate_settings(params: SoupParams) -> list[SoupParams]:
-    """One SoupParams per point of the grid `params.search`, in grid order (grouping, then lr, then weight decay)."""
+class AutoParams(MEHLPlusParams):
+    """mehl_soup_auto: MEHL-Soup+ whose grouping, lr and weight decay are always chosen from `search`."""
+
+    grouping: Literal["auto"] = "auto"  # always chosen on select data; set the candidates in `search`
+
+
+def candidate_settings(params: SearchableParams) -> list[SearchableParams]:
+    """One setting per point of the grid `params.search`, in grid order (grouping, then lr, then weight decay)."""
     grid = params.search
     return [params.model_copy(update={"grouping": grouping, "lr": lr, "weight_decay": weight_decay})
             for grouping in grid.groupings for lr in grid.lrs for weight_decay in grid.weight_decays]
 
 
-def searched_soup(method: Method, store: IngredientStore, objective: Objective, params: SoupParams, *,
+def searched_soup(method: Method, store: IngredientStore, objective: Objective, params: SearchableParams, *,
                   name: str, **options) -> SoupResult:
     """Run `method` once per candidate setting; return the soup with the lowest select loss.
 
@@ -52,7 +59,7 @@ def searched_soup(method: Method, store: IngredientStore, objective: Objective, 
         del result
     if best is None:
         raise SoupError(f"every candidate of grouping: auto gave a non-finite select loss ({rows}); "
-                        "lower soup.search.lrs or check the ingredients")
+                        "lower the method's search.lrs or check the ingredients")
     for index, row in enumerate(rows):
         row["chosen"] = index == chosen
     best.info.update({"search": rows, "chosen": {key: rows[chosen][key] for key in ("grouping", "lr", "weight_decay")}})
@@ -64,5 +71,5 @@ def with_search(method: Method) -> Method:
     return functools.partial(searched_soup, method)
 
 
-SPECS = (MethodSpec("mehl_soup_auto", with_search(functools.partial(hyperplane_soup, layerwise=True)), layerwise=True,
-                    resumable=True, search="always"),)  # MEHL-Soup+ with grouping, lr and weight decay chosen on select data
+# MEHL-Soup+ whose grouping (always auto) makes the registry run it through `with_search`
+SPECS = (MethodSpec("mehl_soup_auto", functools.partial(hyperplane_soup, layerwise=True), AutoParams, resumable=True),)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ..config import SoupParams
+from ..config import SoupSettings
 from ..ingredients import IngredientStore
 from .base import MethodSpec, Objective, SoupResult, check_ingredient_count, uniform_beta
 
 
-def uniform_soup(store: IngredientStore, objective: Objective, params: SoupParams, *, name: str = "uniform") -> SoupResult:
+def uniform_soup(store: IngredientStore, objective: Objective, params: SoupSettings, *, name: str = "uniform") -> SoupResult:
     """c = (1/K) sum_k theta_k; needs no data."""
     check_ingredient_count(store)
     model = objective.model_factory()

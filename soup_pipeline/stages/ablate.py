@@ -24,12 +24,13 @@ ACCURACY_COLUMNS = list(SPLIT_COLUMNS.values())
 def soup_accuracies(params: Params, store: IngredientStore, splits: DataSplits, method: str,
                     built: Path | None = None) -> dict[str, float]:
     """`method` on `store`, measured on every split; `built` is the soup stage's file when it holds exactly this soup."""
-    objective = soup_objective(params, store, splits)
-    device = resolve_device(params.soup.device)
+    settings = params.soup.method(method)
+    objective = soup_objective(params, store, splits, settings)
+    device = resolve_device(settings.device)
     if built is not None and built.is_file():
         state = IngredientStore([built]).load(0)
     else:
-        state = run_method(method, store, objective, params.soup).state_dict
+        state = run_method(method, store, objective, settings).state_dict
     return split_accuracies(predictor(model_at(objective, state, device), params.evaluate.batch_size, device), splits)
 
 

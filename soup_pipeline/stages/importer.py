@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..config import Params
 from ..errors import IngredientError
-from ..finetune import heldout_accuracies
+from ..evaluate import predictor, split_accuracies
 from ..ingredients import Ingredient, read_state_file, save_ingredient
 from ..models import classifier_from_spec, classifier_spec
 from ..soups.base import resolve_device
@@ -31,7 +31,8 @@ def run(params: Params, root: str | Path, source: str | Path, member: int, *, st
                               f"missing {missing[:5]}, unexpected {extra[:5]}; map its keys (--strip-prefix) or fix model.arch")
     model.load_state_dict(state)
     device = resolve_device(params.soup.device)
-    accuracies = heldout_accuracies(model.to(device).eval(), splits, device, params.evaluate.batch_size)
+    accuracies = split_accuracies(predictor(model.to(device), params.evaluate.batch_size, device), splits,
+                                  roles=("fit", "select"))
     meta = {"hparams": {}, **accuracies, "base_model": base_model, "member": member,
             "classifier_spec": spec, "imported_from": str(source)}
     return save_ingredient(state, Layout(Path(root)).ingredient(member), meta=meta)

@@ -38,12 +38,13 @@ def run(params: Params, root: str | Path, method: str) -> SoupResult:
     """Run `method` and write runs/soups/METHOD/{soup.safetensors, soup.json, beta.json, metrics.json, history.json}
     (and search.json, the candidate table, when the grouping was chosen on select data)."""
     layout = Layout(Path(root))
-    store = open_store(params, layout)
-    objective = soup_objective(params, store, load_splits(params))
+    settings = params.soup.method(method)
+    store = open_store(params, layout, settings=settings)
+    objective = soup_objective(params, store, load_splits(params), settings)
     options = {"resume_dir": layout.runs / "resume" / method} if get_spec(method).resumable else {}
-    result = run_method(method, store, objective, params.soup, **options)
+    result = run_method(method, store, objective, settings, **options)
     out = layout.soup_dir(method)
-    device = resolve_device(params.soup.device)
+    device = resolve_device(settings.device)
     metrics = soup_metrics(result, objective, device)
     save_ingredient(result.state_dict, out / "soup.safetensors",
                     meta={"method": method, "classifier_spec": store.ingredients[0].meta.get("classifier_spec"),

@@ -1,7 +1,7 @@
 """MLflow tracking and model registry for the pipeline; the only module that imports MLflow (lazily).
 
 One parent run per pipeline execution (`pipeline_run`), one nested run per fine-tune and per
-soup method (`nested_run`). Params are logged flattened (`soup.lr`), step series in batches,
+soup method (`nested_run`). Params are logged flattened (`soup.batch_size`), step series in batches,
 the mixing weights beta (K x L) as JSON plus a heatmap, tables as JSON, CSV and Markdown.
 Soups are registered as pyfunc models (safetensors + JSON, see `tracking/pyfunc_model.py`); the `champion`
 alias moves only to a version whose select accuracy strictly beats the current champion's (select data
@@ -164,7 +164,7 @@ def child_runs(parent_run_id: str) -> list:
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested dict -> {"soup.lr": "0.05", ...}; lists become JSON strings."""
+    """Nested dict -> {"soup.batch_size": "128", ...}; lists become JSON strings."""
     flat: dict[str, str] = {}
     for key, value in params.items():
         name = f"{prefix}{key}"

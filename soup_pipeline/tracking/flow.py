@@ -140,7 +140,7 @@ def record_soup(tracker: Tracker, params: Params, root: str | Path, result: Soup
         return None
     with child_run(tracker, result.method, kind="soup"):
         tracking.log_params({"method": result.method, "K": len(result.ingredient_names),
-                             "ingredients": result.ingredient_names, "soup": params.soup.model_dump(mode="json")})
+                             "ingredients": result.ingredient_names, "soup": params.soup.method(result.method).model_dump(mode="json")})
         if result.history:
             tracking.log_series({"fit_loss": result.history})
         tracking.log_scalars({
@@ -181,7 +181,7 @@ def register_soup(params: Params, root: str | Path, result: SoupResult, row: Map
     image = load_splits(params).select[0][0]
     k = len(result.ingredient_names)
     tags = {
-        "K": k, "b": min(params.soup.model_batch, k), **{key: row.get(key) for key in ROW_METRICS},
+        "K": k, "b": result.info.get("b"), **{key: row.get(key) for key in ROW_METRICS},
         **{f"chosen_{key}": value for key, value in result.info.get("chosen", {}).items()},
         "params_hash": params_hash(params), "git_commit": git_commit(root), "dvc_lock_hash": dvc_lock_hash(root),
     }
