@@ -67,10 +67,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _locked_dispatch(args: argparse.Namespace) -> str:
-    """Run a command; one that writes under the root holds its lock (the `run` flow takes it itself)."""
-    if args.command in ("run", "registry"):
+    """Run a command; one that writes under the root holds its lock (the `run` flow takes it itself; the
+    processes a command launches under its lock, and torchrun's ranks but rank 0, do not take it again)."""
+    from .lock import LOCK_HELD_ENV, root_lock
+
+    launched_rank = int(os.environ.get("RANK", "0"))  # torchrun's: rank 0 holds the lock for its group
+    if args.command in ("run", "registry") or os.environ.get(LOCK_HELD_ENV) or launched_rank > 0:
         return _dispatch(args)
-    from .lock import root_lock
 
     with root_lock(args.root, args.command):
         return _dispatch(args)

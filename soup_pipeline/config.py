@@ -24,6 +24,7 @@ class SoupSettings(Strict):
     seed: int = 0  # seeds the ingredient permutations and the held-out stream
     device: str = "auto"  # "auto" takes the GPU when there is one; else "cpu", "cuda", "cuda:1"
     storage_dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = None  # ingredient dtype in memory; None = the file's
+    nproc: int = Field(1, ge=1)  # processes (torchrun, one per GPU) for the methods that run distributed; results do not depend on it
 
 
 def error_lines(exc: ValidationError, prefix: str = "") -> list[str]:

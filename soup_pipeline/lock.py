@@ -16,6 +16,8 @@ from typing import Iterator
 
 from .errors import SoupError
 
+LOCK_HELD_ENV = "SOUP_PIPELINE_LOCK_HELD"  # set by a command for the processes it launches under its own lock
+
 
 @contextlib.contextmanager
 def file_lock(path: Path, command: str, refusal: str, fix: str) -> Iterator[None]:

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 from dvc_repo import make_repo, sh, write_params
 
@@ -58,6 +59,22 @@ def test_a_new_member_reruns_only_that_member_and_what_depends_on_it(built):
         assert {"soup@mehl_soup_plus", "evaluate"} <= stale
     finally:
         sh("git", "checkout", "params.yaml", cwd=built)
+
+
+def test_soup_stage_on_two_processes_equals_the_committed_one_process_soup(built):
+    soup = yaml.safe_load((built / "params.yaml").read_text())["soup"]
+    write_params(built, {"soup": {**soup, "nproc": 2}})
+    before = load_file(str(built / "runs/soups/mehl_soup_plus/soup.safetensors"))
+    try:
+        assert changed_stages(built) == set()  # the number of processes is not an input of the result
+        log = sh("dvc", "repro", "--force", "--single-item", "soup@mehl_soup_plus", cwd=built)
+        assert "Running stage 'soup@mehl_soup_plus'" in log
+        after = load_file(str(built / "runs/soups/mehl_soup_plus/soup.safetensors"))
+        assert max(float((before[key] - after[key]).abs().max()) for key in before) < 1e-5
+    finally:
+        sh("git", "checkout", "params.yaml", "dvc.lock", cwd=built)
+        sh("dvc", "checkout", "--force", cwd=built)
+    assert changed_stages(built) == set()
 
 
 def test_push_clone_pull_gives_identical_checkpoints(built, tmp_path):

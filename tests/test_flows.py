@@ -16,6 +16,7 @@ import mlflow
 import pytest
 import zc.lockfile
 from mlflow import MlflowClient
+from safetensors.torch import load_file
 from prefect.testing.utilities import prefect_test_harness
 
 from dvc_repo import PROJECT, TINY, make_repo, sh, tool_env, write_params
@@ -25,10 +26,12 @@ from mlflow_server import free_port
 from prefect_server import (cli, deployment, finished_flow_run, flow_run_states, poll, prefect_server,
                             serve_deployment, worker)
 from soup_pipeline import tracking
+from soup_pipeline.config import load_params
 from soup_pipeline.errors import SoupError
 from soup_pipeline.ingredients import file_sha256
 from soup_pipeline.layout import Layout
 from soup_pipeline.lock import root_lock
+from soup_pipeline.stages import soup as soup_stage
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +39,7 @@ FAST = {  # on top of TINY: the least work that still runs every stage
     "data": {"pretrain_size": 60, "train_size": 40, "heldout_size": 40, "test_size": 40},
     "pretrain": {"epochs": 1},
     "sweep": {"epochs_range": [1, 1]},
-    "soup": {"device": "cpu", "batch_size": 32, "methods": {"uniform": {}, "greedy": {}, "mehl_soup_plus": {"passes": 0.5},
+    "soup": {"device": "cpu", "batch_size": 32, "methods": {"uniform": {}, "greedy": {}, "mehl_soup_plus": {"passes": 0.5, "nproc": 2},
                                                            "mehl_soup_auto": {"passes": 0.5}}},
     "evaluate": {"ingredient_counts": [], "remove_top": [], "bootstrap_resamples": 200},
     "tracking": {"system_metrics": False, "register_method": "mehl_soup_auto"},
@@ -144,6 +147,21 @@ def test_flow_registers_the_soup_with_its_provenance_and_promotes_it(tracked):
     assert version.tags["dvc_lock_hash"] == file_sha256(tracked.repo / "dvc.lock")
     assert len(version.tags["params_hash"]) == 64
     assert str(MlflowClient().get_registered_model(MODEL).aliases["champion"]) == "1"
+
+
+def test_the_flow_souped_on_two_processes_as_one_process_would(tracked, tmp_path):
+    pipeline = tracked
+    root = tmp_path / "alone"  # the flow's inputs, souped again here in this one process
+    for folder in ("data", "ingredients"):
+        shutil.copytree(pipeline.repo / "runs" / folder, root / "runs" / folder)
+    params = load_params(pipeline.repo / "params.yaml")
+    assert params.soup.method("mehl_soup_plus").nproc == 2
+    alone = soup_stage.run(params.model_copy(update={"soup": params.soup.model_copy(update={"nproc": 1})}), root,
+                           "mehl_soup_plus")
+    flow = load_file(str(pipeline.repo / "runs/soups/mehl_soup_plus/soup.safetensors"))
+    assert max(float((alone.state_dict[key] - flow[key]).abs().max()) for key in flow) < 1e-5
+    (run,) = children(pipeline.summary["mlflow_run_id"])["mehl_soup_plus"]  # tracked from the files rank 0 wrote
+    assert run.data.params["soup.nproc"] == "2" and run.data.metrics["construction_s"] > 0
 
 
 def test_dvc_status_is_clean_and_pushed_after_a_flow_run(pipeline):

@@ -64,6 +64,7 @@ class MethodSpec:
     params: type[SoupSettings] = SoupSettings  # its typed parameters: params.yaml's soup.methods.NAME on the shared soup keys
     kind: str = "soup"  # "soup" (a state dict) or "ensemble" (predictions only: evaluated, never built as a stage)
     resumable: bool = False  # takes resume_dir= and continues after its last finished block
+    distributed: bool = False  # runs across torch.distributed ranks, each holding its share of a block (soup.nproc)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -32,7 +32,8 @@ from ..ingredients import BlockPrefetcher, IngredientStore
 from .base import (HeldOutStream, MethodSpec, Objective, SoupResult, check_ingredient_count, mixable_keys, resolve_device,
                    LossLog, step_loss, warn_overfitting)
 from .layers import SearchableParams, group_layers
-from .mixing import per_tensor, project_block, rebuild_, row_norms, tensor_columns
+from .distributed import Combiner, Ranks, rank_device
+from .mixing import per_tensor, project_block, row_norms, tensor_columns
 from .resume import fingerprint, load_state, save_state, state_path
 
 MASK_RTOL = 1e-6  # a direction with |d_{k,l}| <= MASK_RTOL * |c_l| is masked (its coefficient stays 0)
@@ -123,12 +124,15 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: MEHLPa
     permutations / batches: explicit ingredient order per epoch and held-out index batches, to
     compare implementations step by step. resume_dir: save state after each block and resume.
     compute_matched: S scaled by b/K, so the run takes HL-Soup's number of steps.
+    Under torch.distributed each rank holds and steps only its share of every block
+    (soups/distributed.py); the result is the same on every rank and equals the run alone.
     """
     K = len(store)
     check_ingredient_count(store)
     b = clamp_model_batch(params.model_batch, K)
     epochs = params.model_epochs
-    device = resolve_device(params.device)
+    device = rank_device(resolve_device(params.device))
+    ranks = Ranks.current()
 
     model = objective.model_factory()
     param_keys, _ = mixable_keys(model, store)
@@ -147,6 +151,7 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: MEHLPa
 
     perms = model_permutations(K, epochs, params.seed, permutations)
     blocks = [perm[i : i + b] for perm in perms for i in range(0, K, b)]
+    shares = [ranks.share(block) for block in blocks]  # this rank's ingredients of each block
     stream = HeldOutStream(len(objective.fit), params.batch_size, params.seed, batches)
     passes = params.passes * b / K if compute_matched else params.passes
     steps = max(1, round(passes * stream.batches_per_pass))
@@ -169,22 +174,22 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: MEHLPa
                 for key, value in state["soup"].items():
                     soup[key].copy_(value)
 
-    with BlockPrefetcher(store, blocks[start:], param_keys, enabled=params.prefetch, device=device) as prefetcher:
+    combine = Combiner(ranks, {key: soup[key] for key in param_keys})
+    with BlockPrefetcher(store, shares[start:], param_keys, enabled=params.prefetch, device=device) as prefetcher:
         for position in tqdm(range(start, len(blocks)), desc=name, unit="block", initial=start, total=len(blocks),
-                             disable=None):
-            block = blocks[position]
+                             disable=None if ranks.leader else True):
+            block, mine = blocks[position], shares[position]
             directions = prefetcher.get(position - start)
-            for key in param_keys:  # in place, so the store keeps counting these b ingredients
+            for key in param_keys:  # in place, so the store keeps counting these ingredients
                 directions[key].sub_(centre[key])
             block_norms = row_norms(directions, grouping)
-            norms[block] = block_norms
+            norms[block] = ranks.assemble(block_norms, block)
             scale = coefficient_scale(block_norms, centre_norm, params.normalize_directions).to(device, dtype)
 
-            X_block = X[block].to(device).requires_grad_(True)
+            X_block = X[mine].to(device).requires_grad_(True)
             with torch.no_grad():
-                start_alpha = per_tensor(-(X_block * scale), columns)
-                base = {key: rebuild_(torch.empty_like(soup[key]), soup[key], start_alpha[i], directions[key])
-                        for i, key in enumerate(param_keys)}
+                base = {key: torch.empty_like(soup[key]) for key in param_keys}
+                combine(base, soup, per_tensor(-(X_block * scale), columns), directions)
             optimizer = torch.optim.AdamW([X_block], lr=params.lr, weight_decay=params.weight_decay)
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
             for step in range(steps):
@@ -199,20 +204,20 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: MEHLPa
                 optimizer.step()
                 schedule.step()
                 with torch.no_grad():
-                    alpha = per_tensor(X_block * scale, columns)
-                    for i, key in enumerate(param_keys):
-                        rebuild_(soup[key], base[key], alpha[i], directions[key])
+                    combine(soup, base, per_tensor(X_block * scale, columns), directions)
                 if on_step is not None:
                     losses.flush()
                     now = X.clone()
-                    now[block] = X_block.detach().cpu()
+                    now[mine] = X_block.detach().cpu()
                     on_step(StepEvent(position, block, step, losses.values[-1], now))
             losses.flush()
-            X[block] = X_block.detach().cpu()
+            X[block] = ranks.assemble(X_block.detach(), block).cpu()
             del directions, base
             if saved_at is not None:
-                save_state(saved_at, next_block=position + 1, X=X, norms=norms,
-                           soup={k: soup[k] for k in param_keys}, stream=stream.state(), history=losses.values)
+                if ranks.leader:
+                    save_state(saved_at, next_block=position + 1, X=X, norms=norms,
+                               soup={k: soup[k] for k in param_keys}, stream=stream.state(), history=losses.values)
+                ranks.barrier()  # no rank starts the next block before the state of this one is on disk
 
     alpha = X.to(torch.float64) * coefficient_scale(norms, centre_norm, params.normalize_directions)
     beta = alpha + (1.0 - alpha.sum(0, keepdim=True)) / K
@@ -230,11 +235,12 @@ def hl_soup(store: IngredientStore, objective: Objective, params: HLParams, *, l
     return hyperplane_soup(store, objective, as_mehl, layerwise=layerwise, name=name, **options)
 
 
+BLOCKWISE = {"resumable": True, "distributed": True}  # what every method of this module can do
 SPECS = (
-    MethodSpec("hl_soup", functools.partial(hl_soup, layerwise=False), HLParams, resumable=True),
-    MethodSpec("hl_soup_plus", functools.partial(hl_soup, layerwise=True), HLPlusParams, resumable=True),
-    MethodSpec("mehl_soup", functools.partial(hyperplane_soup, layerwise=False), MEHLParams, resumable=True),
-    MethodSpec("mehl_soup_plus", functools.partial(hyperplane_soup, layerwise=True), MEHLPlusParams, resumable=True),
+    MethodSpec("hl_soup", functools.partial(hl_soup, layerwise=False), HLParams, **BLOCKWISE),
+    MethodSpec("hl_soup_plus", functools.partial(hl_soup, layerwise=True), HLPlusParams, **BLOCKWISE),
+    MethodSpec("mehl_soup", functools.partial(hyperplane_soup, layerwise=False), MEHLParams, **BLOCKWISE),
+    MethodSpec("mehl_soup_plus", functools.partial(hyperplane_soup, layerwise=True), MEHLPlusParams, **BLOCKWISE),
     MethodSpec("mehl_soup_plus_matched", functools.partial(hyperplane_soup, layerwise=True, compute_matched=True),
-               MEHLPlusParams, resumable=True),
+               MEHLPlusParams, **BLOCKWISE),
 )

@@ -10,6 +10,7 @@ holds: sharded across processes, only the b x L results need summing.
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import torch
@@ -27,10 +28,15 @@ def per_tensor(coeffs: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     return coeffs[:, columns].t()
 
 
+def rows_of(stacked: torch.Tensor) -> torch.Tensor:
+    """[b, *shape] as b flat rows (b may be 0: a rank's empty share of a block)."""
+    return stacked.reshape(len(stacked), math.prod(stacked.shape[1:]))
+
+
 def rebuild_(out: torch.Tensor, base: torch.Tensor | None, coeffs: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
     """out = base + sum_j coeffs[j] * stacked[j] (base None means 0), in out's dtype; returns out."""
     flat_out = out.view(-1)
-    rows = stacked.reshape(len(stacked), -1)
+    rows = rows_of(stacked)
     if rows.dtype == out.dtype:
         if base is None:
             torch.mv(rows.t(), coeffs.to(out.dtype), out=flat_out)
@@ -50,7 +56,7 @@ def project(grad: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
     """<grad, stacked[j]> for every row j, in grad's dtype."""
     flat_grad = grad.reshape(-1)
     if stacked.dtype == grad.dtype:
-        return stacked.reshape(len(stacked), -1) @ flat_grad
+        return rows_of(stacked) @ flat_grad
     return torch.stack([torch.dot(row.reshape(-1).to(grad.dtype), flat_grad) for row in stacked])
 
 
@@ -72,7 +78,7 @@ def row_norms(stacked: Mapping[str, torch.Tensor], grouping: Grouping) -> torch.
     b = len(next(iter(stacked.values())))
     squares = torch.zeros(b, grouping.size, dtype=torch.float64)
     for key, tensor in stacked.items():
-        norms = torch.linalg.vector_norm(tensor.reshape(b, -1), dim=1, dtype=torch.float64)
+        norms = torch.linalg.vector_norm(rows_of(tensor), dim=1, dtype=torch.float64)
         squares[:, grouping.group_of[key]] += norms.cpu() ** 2
     return squares.sqrt()
 

@@ -16,7 +16,7 @@ from typing import Literal
 from ..errors import SoupError
 from ..ingredients import IngredientStore
 from .base import Method, MethodSpec, Objective, SoupResult, model_at, resolve_device, role_metrics
-from .hyperplane import MEHLPlusParams, hyperplane_soup
+from .hyperplane import BLOCKWISE, MEHLPlusParams, hyperplane_soup
 from .layers import SearchableParams
 
 
@@ -72,4 +72,4 @@ def with_search(method: Method) -> Method:
 
 
 # MEHL-Soup+ whose grouping (always auto) makes the registry run it through `with_search`
-SPECS = (MethodSpec("mehl_soup_auto", functools.partial(hyperplane_soup, layerwise=True), AutoParams, resumable=True),)
+SPECS = (MethodSpec("mehl_soup_auto", functools.partial(hyperplane_soup, layerwise=True), AutoParams, **BLOCKWISE),)

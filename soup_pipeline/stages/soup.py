@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 from ..atomic import write_json
 from ..config import Params
-from ..ingredients import save_ingredient
+from ..errors import SoupError
+from ..ingredients import IngredientStore, save_ingredient
+from ..layout import Layout, load_splits, open_store, read_json, soup_objective
+from ..lock import LOCK_HELD_ENV
 from ..soups import SoupResult, get_spec, run_method
 from ..soups.base import Objective, model_at, resolve_device, role_metrics
-from ..layout import Layout, load_splits, open_store, soup_objective
+from ..soups.distributed import launched_world, process_group, rank_device
 
 MIB = 2**20
 
@@ -35,25 +43,68 @@ def soup_metrics(result: SoupResult, objective: Objective, device) -> dict:
 
 
 def run(params: Params, root: str | Path, method: str) -> SoupResult:
-    """Run `method` and write runs/soups/METHOD/{soup.safetensors, soup.json, beta.json, metrics.json, history.json}
-    (and search.json, the candidate table, when the grouping was chosen on select data)."""
+    """Run `method` and write runs/soups/METHOD/{soup.safetensors, beta.json, metrics.json, history.json}
+    (and search.json, the candidate table, when the grouping was chosen on select data).
+
+    With `nproc` > 1 a method that runs distributed is launched on that many processes by torchrun
+    (one per GPU on a GPU machine, gloo on the CPU); rank 0 writes the files, read back here.
+    """
     layout = Layout(Path(root))
     settings = params.soup.method(method)
+    spec = get_spec(method)
+    if settings.nproc > 1 and spec.distributed and launched_world() == 1:
+        launch(params, layout, method, settings.nproc)
+        return read_result(layout, method)
     store = open_store(params, layout, settings=settings)
     objective = soup_objective(params, store, load_splits(params), settings)
-    options = {"resume_dir": layout.runs / "resume" / method} if get_spec(method).resumable else {}
-    result = run_method(method, store, objective, settings, **options)
-    out = layout.soup_dir(method)
-    device = resolve_device(settings.device)
-    metrics = soup_metrics(result, objective, device)
+    options = {"resume_dir": layout.runs / "resume" / method} if spec.resumable else {}
+    device = rank_device(resolve_device(settings.device))
+    with process_group(device) as ranks:
+        result = run_method(method, store, objective, settings, **options)
+    if ranks.leader:
+        write_result(result, layout, soup_metrics(result, objective, device), store.ingredients[0].meta)
+    return result
+
+
+def write_result(result: SoupResult, layout: Layout, metrics: dict, ingredient_meta: dict) -> None:
+    """The soup stage's files for `result` (see `run`)."""
+    out = layout.soup_dir(result.method)
     save_ingredient(result.state_dict, out / "soup.safetensors",
-                    meta={"method": method, "classifier_spec": store.ingredients[0].meta.get("classifier_spec"),
-                          "base_model": store.ingredients[0].meta.get("base_model"), "fit_acc": metrics["fit_acc"],
+                    meta={"method": result.method, "classifier_spec": ingredient_meta.get("classifier_spec"),
+                          "base_model": ingredient_meta.get("base_model"), "fit_acc": metrics["fit_acc"],
                           "ingredients": result.ingredient_names})
     write_json(out / "beta.json", {"ingredients": result.ingredient_names, "layers": result.layer_names,
                                    "beta": result.beta.to(torch.float64).tolist()})
-    write_json(out / "history.json", [{"step": i, "heldout_loss": v} for i, v in enumerate(result.history)])
+    write_json(out / "history.json", [{"step": i, "fit_loss": v} for i, v in enumerate(result.history)])
     write_json(out / "metrics.json", metrics)
     if "search" in result.info:
         write_json(out / "search.json", result.info["search"])
-    return result
+
+
+def read_result(layout: Layout, method: str) -> SoupResult:
+    """The soup stage's files of `method` as a SoupResult (as `run` returned it, less the in-memory extras)."""
+    out = layout.soup_dir(method)
+    beta, metrics = read_json(out / "beta.json"), read_json(out / "metrics.json")
+    info = {key: metrics[key] for key in ("K", "L", "b", "model_epochs", "steps_per_block", "steps", "members", "chosen")
+            if key in metrics}
+    if (out / "search.json").is_file():
+        info["search"] = read_json(out / "search.json")
+    peaks = {"cpu_rss": metrics["peak_cpu_mib"], "cuda": metrics["peak_cuda_mib"]}
+    return SoupResult(method=method, state_dict=IngredientStore([out / "soup.safetensors"]).load(0),
+                      beta=torch.tensor(beta["beta"], dtype=torch.float64), layer_names=beta["layers"],
+                      ingredient_names=beta["ingredients"], seconds=metrics["seconds"],
+                      peak_bytes={key: round(mib * MIB) for key, mib in peaks.items() if mib is not None},
+                      history=[row["fit_loss"] for row in read_json(out / "history.json")], info=info)
+
+
+def launch(params: Params, layout: Layout, method: str, nproc: int) -> None:
+    """`soup-pipeline soup --method METHOD` on `nproc` processes under torchrun, with these very params."""
+    with tempfile.TemporaryDirectory(prefix="soup-params-") as folder:
+        given = Path(folder) / "params.json"  # JSON is YAML: the CLI reads it as its params file
+        given.write_text(json.dumps(params.model_dump(mode="json")))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                   "-m", "soup_pipeline.cli", "--params", str(given), "--root", str(layout.root), "soup", "--method", method]
+        done = subprocess.run(command, env={**os.environ, LOCK_HELD_ENV: "1"})
+    if done.returncode != 0:
+        raise SoupError(f"{method} on {nproc} processes failed (torchrun exit code {done.returncode}); the log above "
+                        "names the rank and its error. Finished blocks are kept: rerun to resume after the last one")

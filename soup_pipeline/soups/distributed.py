@@ -1,0 +1,133 @@
+"""MEHL-Soup(+) across processes with torch.distributed: each rank holds its share of a block's directions.
+
+The b ingredients of a block are cut into contiguous shares of ceil(b / world size), one per rank;
+a rank loads, holds and projects onto its share only, and steps the coefficients of its share
+(AdamW is elementwise, so that is exactly the single-process update). What crosses ranks:
+
+- per step, one parameter-sized sum: each rank's part of sum_k alpha_k d_k, all-reduced, so the
+  soup theta = base + sum is the same on every rank (`Combiner`);
+- per block, the K x L coefficients and direction norms of the block (`Ranks.assemble`).
+
+Every rank runs the same forward and backward pass on the same fit mini-batch: the batch is not
+split across ranks, which would add a second parameter-sized all-reduce per step (the gradient)
+to save compute the method does not need to save; the point of the ranks is memory. torchrun
+describes the group in the environment; `process_group` joins it (gloo on CPUs, NCCL on GPUs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..errors import SoupError
+from .mixing import rebuild_
+
+TIMEOUT = datetime.timedelta(minutes=10)  # a collective waiting longer than this fails the run
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the processes souping together (rank 0 of 1 when alone)."""
+
+    rank: int = 0
+    world: int = 1
+    comm_device: torch.device = torch.device("cpu")  # where collectives run: the GPU under NCCL
+
+    @classmethod
+    def current(cls) -> "Ranks":
+        if dist.is_available() and dist.is_initialized():
+            nccl = dist.get_backend() == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+            return cls(dist.get_rank(), dist.get_world_size(), device)
+        return cls()
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0 writes files and logs for the group."""
+        return self.rank == 0
+
+    def share(self, block: Sequence[int]) -> list[int]:
+        """This rank's contiguous part of a block: at most ceil(b / world) ingredients (possibly none)."""
+        size = -(-len(block) // self.world)
+        return list(block[self.rank * size : (self.rank + 1) * size])
+
+    def assemble(self, rows: torch.Tensor, block: Sequence[int]) -> torch.Tensor:
+        """The block's rows from every rank's share (`rows` holds this rank's), on every rank."""
+        if self.world == 1:
+            return rows
+        size = -(-len(block) // self.world)
+        full = torch.zeros(len(block), *rows.shape[1:], dtype=rows.dtype, device=self.comm_device)
+        start = min(self.rank * size, len(block))
+        full[start : start + len(rows)] = rows
+        dist.all_reduce(full)
+        return full.to(rows.device)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+class Combiner:
+    """out = base + sum over every rank's share of alpha_k d_k, tensor by tensor.
+
+    Alone, each tensor is one fused multiply-add (`rebuild_`). With several ranks, each rank's
+    partial sum goes into one flat parameter-sized buffer that is all-reduced in a single call.
+    """
+
+    def __init__(self, ranks: Ranks, like: Mapping[str, torch.Tensor]):
+        self.ranks = ranks
+        self.keys = list(like)
+        if ranks.world > 1:
+            dtypes = {t.dtype for t in like.values()}
+            if len(dtypes) != 1:
+                raise SoupError(f"distributed souping needs one parameter dtype, the model has {sorted(map(str, dtypes))}")
+            first = next(iter(like.values()))
+            self.flat = torch.empty(sum(t.numel() for t in like.values()), dtype=first.dtype, device=first.device)
+            self.views = dict(zip(self.keys, (chunk.view(like[k].shape) for k, chunk in
+                                              zip(self.keys, self.flat.split([t.numel() for t in like.values()])))))
+
+    def __call__(self, out: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], alpha: torch.Tensor,
+                 directions: Mapping[str, torch.Tensor]) -> None:
+        """alpha: one row per key (T x this rank's share), as `mixing.per_tensor` gives it."""
+        if self.ranks.world == 1:
+            for i, key in enumerate(self.keys):
+                rebuild_(out[key], base[key], alpha[i], directions[key])
+            return
+        for i, key in enumerate(self.keys):
+            rebuild_(self.views[key], None, alpha[i], directions[key])
+        dist.all_reduce(self.flat)
+        for key in self.keys:
+            torch.add(base[key], self.views[key], out=out[key])
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """The device of this rank: its own GPU (LOCAL_RANK) under torchrun, else `device` as given."""
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def launched_world() -> int:
+    """The number of processes torchrun started this one among (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[Ranks]:
+    """Join the group torchrun describes (gloo on a CPU, NCCL on a GPU) for the block; alone outside torchrun."""
+    if launched_world() <= 1 or dist.is_initialized():
+        yield Ranks.current()
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    try:
+        yield Ranks.current()
+    finally:
+        dist.destroy_process_group()
