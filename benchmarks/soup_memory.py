@@ -1,11 +1,14 @@
 """Peak memory and time per inner step of Learned-Soup+, HL-Soup+ and MEHL-Soup+ against a fine-tuning step.
 
 Ingredients are one random open_clip image tower perturbed K times (memory and time need no
-trained weights). Every configuration runs in a fresh process; peak memory is measured above
-that process's baseline (CPU RSS by sampling; the CUDA allocator peak on a GPU). Prints a
-Markdown table. Example (the README's table):
+trained weights). Every configuration runs in a fresh process (or, with --worlds, in fresh
+torchrun groups of that many ranks: gloo on a CPU, NCCL on GPUs); peak memory is measured above
+each process's baseline (CPU RSS by sampling; the CUDA allocator peak on a GPU) and reported for
+the rank that peaked highest, beside the ingredient bytes one rank held. Prints a Markdown table.
+Examples (the README's tables):
 
     python benchmarks/soup_memory.py --arch ViT-B-32 --ks 4 8 16 32 --bs 1 2 4 --device cuda
+    python benchmarks/soup_memory.py --arch ViT-B-32 --ks 8 --bs 4 --worlds 1 2 --device cpu --batch 8 --steps 3
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from soup_pipeline.meters import measure
 from soup_pipeline.models import classifier_from_spec, classifier_spec
 from soup_pipeline.soups import Objective, params_from, run_method
 from soup_pipeline.soups.base import resolve_device
+from soup_pipeline.soups.distributed import process_group, rank_device
 
 NUM_CLASSES = 10
 
@@ -95,7 +99,7 @@ def finetune_floor(args, device: torch.device) -> dict:
 
 def run_one(args) -> dict:
     """One configuration in this process; returns its measurements."""
-    device = resolve_device(args.device)
+    device = rank_device(resolve_device(args.device))
     if args.method == "finetune":
         return finetune_floor(args, device)
     paths = make_ingredients(Path(args.workdir), args.arch, args.K, args.image_size)
@@ -106,18 +110,21 @@ def run_one(args) -> dict:
     settings = dict(device=args.device, model_batch=args.b, passes=1.0, epochs=1, batch_size=args.batch,
                     prefetch=not args.no_prefetch, storage_dtype=args.storage_dtype)
     params = params_from(args.method, settings)
-    result = run_method(args.method, store, objective, params)
+    with process_group(device) as ranks:
+        result = run_method(args.method, store, objective, params)
     steps_per_block = result.info.get("steps_per_block", result.info.get("steps"))
     return {"step_s": clock.step_seconds(steps_per_block), "peak_bytes": result.peak_bytes, "seconds": result.seconds,
-            "resident_peak": store.peak_resident_count, "ingredient_bytes": store.ingredient_bytes()}
+            "resident_peak": store.peak_resident_count, "resident_peak_bytes": store.peak_resident_bytes,
+            "ingredient_bytes": store.ingredient_bytes(), "rank": ranks.rank}
 
 
-def configurations(args) -> list[tuple[str, int, int]]:
-    rows = [("finetune", 0, 0)]
+def configurations(args) -> list[tuple[str, int, int, int]]:
+    """(method, K, b, ranks): the fine-tuning floor, then per K Learned-Soup+, HL-Soup+ and MEHL-Soup+ per b and world size."""
+    rows = [("finetune", 0, 0, 1)]
     for K in args.ks:
-        rows.append(("learned_soup_plus", K, K))
-        rows.append(("hl_soup_plus", K, K))
-        rows += [("mehl_soup_plus", K, b) for b in args.bs if b <= K]
+        rows.append(("learned_soup_plus", K, K, 1))
+        rows.append(("hl_soup_plus", K, K, 1))
+        rows += [("mehl_soup_plus", K, b, world) for b in args.bs if b <= K for world in args.worlds]
     return rows
 
 
@@ -132,42 +139,50 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--storage-dtype", default=None, choices=[None, "bfloat16", "float16", "float32"])
     parser.add_argument("--no-prefetch", action="store_true")
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1], help="MEHL-Soup+ on this many ranks (torchrun)")
     parser.add_argument("--skip", nargs="*", default=[], help="methods to leave out, e.g. learned_soup_plus")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "soup-bench-ingredients"))
-    parser.add_argument("--one", nargs=3, metavar=("METHOD", "K", "B"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=4, metavar=("METHOD", "K", "B", "REPORT_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.one:
         args.method, args.K, args.b = args.one[0], int(args.one[1]), int(args.one[2])
-        print(json.dumps(run_one(args)))
+        row = run_one(args)
+        Path(args.one[3], f"rank-{row.get('rank', 0)}.json").write_text(json.dumps(row))
         return
     make_ingredients(Path(args.workdir), args.arch, max(args.ks), args.image_size)
     model_bytes = None
     floor = None
     print(f"arch {args.arch}, batch {args.batch}, {args.steps} steps per block, device {resolve_device(args.device)}, "
           f"storage {args.storage_dtype or 'file dtype'}, prefetch {not args.no_prefetch}")
-    print("| method | K | b | peak memory (GiB) | peak / model size | time per inner step (s) | step / fine-tune step |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | K | b | ranks | peak memory per rank (GiB) | peak / model size | ingredients held per rank (GiB) "
+          "| time per inner step (s) | step / fine-tune step |")
+    print("|---|---|---|---|---|---|---|---|---|")
     passthrough = [f"--arch={args.arch}", f"--image-size={args.image_size}", f"--batch={args.batch}",
                    f"--steps={args.steps}", f"--device={args.device}", f"--workdir={args.workdir}"]
     passthrough += [f"--storage-dtype={args.storage_dtype}"] if args.storage_dtype else []
     passthrough += ["--no-prefetch"] if args.no_prefetch else []
-    for method, K, b in configurations(args):
+    for method, K, b, world in configurations(args):
         if method in args.skip:
             continue
-        out = subprocess.run([sys.executable, __file__, "--one", method, str(K), str(b), *passthrough],
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            print(f"| {method} | {K} | {b} | failed: {out.stderr.strip().splitlines()[-1][:80]} | | | |", flush=True)
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"] if world > 1 else []
+        with tempfile.TemporaryDirectory() as reports:
+            out = subprocess.run([sys.executable, *launcher, __file__, "--one", method, str(K), str(b), reports,
+                                  *passthrough], capture_output=True, text=True)
+            ranks = [json.loads(path.read_text()) for path in sorted(Path(reports).glob("rank-*.json"))]
+        if out.returncode != 0 or not ranks:
+            print(f"| {method} | {K} | {b} | {world} | failed: {out.stderr.strip().splitlines()[-1][:80]} | | | | |", flush=True)
             continue
-        row = json.loads(out.stdout.strip().splitlines()[-1])
-        peak = row["peak_bytes"].get("cuda", row["peak_bytes"]["cpu_rss"])
+        row = min(ranks, key=lambda r: r.get("rank", 0))  # rank 0's clock
+        peak = max(r["peak_bytes"].get("cuda", r["peak_bytes"]["cpu_rss"]) for r in ranks)
+        held = max(r.get("resident_peak_bytes", 0) for r in ranks)
         if method == "finetune":
             floor = row["step_s"]
         model_bytes = row.get("ingredient_bytes", model_bytes)
         ratio = f"{peak / model_bytes:.1f}" if model_bytes else ""
         speed = f"{row['step_s'] / floor:.2f}" if floor else ""
-        print(f"| {method} | {K or ''} | {b or ''} | {peak / 2**30:.2f} | {ratio} | {row['step_s']:.3f} | {speed} |", flush=True)
+        print(f"| {method} | {K or ''} | {b or ''} | {world} | {peak / 2**30:.2f} | {ratio} | {held / 2**30:.2f} "
+              f"| {row['step_s']:.3f} | {speed} |", flush=True)
 
 
 if __name__ == "__main__":

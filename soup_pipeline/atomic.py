@@ -9,13 +9,15 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+TEMPORARY_SUFFIX = ".tmp"  # with a leading dot: `.NAME.XXXXXXXX.tmp` beside NAME while it is written
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -29,3 +31,14 @@ def write_json(path: str | Path, payload: object) -> None:
     """Write `payload` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files `atomic_path` left under `folder` when its writer was killed; return them.
+
+    Only safe while no writer can be at work there (the caller holds the folder's lock).
+    """
+    stale = [path for path in Path(folder).rglob(f".*{TEMPORARY_SUFFIX}") if path.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale

@@ -63,10 +63,13 @@ def load_yaml(path: str | Path) -> dict:
         raise SoupError(f"params file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise SoupError(f"params file {path} is not text (not UTF-8); give the YAML params file") from None
     except yaml.YAMLError as exc:
         raise SoupError(f"params file {path} is not valid YAML ({exc}); fix the line it names") from None
     if not isinstance(data, dict):
-        raise SoupError(f"params file {path} must hold a mapping at the top level")
+        raise SoupError(f"params file {path} must hold a mapping at the top level (section: keys), "
+                        f"got {type(data).__name__}; see the project's params.yaml")
     return data
 
 

@@ -5,7 +5,9 @@ expects. The base is pre-trained on clean upright digits; the target task is dig
 shrunk and moved on the canvas with noise (see `digits_splits`), on held-out and test source
 images that pre-training and fine-tuning never see, plus a shifted test (stronger rotation and
 noise). Held-out data are cut into a fit and a select role (`select_split`).
-Real data: an image folder, or a torchvision data set already on disk (never downloaded).
+Real data: an image folder, or a torchvision data set already on disk (never downloaded). An image
+folder is checked when it is built, before any model work: every split has the same class folders,
+none of them empty, and every image file opens and verifies with PIL.
 Augmentation runs on batches of image tensors, so it works the same for every source.
 """
 
@@ -15,13 +17,15 @@ import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .config import DataParams
 from .errors import SoupError
@@ -37,6 +41,7 @@ DIGIT_TEMPLATES = (
     "a drawing of the number {}.",
 )
 IMAGE_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.", "a photo of the {}.")
+MAX_NAMED = 10  # unreadable image files named in one error
 
 
 @dataclass(frozen=True)
@@ -235,11 +240,62 @@ def source_views(sources: torch.Tensor, views: int) -> torch.Tensor:
 
 
 def image_folder_dataset(root: str | Path, transform: Callable | None) -> torchvision.datasets.ImageFolder:
-    """A torchvision ImageFolder (root/CLASS/IMAGE), with a clear error for a missing or empty folder."""
+    """A torchvision ImageFolder (root/CLASS/IMAGE), with a clear error for a missing folder or an empty class folder."""
     try:
-        return torchvision.datasets.ImageFolder(str(root), transform=transform)
+        dataset = torchvision.datasets.ImageFolder(str(root), transform=transform, allow_empty=True)
     except (FileNotFoundError, OSError) as exc:
         raise SoupError(f"image folder {root} cannot be read ({exc}); it needs one sub-folder of images per class") from exc
+    empty = sorted(set(dataset.classes) - {dataset.classes[target] for target in dataset.targets})
+    if empty:
+        raise SoupError(
+            f"class folder(s) {', '.join(str(Path(root) / name) for name in empty)} hold no images "
+            f"({', '.join(IMG_EXTENSIONS)}); add images of that class, or remove its folder from every split"
+        )
+    return dataset
+
+
+def check_same_classes(root: Path, folders: Mapping[str, torchvision.datasets.ImageFolder]) -> None:
+    """Raise unless every split has the class folders of train, naming the split and the classes it lacks or adds."""
+    reference = set(folders["train"].classes)
+    for name, dataset in folders.items():
+        missing, extra = sorted(reference - set(dataset.classes)), sorted(set(dataset.classes) - reference)
+        if missing or extra:
+            raise SoupError(
+                f"split '{name}' ({root / name}) lacks class folder(s) {missing} and has extra {extra} compared with "
+                f"train ({root / 'train'}); give every split the same class folders, each holding images"
+            )
+
+
+def image_problem(path: str | Path) -> str | None:
+    """Why PIL cannot open and verify the image file at `path` (no full decode), or None when it can."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as exc:  # PIL raises OSError, SyntaxError, struct.error, ... for damaged files
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def check_images(paths: Iterable[str | Path]) -> None:
+    """Open and verify every image file; one error names each file that fails and the fix."""
+    bad = [f"{path} ({problem})" for path in paths if (problem := image_problem(path)) is not None]
+    if bad:
+        shown = "; ".join(bad[:MAX_NAMED])
+        raise SoupError(f"{len(bad)} image file(s) cannot be read (at most {MAX_NAMED} named): {shown}; "
+                        "replace them with intact images or delete them")
+
+
+def image_folder_splits(params: DataParams, transform: Callable | None) -> DataSplits:
+    """root/{train,heldout,test[,test_shift]}/CLASS/IMAGE, checked (class folders, then every image) before use."""
+    root = Path(params.root)
+    names = ("train", "heldout", "test", *(("test_shift",) if (root / "test_shift").is_dir() else ()))
+    folders = {name: image_folder_dataset(root / name, transform) for name in names}
+    check_same_classes(root, folders)
+    check_images(path for dataset in folders.values() for path, _ in dataset.samples)
+    fit, select = fit_and_select(folders["heldout"], params.select_fraction, params.split_seed)
+    return DataSplits(train=folders["train"], fit=fit, select=select, test=folders["test"],
+                      classnames=_classnames(folders["train"]), templates=tuple(params.templates or IMAGE_TEMPLATES),
+                      test_shift=folders.get("test_shift"))
 
 
 def torchvision_dataset(name: str, root: str | Path, split: str, transform: Callable | None) -> Dataset:
@@ -291,20 +347,9 @@ def build_datasets(params: DataParams, *, transform: Callable | None = None,
     """The splits named by `params`; `transform` (the model's val preprocess) turns real images into tensors."""
     if params.source == "digits":
         return digits_splits(params, mean, std)
-    root = Path(params.root)
     if params.source == "image_folder":
-        folders = {name: image_folder_dataset(root / name, transform) for name in ("train", "heldout", "test")}
-        shift_root = root / "test_shift"
-        shifted = image_folder_dataset(shift_root, transform) if shift_root.is_dir() else None
-        classnames = _classnames(folders["train"])
-        for name, dataset in [*folders.items(), ("test_shift", shifted)]:
-            if dataset is not None and _classnames(dataset) != classnames:
-                raise SoupError(
-                    f"{root / name} has classes {_classnames(dataset)} but train has {classnames}; use the same class folders"
-                )
-        fit, select = fit_and_select(folders["heldout"], params.select_fraction, params.split_seed)
-        return DataSplits(train=folders["train"], fit=fit, select=select, test=folders["test"], classnames=classnames,
-                          templates=tuple(params.templates or IMAGE_TEMPLATES), test_shift=shifted)
+        return image_folder_splits(params, transform)
+    root = Path(params.root)
     full_train = torchvision_dataset(params.torchvision_name, root, "train", transform)
     heldout, train = stratified_indices(dataset_labels(full_train),
                                         [params.heldout_size, len(full_train) - params.heldout_size], params.split_seed)

@@ -2,7 +2,8 @@
 
 An ingredient is `NAME.safetensors` (the state dict) plus `NAME.json` (hyperparameters, held-out
 accuracy, base model id, content hash). The store checks keys, shapes and dtypes of the whole set
-from the file headers before any tensor is read, loads one ingredient or a stacked block lazily,
+from the file headers and each file against its recorded hash before any tensor is read (a file
+changed after it was written is refused), loads one ingredient or a stacked block lazily,
 streams the centre (float64 accumulation), and prefetches the next block on a background thread.
 It counts the ingredients it has handed out that are still alive, so tests can assert the
 memory contract. Nothing here unpickles: external checkpoints go through `import_checkpoint`.
@@ -62,6 +63,24 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def verify_sha256(path: str | Path, expected: str, *, recorded_in: str, fix: str) -> None:
+    """Raise IngredientError unless the file's SHA-256 is `expected`, the hash recorded when it was written."""
+    actual = file_sha256(path)
+    if actual != expected:
+        raise IngredientError(
+            f"{path}: sha256 {actual} does not match {expected} recorded in {recorded_in} when it was written; "
+            f"the file was changed after it was written: {fix}"
+        )
+
+
+def verify_ingredient(ingredient: Ingredient) -> None:
+    """Check an ingredient's file against the SHA-256 in its sidecar (an ingredient without one is not checked)."""
+    expected = ingredient.meta.get("sha256")
+    if expected is not None:
+        verify_sha256(ingredient.path, expected, recorded_in=str(sidecar_path(ingredient.path)),
+                      fix="re-run the stage that writes it (`dvc repro` / `dvc checkout`) or restore it")
+
+
 def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise if a floating tensor holds NaN or Inf, naming the source and the key."""
     for key, tensor in state.items():
@@ -119,6 +138,9 @@ class _Resident(dict):
 class IngredientStore:
     """A checked set of K ingredients, loaded lazily and counted while resident.
 
+    Construction reads every header and hashes every file once against its sidecar's SHA-256,
+    so a file changed after it was written is refused before any tensor is used.
+
     storage_dtype: hold loaded floating tensors in this dtype (e.g. torch.bfloat16); None keeps
     the file's dtype. Accumulations done by callers should be in float32 or better.
     """
@@ -129,6 +151,8 @@ class IngredientStore:
             raise IngredientError("no ingredients given (K = 0); a soup needs at least one fine-tuned model")
         self.storage_dtype = storage_dtype
         self.header = self._check_compatible()
+        for ingredient in self.ingredients:
+            verify_ingredient(ingredient)
         self._lock = threading.Lock()
         self.resident_count = 0
         self.resident_bytes = 0
@@ -277,9 +301,10 @@ class BlockPrefetcher:
     """Loads the next block on a background thread while the current one trains.
 
     `blocks` is the sequence of index lists in the order they will be requested. On a CUDA
-    device a block is staged in pinned host memory and copied to the device on a side stream,
-    in the background too. With `enabled=False` each block is loaded when asked for, so at most
-    one block is resident.
+    device the next block is staged in pinned host memory in the background and copied to the
+    device only when it is asked for, after the previous block was let go: the device holds one
+    block at a time (b ingredients), the host the staged one. With `enabled=False` each block is
+    loaded when asked for, so at most one block is resident anywhere.
     """
 
     def __init__(self, store: IngredientStore, blocks: Sequence[Sequence[int]], keys: Sequence[str], *,
@@ -289,23 +314,19 @@ class BlockPrefetcher:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1) if enabled else None
         self._pending: dict[int, concurrent.futures.Future] = {}
 
-    def _load(self, position: int) -> dict[str, torch.Tensor]:
-        on_cuda = self.device.type == "cuda"
-        block = self.store.load_stacked(self.blocks[position], self.keys, pin_memory=on_cuda)
-        if on_cuda:
-            stream = torch.cuda.Stream(self.device)
-            with torch.cuda.stream(stream):
-                for key in self.keys:  # replaced in place, so the store keeps counting the block
-                    block[key] = block[key].to(self.device, non_blocking=True)
-            stream.synchronize()
-        return block
+    def _stage(self, position: int) -> dict[str, torch.Tensor]:
+        return self.store.load_stacked(self.blocks[position], self.keys, pin_memory=self.device.type == "cuda")
 
     def get(self, position: int) -> dict[str, torch.Tensor]:
-        """The block at `position` (on the device); starts loading the one after it in the background."""
+        """The block at `position` (on the device); starts staging the one after it in the background."""
         future = self._pending.pop(position, None)
-        block = future.result() if future is not None else self._load(position)
+        block = future.result() if future is not None else self._stage(position)
+        if self.device.type == "cuda":
+            for key in self.keys:  # replaced in place, so the store keeps counting the block
+                block[key] = block[key].to(self.device, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()  # the pinned staging copy is let go after this
         if self._pool is not None and position + 1 < len(self.blocks):
-            self._pending[position + 1] = self._pool.submit(self._load, position + 1)
+            self._pending[position + 1] = self._pool.submit(self._stage, position + 1)
         return block
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from .atomic import remove_stale_temporaries
 from .errors import SoupError
 
 LOCK_HELD_ENV = "SOUP_PIPELINE_LOCK_HELD"  # set by a command for the processes it launches under its own lock
@@ -42,7 +43,15 @@ def file_lock(path: Path, command: str, refusal: str, fix: str) -> Iterator[None
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def root_lock(root: str | Path, command: str) -> contextlib.AbstractContextManager[None]:
-    """Hold the pipeline root's lock for `command`; refuse at once, naming the holder, when another process has it."""
-    return file_lock(Path(root) / "runs" / ".lock", command, f"{Path(root).resolve()} is in use",
-                     "Wait for it to finish, or give this command another --root")
+@contextlib.contextmanager
+def root_lock(root: str | Path, command: str) -> Iterator[None]:
+    """Hold the pipeline root's lock for `command`; refuse at once, naming the holder, when another process has it.
+
+    Once held, the temporary files a killed writer left half-written under runs/ are removed: no
+    other writer can be using them.
+    """
+    runs = Path(root) / "runs"
+    with file_lock(runs / ".lock", command, f"{Path(root).resolve()} is in use",
+                   "Wait for it to finish, or give this command another --root"):
+        remove_stale_temporaries(runs)
+        yield

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import shutil
 from typing import get_args
 
 import pytest
@@ -10,7 +12,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torchvision.transforms import ToTensor
 
-from soup_pipeline.config import Augmentation, DataParams, Params, SweepParams, parse_section
+from soup_pipeline.config import Augmentation, DataParams, Params, SweepParams, load_params, parse_section
 from soup_pipeline.data import (
     AUGMENTATIONS, DIGIT_CLASSNAMES, IMAGE_TEMPLATES, augment, build_datasets, digits_splits, select_split,
     stratified_indices, torchvision_dataset,
@@ -122,6 +124,49 @@ def test_image_folder_missing_split_names_the_folder(tmp_path):
         build_datasets(DataParams(source="image_folder", root=str(tmp_path)))
 
 
+def _build_folder(root):
+    return build_datasets(DataParams(source="image_folder", root=str(root)), transform=ToTensor())
+
+
+def _error(root) -> str:
+    """The SoupError message that building the image-folder splits under `root` raises."""
+    with pytest.raises(SoupError) as err:
+        _build_folder(root)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated"])
+def test_a_corrupt_image_is_named_when_the_splits_are_built(tmp_path, damage):
+    _write_folder(tmp_path)
+    bad = tmp_path / "heldout" / "dog" / "1.png"
+    data = bad.read_bytes()
+    bad.write_bytes(random.Random(0).randbytes(len(data)) if damage == "random bytes" else data[: len(data) // 2])
+    message = _error(tmp_path)  # read lazily, these splits would fail only when training reached that image
+    assert message.startswith(f"1 image file(s) cannot be read (at most 10 named): {bad} (")
+    assert "replace them with intact images or delete them" in message
+
+
+def test_an_empty_class_folder_is_named(tmp_path):
+    _write_folder(tmp_path, classes=("cat", "dog", "owl"))
+    for image in (tmp_path / "test" / "owl").iterdir():
+        image.unlink()
+    message = _error(tmp_path)
+    assert message.startswith(f"class folder(s) {tmp_path / 'test' / 'owl'} hold no images (.jpg, ")
+    assert "add images of that class, or remove its folder from every split" in message
+
+
+def test_a_class_folder_missing_from_one_split_names_the_split_and_the_class(tmp_path):
+    _write_folder(tmp_path, classes=("a", "b", "c"))
+    shutil.rmtree(tmp_path / "test" / "c")
+    assert _error(tmp_path).startswith(f"split 'test' ({tmp_path / 'test'}) lacks class folder(s) ['c'] and has extra []")
+    shutil.copytree(tmp_path / "train" / "c", tmp_path / "test" / "c")
+    shutil.copytree(tmp_path / "train", tmp_path / "test_shift")
+    shutil.copytree(tmp_path / "train" / "a", tmp_path / "test_shift" / "d")
+    message = _error(tmp_path)
+    assert message.startswith(f"split 'test_shift' ({tmp_path / 'test_shift'}) lacks class folder(s) [] and has extra ['d']")
+    assert "give every split the same class folders" in message
+
+
 def test_torchvision_dataset_on_disk_only(tmp_path):
     fake = torchvision_dataset("FakeData", tmp_path, "train", ToTensor())
     assert len(fake) > 0
@@ -138,6 +183,21 @@ def test_bad_params_key_is_named():
         parse_section(SweepParams, {"lr_range": [1e-3, 1e-5]}, "params.yaml:sweep")
     with pytest.raises(SoupError, match="root"):
         parse_section(DataParams, {"source": "image_folder"})
+
+
+@pytest.mark.parametrize("text, message", [
+    ("sweep:\n  members: [0, 1, 1]\n", "sweep: members: [0, 1, 1] must be distinct ids"),
+    ("sweep:\n  lr_range: [a, 0.1]\n", "sweep.lr_range.0: Input should be a valid number, unable to parse string as a "
+                                        "number (got 'a')"),
+    ("- a list\n- not a mapping\n", "must hold a mapping at the top level"),
+    (bytes(range(256)), "is not text (not UTF-8)"),
+])
+def test_a_bad_params_file_names_the_file_and_key(tmp_path, text, message):
+    bad = tmp_path / "params.yaml"
+    bad.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(SoupError) as err:
+        load_params(bad)
+    assert str(bad) in str(err.value) and message in str(err.value)
 
 
 def test_held_out_roles_stay_put_when_members_are_added():

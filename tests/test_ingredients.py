@@ -23,6 +23,13 @@ def _save(tmp_path, name, state):
     return save_ingredient(state, tmp_path / f"{name}.safetensors", meta={"fit_acc": 0.5})
 
 
+def flip_data_byte(path) -> None:
+    """Flip the lowest bit of the first byte after the safetensors header: inside the first tensor's data."""
+    data = bytearray(path.read_bytes())
+    data[8 + int.from_bytes(data[:8], "little")] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def test_sidecar_records_hash_and_round_trips(tmp_path):
     state = Toy().state_dict()
     ingredient = save_ingredient(state, tmp_path / "a.safetensors", meta={"fit_acc": 0.7, "hparams": {"lr": 1e-3}})
@@ -70,6 +77,31 @@ def test_truncated_file_names_the_file(tmp_path):
     ingredient.path.write_bytes(data[: len(data) // 2])
     with pytest.raises(IngredientError, match="cut.safetensors is not a readable safetensors file"):
         IngredientStore([_save(tmp_path, "whole", Toy().state_dict()), ingredient.path])
+
+
+def test_a_changed_byte_is_refused_naming_the_file_and_the_recorded_hash(tmp_path):
+    from safetensors.torch import load_file
+
+    state = Toy().state_dict()
+    kept, changed = _save(tmp_path, "kept", state), _save(tmp_path, "changed", state)
+    assert len(IngredientStore([kept.path, changed.path])) == 2  # untouched files pass
+    flip_data_byte(changed.path)
+    tampered = load_file(str(changed.path))  # still a readable, finite state dict: only the hash tells
+    assert any(not torch.equal(tampered[k], v) for k, v in state.items())
+    assert all(bool(torch.isfinite(t).all()) for t in tampered.values())
+    with pytest.raises(IngredientError) as err:
+        IngredientStore([kept.path, changed.path])
+    message = str(err.value)
+    assert f"{changed.path}: sha256 " in message and f"does not match {changed.meta['sha256']}" in message
+    assert str(tmp_path / "changed.json") in message and "dvc repro" in message
+    assert len(IngredientStore([kept.path])) == 1
+
+
+def test_an_ingredient_without_a_recorded_hash_is_not_hashed(tmp_path):
+    ingredient = save_ingredient(Toy().state_dict(), tmp_path / "old.safetensors", meta={"fit_acc": 0.5})
+    (tmp_path / "old.json").write_text('{"fit_acc": 0.5}')  # a sidecar from before hashes were recorded
+    flip_data_byte(ingredient.path)
+    assert len(IngredientStore([ingredient.path])) == 1
 
 
 class _Payload:

@@ -42,3 +42,19 @@ def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path):
     assert (tmp_path / "runs" / ".lock").read_text().startswith(f"pid {holder.pid}")  # the file stays, the lock does not
     with root_lock(tmp_path, "run"):
         assert (tmp_path / "runs" / ".lock").read_text().startswith(f"pid {os.getpid()}")
+
+
+def test_the_next_writer_removes_what_a_killed_writer_left_half_written(tmp_path):
+    from soup_pipeline.atomic import atomic_path
+
+    target = tmp_path / "runs" / "soups" / "greedy" / "soup.safetensors"
+    script = ("import os, sys\nfrom soup_pipeline.atomic import atomic_path\n"
+              "with atomic_path(sys.argv[1]) as tmp:\n    tmp.write_bytes(b'half')\n    os.kill(os.getpid(), 9)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True)
+    assert done.returncode == -signal.SIGKILL
+    (left,) = list(target.parent.iterdir())  # the killed writer's temporary file, and no target
+    assert left.name.startswith(".soup.safetensors.") and left.name.endswith(".tmp")
+    with atomic_path(target.with_name("beta.json")) as tmp:
+        tmp.write_text("{}")
+    with root_lock(tmp_path, "soup"):
+        assert sorted(p.name for p in target.parent.iterdir()) == ["beta.json"]

@@ -7,7 +7,9 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlparse
 
 import mlflow
 import numpy as np
@@ -17,7 +19,9 @@ from mlflow import MlflowClient
 
 from mlflow_server import free_port, serve_mlflow
 from soup_pipeline import tracking
-from soup_pipeline.errors import SoupError
+from soup_pipeline.errors import IngredientError, SoupError
+from soup_pipeline.ingredients import file_sha256
+from test_ingredients import flip_data_byte
 
 SPEC = {"builder": f"{__name__}:tiny_classifier", "channels": 1, "image_size": 8, "hidden": 16, "num_classes": 10}
 
@@ -174,6 +178,31 @@ def test_registered_champion_loads_and_predicts_like_the_torch_module(backend):
         expected = torch.softmax(module.eval()(torch.from_numpy(batch)), dim=-1).numpy()
     assert probs.shape == (7, 10)
     np.testing.assert_allclose(probs, expected, rtol=1e-6, atol=1e-7)
+
+
+def stored_weights(name: str, version: str) -> Path:
+    """The registered version's weights.safetensors where the (local) artifact store keeps it."""
+    model_id = MlflowClient().get_model_version(name, version).source.removeprefix("models:/")
+    return Path(urlparse(mlflow.get_logged_model(model_id).artifact_location).path) / "artifacts" / "weights.safetensors"
+
+
+def test_a_changed_byte_in_the_registered_weights_is_refused_when_loaded(local_uri):
+    tracking.connect(local_uri)
+    name = unique("soup")
+    with soup_run(local_uri):
+        version, _ = register(name, select_acc=0.9)
+    assert tracking.promote_if_better(name, version)
+    uri = f"models:/{name}@champion"
+    # untouched, it loads and predicts (like the torch module: test_registered_champion_loads_and_predicts_...)
+    assert mlflow.pyfunc.load_model(uri).predict(images(3)).shape == (3, 10)
+    weights = stored_weights(name, version)
+    recorded = file_sha256(weights)
+    flip_data_byte(weights)
+    with pytest.raises(IngredientError) as err:
+        mlflow.pyfunc.load_model(uri)
+    message = str(err.value)
+    assert "weights.safetensors: sha256 " in message and f"does not match {recorded}" in message
+    assert "register the soup again" in message
 
 
 def test_champion_moves_only_to_a_strictly_better_select_version(backend):

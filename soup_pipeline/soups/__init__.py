@@ -12,6 +12,7 @@ from ..ingredients import IngredientStore
 from ..meters import measure
 from . import ensemble, greedy, hyperplane, learned, search, uniform
 from .base import Method, MethodSpec, Objective, SoupResult, resolve_device
+from .distributed import rank_device
 from .layers import SearchableParams
 
 SPECS: dict[str, MethodSpec] = {spec.name: spec for module in (uniform, greedy, learned, hyperplane, search, ensemble)
@@ -55,7 +56,7 @@ def get_method(name: str, params: SoupSettings) -> Method:
 def run_method(name: str, store: IngredientStore, objective: Objective, params: SoupSettings, **options) -> SoupResult:
     """Run one method, timing it and measuring its peak memory (CPU RSS; CUDA allocator on a GPU)."""
     method = get_method(name, params)
-    with measure(resolve_device(params.device)) as meter:
+    with measure(rank_device(resolve_device(params.device))) as meter:
         result = method(store, objective, params, name=name, **options)
     result.seconds, result.peak_bytes = meter.seconds, meter.peak_bytes
     return result

@@ -3,7 +3,8 @@
 One parent run per pipeline execution (`pipeline_run`), one nested run per fine-tune and per
 soup method (`nested_run`). Params are logged flattened (`soup.batch_size`), step series in batches,
 the mixing weights beta (K x L) as JSON plus a heatmap, tables as JSON, CSV and Markdown.
-Soups are registered as pyfunc models (safetensors + JSON, see `tracking/pyfunc_model.py`); the `champion`
+Soups are registered as pyfunc models (safetensors + JSON, see `tracking/pyfunc_model.py`), with the weights'
+SHA-256 in their MLmodel file, checked when the model is loaded; the `champion`
 alias moves only to a version whose select accuracy strictly beats the current champion's (select data
 judge soups fitted on the fit data; test accuracy never promotes).
 """
@@ -279,10 +280,12 @@ def register_soup(
     module = pyfunc_model.build_module(spec, state_dict)  # fails here, before logging, on a bad spec
     signature = infer_signature(example, pyfunc_model.predict_proba(module, example))
     with tempfile.TemporaryDirectory() as tmp:
+        artifacts = pyfunc_model.write_model_files(state_dict, spec, tmp)
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=pyfunc_model.__file__,
-            artifacts=pyfunc_model.write_model_files(state_dict, spec, tmp),
+            artifacts=artifacts,
+            model_config=pyfunc_model.model_config(artifacts),  # the weights' hash, checked when it is loaded
             signature=signature,
             input_example=example,
             pip_requirements=_pip_requirements(),

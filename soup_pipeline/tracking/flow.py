@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import subprocess
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .. import tracking
+from . import orphans
 from ..config import Params
 from ..ingredients import Ingredient, file_sha256, read_ingredient
 from ..layout import Layout, load_splits, member_ids, open_store
@@ -25,6 +27,7 @@ from ..soups import SoupResult
 from ..stages import finetune
 from ..stages.evaluate import ingredient_rows
 
+LOGGER = logging.getLogger(__name__)
 BUILDER = "soup_pipeline.models:classifier_from_spec"  # rebuilds the classifier in the registered pyfunc model
 # from the evaluation row, logged on the soup's run and tagged on its registered version
 ROW_METRICS = (*tracking.METRIC_TAGS, "shifted_test_vs_greedy", "shifted_test_ci_low", "shifted_test_ci_high",
@@ -72,14 +75,23 @@ def dvc_lock_hash(root: str | Path) -> str:
 @contextlib.contextmanager
 def pipeline(params: Params, root: str | Path, *, run_name: str | None = None,
              tags: Mapping[str, Any] | None = None) -> Iterator[Tracker]:
-    """The parent run of one flow run, with the resolved params; fails fast if the tracking server is down."""
+    """The parent run of one flow run, with the resolved params; fails fast if the tracking server is down.
+
+    Runs of this root that a killed flow left RUNNING are closed as KILLED, tagged with this run
+    (the caller holds the root's lock, so no live flow owns them).
+    """
     if not params.tracking.enabled:
         yield Tracker()
         return
     uri = tracking.tracking_uri(root)
-    run_tags = {"params_hash": params_hash(params), "git_commit": git_commit(root), **(tags or {})}
+    where = str(Path(root).resolve())
+    run_tags = {"params_hash": params_hash(params), "git_commit": git_commit(root), orphans.ROOT_TAG: where, **(tags or {})}
     with tracking.pipeline_run(params.tracking.experiment, uri=uri, run_name=run_name, tags=run_tags,
                                system_metrics=params.tracking.system_metrics) as run_id:
+        closed = orphans.close_orphans(where, run_id)
+        if closed:
+            LOGGER.warning("closed %d MLflow runs a killed pipeline run left RUNNING (now KILLED, tagged %s=%s)",
+                           len(closed), orphans.RESUMED_BY_TAG, run_id)
         tracking.log_params(params.model_dump(mode="json"))
         yield Tracker(uri, run_id)
 

@@ -4,6 +4,9 @@ The spec names its builder as "module:function" (in production
 "soup_pipeline.models:classifier_from_spec"); the builder takes the spec dict and returns an
 `nn.Module` whose state dict matches the weights. `predict` maps an image batch
 (float32, N x C x H x W) to class probabilities (float32, N x num_classes).
+The weights' SHA-256 is recorded in the model's MLmodel file (pyfunc `model_config`,
+key "weights_sha256") when it is logged and checked before the weights are loaded, so a changed
+byte is refused naming the file and the expected hash.
 The model is logged "from code": MLflow copies this file beside the artifacts and runs it to get
 the model (see `set_model` at the end), so nothing is pickled. Only `soup_pipeline.tracking`
 imports this module (it imports MLflow); imports are absolute because MLflow runs it as a file.
@@ -23,9 +26,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from soup_pipeline.errors import SoupError
+from soup_pipeline.ingredients import file_sha256, verify_sha256
 
 WEIGHTS = "weights"  # artifact key of weights.safetensors
 SPEC = "spec"  # artifact key of model_spec.json
+WEIGHTS_SHA256 = "weights_sha256"  # model_config key: the SHA-256 of weights.safetensors as logged
 
 
 def resolve_builder(ref: str) -> Callable[[dict], torch.nn.Module]:
@@ -75,11 +80,25 @@ def write_model_files(state_dict: Mapping[str, torch.Tensor], spec: Mapping, dir
     return {WEIGHTS: str(weights), SPEC: str(spec_path)}
 
 
+def model_config(artifacts: Mapping[str, str]) -> dict[str, str]:
+    """The pyfunc model_config to log beside `artifacts`: the SHA-256 of the weights as written."""
+    return {WEIGHTS_SHA256: file_sha256(artifacts[WEIGHTS])}
+
+
+def check_weights(path: str | Path, config: Mapping | None) -> None:
+    """Refuse weights whose SHA-256 is not the one logged in `config` (a model logged without one is not checked)."""
+    expected = (config or {}).get(WEIGHTS_SHA256)
+    if expected is not None:
+        verify_sha256(path, expected, recorded_in=f"the model's MLmodel file (model_config {WEIGHTS_SHA256})",
+                      fix="register the soup again (re-run the soup stage with tracking) or restore the model's artifacts")
+
+
 class SoupPyfuncModel(mlflow.pyfunc.PythonModel):
     """Loads the soup from its safetensors + JSON artifacts and predicts class probabilities."""
 
     def load_context(self, context) -> None:
-        """Build the module from the spec and load the weights (on the GPU when there is one)."""
+        """Check the weights' hash, build the module from the spec and load them (on the GPU when there is one)."""
+        check_weights(context.artifacts[WEIGHTS], context.model_config)
         spec = json.loads(Path(context.artifacts[SPEC]).read_text())
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.module = build_module(spec, load_file(context.artifacts[WEIGHTS])).to(device)

@@ -1,0 +1,103 @@
+"""Faults during a run: what a killed run leaves behind is closed or reused by the next one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from dvc_repo import make_repo, sh, tool_env, write_params
+from soup_pipeline.config import Params, load_params
+from soup_pipeline.stages import soup as soup_stage
+from soup_pipeline.tracking import flow as track
+from soup_pipeline.tracking.orphans import RESUMED_BY_TAG, ROOT_TAG
+
+
+def test_the_next_run_closes_what_a_killed_run_left_running(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    root, elsewhere = tmp_path / "root", tmp_path / "other-root"
+    root.mkdir()
+    params = Params.model_validate({"tracking": {"experiment": "faults", "system_metrics": False}})
+    with track.pipeline(params, root) as first:  # a finished run of this root stays as it is
+        pass
+    client = MlflowClient()
+    experiment = client.get_run(first.parent_run_id).info.experiment_id
+    killed = client.create_run(experiment, tags={ROOT_TAG: str(root.resolve())}).info.run_id  # as a SIGKILL leaves it
+    child = client.create_run(experiment, tags={"mlflow.parentRunId": killed}).info.run_id
+    done_child = client.create_run(experiment, tags={"mlflow.parentRunId": killed}).info.run_id
+    client.set_terminated(done_child, "FINISHED")
+    other = client.create_run(experiment, tags={ROOT_TAG: str(elsewhere.resolve())}).info.run_id  # another root's
+    with track.pipeline(params, root) as tracker:
+        for run_id in (killed, child):
+            run = client.get_run(run_id)
+            assert run.info.status == "KILLED" and run.data.tags[RESUMED_BY_TAG] == tracker.parent_run_id
+        assert client.get_run(tracker.parent_run_id).info.status == "RUNNING"
+    assert client.get_run(done_child).info.status == "FINISHED" and RESUMED_BY_TAG not in client.get_run(done_child).data.tags
+    assert client.get_run(other).info.status == "RUNNING"
+    assert client.get_run(first.parent_run_id).info.status == "FINISHED"
+
+
+KILL = {  # on top of TINY: a run whose MEHL stage lasts long enough to be killed inside a block
+    "data": {"pretrain_size": 60, "train_size": 40, "heldout_size": 40, "test_size": 40},
+    "pretrain": {"epochs": 1},
+    "sweep": {"epochs_range": [1, 1]},
+    "soup": {"device": "cpu", "batch_size": 16, "methods": {"greedy": {}, "mehl_soup_auto": {"passes": 1.0}}},
+    "evaluate": {"ingredient_counts": [], "remove_top": [], "bootstrap_resamples": 200},
+    "tracking": {"system_metrics": False, "register_method": "mehl_soup_auto"},
+}
+
+
+def run_command(repo: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(Path(sys.executable).with_name("soup-pipeline")), "run"], cwd=repo, env=tool_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_a_run_killed_inside_a_mehl_block_reruns_to_the_same_outputs_closing_its_runs(tmp_path):
+    repo = make_repo(tmp_path / "killed")
+    write_params(repo, KILL)
+    sh("git", "commit", "-qam", "kill params", cwd=repo)
+    first = run_command(repo)
+    states = repo / "runs" / "resume" / "mehl_soup_auto"
+    deadline = time.monotonic() + 240
+    while not any(states.rglob("*.safetensors")) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert first.poll() is None, first.stdout.read()  # still inside the MEHL stage: a block is done, more to go
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+
+    second = run_command(repo)
+    log = second.communicate(timeout=600)[0]
+    assert second.returncode == 0, log
+    assert not [p for p in (repo / "runs").rglob("*.tmp")]
+    assert json.loads(sh("dvc", "status", "--json", cwd=repo) or "{}") == {}
+
+    store = f"sqlite:///{repo / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("soup-pipeline").experiment_id])
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    assert sorted(run.info.status for run in parents) == ["FINISHED", "KILLED"]
+    (finished,) = [run for run in parents if run.info.status == "FINISHED"]
+    assert all(run.info.status != "RUNNING" for run in runs)
+    assert all(run.data.tags[RESUMED_BY_TAG] == finished.info.run_id for run in runs if run.info.status == "KILLED")
+    tunes = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == finished.info.run_id
+             and run.data.tags.get("kind") == "finetune"]
+    assert len(tunes) == 3 and all(run.data.params["reused"] == "True" for run in tunes)  # finished fine-tunes kept
+    assert [str(v.version) for v in client.search_model_versions("name='soup-pipeline-soup'")] == ["1"]
+
+    alone = tmp_path / "alone"  # the same soup, never interrupted, from the same ingredients
+    for folder in ("data", "ingredients"):
+        shutil.copytree(repo / "runs" / folder, alone / "runs" / folder)
+    reference = soup_stage.run(load_params(repo / "params.yaml"), alone, "mehl_soup_auto").state_dict
+    rerun = load_file(str(repo / "runs" / "soups" / "mehl_soup_auto" / "soup.safetensors"))
+    assert all(torch.equal(reference[key], rerun[key]) for key in reference)
