@@ -97,11 +97,10 @@ def save_ingredient(state_dict: Mapping[str, torch.Tensor], path: str | Path, *,
         raise IngredientError(f"ingredient path {path} must end with {SUFFIX}")
     state = {key: tensor.detach().cpu().contiguous() for key, tensor in state_dict.items()}
     check_finite(state, str(path))
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:  # the weights replace the old ones only once their sidecar is written
         save_file(state, str(tmp))
-        sha256 = file_sha256(tmp)
-    full_meta = {**dict(meta or {}), "sha256": sha256}
-    write_json(sidecar_path(path), full_meta)
+        full_meta = {**dict(meta or {}), "sha256": file_sha256(tmp)}
+        write_json(sidecar_path(path), full_meta)
     return Ingredient(path=path, meta=full_meta)
 
 
@@ -245,11 +244,22 @@ class IngredientStore:
         return self._track(dict(self._read(index, keys)), count=1)
 
     def load_stacked(self, indices: Sequence[int], keys: Sequence[str], *, pin_memory: bool = False) -> dict[str, torch.Tensor]:
-        """Load a block of ingredients as one [b, *shape] tensor per key; counted as b while alive."""
-        stacked: dict[str, torch.Tensor] = {}
+        """Load a block of ingredients as one [b, *shape] tensor per key; counted as b while alive.
+
+        The block's tensors are views of one allocation, so freeing a block hands its memory back
+        whole: per-tensor allocations that come and go with every block would fragment the CPU
+        heap, and the process's RSS would then grow with the number of blocks (with K).
+        """
+        layout, size = {}, 0
         for key in keys:
             shape, _ = self.header[key]
-            stacked[key] = torch.empty((len(indices), *shape), dtype=self._loaded_dtype(key), pin_memory=pin_memory)
+            dtype = self._loaded_dtype(key)
+            size = -(-size // ALIGN) * ALIGN
+            layout[key] = (size, (len(indices), *shape), dtype)
+            size += torch.Size((len(indices), *shape)).numel() * dtype.itemsize
+        buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory)
+        stacked = {key: buffer[start : start + torch.Size(shape).numel() * dtype.itemsize].view(dtype).view(shape)
+                   for key, (start, shape, dtype) in layout.items()}
         for row, index in enumerate(indices):
             for key, tensor in self._read(index, keys):
                 stacked[key][row].copy_(tensor)
@@ -289,6 +299,8 @@ class IngredientStore:
             out[key] = tensor
         return out
 
+
+ALIGN = 64  # byte alignment of each tensor inside a block's single allocation
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

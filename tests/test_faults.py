@@ -101,3 +101,30 @@ def test_a_run_killed_inside_a_mehl_block_reruns_to_the_same_outputs_closing_its
     reference = soup_stage.run(load_params(repo / "params.yaml"), alone, "mehl_soup_auto").state_dict
     rerun = load_file(str(repo / "runs" / "soups" / "mehl_soup_auto" / "soup.safetensors"))
     assert all(torch.equal(reference[key], rerun[key]) for key in reference)
+
+
+WRITE_UNDER_LIMIT = """
+import resource, sys, torch
+from soup_pipeline.ingredients import save_ingredient
+from soup_pipeline.soups.resume import save_state
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # as a full disk would: writes past 200 kB fail
+if sys.argv[1] == "ingredient":
+    save_ingredient({"w": torch.ones(100_000)}, sys.argv[2], meta={"member": 1})
+else:
+    save_state(__import__("pathlib").Path(sys.argv[2]), next_block=3, X=torch.ones(100_000, 1), norms=torch.ones(1, 1),
+               soup={}, stream={}, history=[])
+"""
+
+
+@pytest.mark.parametrize("kind, name", [("ingredient", "member-1.safetensors"), ("state", "mehl_state.safetensors")])
+def test_a_write_that_runs_out_of_room_keeps_the_previous_file_and_names_the_path(tmp_path, kind, name):
+    from soup_pipeline.ingredients import save_ingredient
+
+    target = tmp_path / name
+    save_ingredient({"w": torch.zeros(10)}, target, meta={"member": 1})  # the previous, complete file
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    done = subprocess.run([sys.executable, "-c", WRITE_UNDER_LIMIT, kind, str(target)], capture_output=True, text=True)
+    assert done.returncode == 1
+    (last,) = done.stderr.strip().splitlines()[-1:]
+    assert last.startswith("soup_pipeline.errors.SoupError: could not write " + str(target)) and "File too large" in last
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before  # intact, no partial file

@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 from pydantic import ValidationError
 
+from ..allocator import map_large_allocations
 from ..config import SoupSettings, format_validation_error
 from ..errors import SoupError
 from ..ingredients import IngredientStore
@@ -54,7 +55,12 @@ def get_method(name: str, params: SoupSettings) -> Method:
 
 
 def run_method(name: str, store: IngredientStore, objective: Objective, params: SoupSettings, **options) -> SoupResult:
-    """Run one method, timing it and measuring its peak memory (CPU RSS; CUDA allocator on a GPU)."""
+    """Run one method, timing it and measuring its peak memory (CPU RSS; CUDA allocator on a GPU).
+
+    Large CPU buffers are mapped from here on (`allocator.map_large_allocations`), so the peak RSS
+    of a blockwise method does not grow with K.
+    """
+    map_large_allocations()
     method = get_method(name, params)
     with measure(rank_device(resolve_device(params.device))) as meter:
         result = method(store, objective, params, name=name, **options)

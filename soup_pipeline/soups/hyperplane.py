@@ -175,6 +175,7 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: MEHLPa
                     soup[key].copy_(value)
 
     combine = Combiner(ranks, {key: soup[key] for key in param_keys})
+    base = {key: torch.empty_like(soup[key]) for key in param_keys}  # each block's base, written in place
     with BlockPrefetcher(store, shares[start:], param_keys, enabled=params.prefetch, device=device) as prefetcher:
         for position in tqdm(range(start, len(blocks)), desc=name, unit="block", initial=start, total=len(blocks),
                              disable=None if ranks.leader else True):
@@ -188,7 +189,6 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: MEHLPa
 
             X_block = X[mine].to(device).requires_grad_(True)
             with torch.no_grad():
-                base = {key: torch.empty_like(soup[key]) for key in param_keys}
                 combine(base, soup, per_tensor(-(X_block * scale), columns), directions)
             optimizer = torch.optim.AdamW([X_block], lr=params.lr, weight_decay=params.weight_decay)
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
@@ -212,7 +212,7 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: MEHLPa
                     on_step(StepEvent(position, block, step, losses.values[-1], now))
             losses.flush()
             X[block] = ranks.assemble(X_block.detach(), block).cpu()
-            del directions, base
+            del directions
             if saved_at is not None:
                 if ranks.leader:
                     save_state(saved_at, next_block=position + 1, X=X, norms=norms,
