@@ -151,7 +151,8 @@ def with_members(params: Params, members: list[int]) -> Params:
 @flow(name="soup-pipeline", task_runner=task_runner())
 def soup_pipeline_flow(params_path: str = "params.yaml", root: str = ".", overrides: dict | None = None) -> dict:
     """Run the whole pipeline under `root` (outputs in root/runs/); return K, the members used, the
-    evaluation rows, the registered version, the MLflow parent run id and whether DVC was committed."""
+    evaluation rows, the registered version, the MLflow parent run id, whether DVC was committed and
+    what could not be logged because MLflow failed mid-run (`soup-pipeline track` logs it later)."""
     root = str(Path(root).resolve())
     params_file = Path(params_path).resolve()
     params = load_params(params_file, overrides)
@@ -175,4 +176,4 @@ def soup_pipeline_flow(params_path: str = "params.yaml", root: str = ".", overri
                                          register=method == params.tracking.register_method)
                         for method, result in results.items()]
     return {"K": len(kept), "members": kept, "rows": rows, "registered_version": next(filter(None, versions), None),
-            "mlflow_run_id": tracker.parent_run_id, "dvc_committed": committed}
+            "mlflow_run_id": tracker.parent_run_id, "dvc_committed": committed, "tracking_missed": track.missed(tracker)}

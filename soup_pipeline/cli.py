@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("evaluate", help="compare every method on held-out, test and shifted test data")
     commands.add_parser("ablate", help="accuracy against the number of ingredients, and after removing the best")
     commands.add_parser("run", help="the whole pipeline as a Prefect flow, tracked in MLflow")
+    commands.add_parser("track", help="log a finished pipeline to MLflow from its files, recomputing nothing "
+                                      "(after the tracking server was lost mid-run)")
     registry = commands.add_parser("registry", help="the MLflow model registry")
     registry.add_argument("action", choices=["compare"])
     registry.add_argument("--name", default=None, help="registered model (default: tracking.registered_model)")
@@ -109,7 +111,19 @@ def _dispatch(args: argparse.Namespace) -> str:
         from flows.pipeline import soup_pipeline_flow
 
         summary = soup_pipeline_flow(params_path=args.params, root=str(root))
+        if summary["tracking_missed"]:
+            print(f"soup-pipeline: warning: MLflow failed mid-run; not logged: {', '.join(summary['tracking_missed'])}. "
+                  "Run `soup-pipeline track` once the tracking server is back", file=sys.stderr)
         return markdown_table(summary["rows"], evaluate.TABLE_COLUMNS)
+    if args.command == "track":
+        from .tracking.flow import replay
+
+        if not params.tracking.enabled:
+            raise SoupError(f"tracking.enabled is false in {args.params}; set it to true to log the pipeline")
+        summary = replay(params, root)
+        if summary["missed"]:
+            raise SoupError(f"MLflow failed again; not logged: {', '.join(summary['missed'])}. Rerun `soup-pipeline track`")
+        return f"logged {root.resolve()} as MLflow run {summary['mlflow_run_id']}; registered version {summary['registered_version']}"
     from .tracking import registry_compare_main, tracking_uri
 
     return registry_compare_main(args.name or params.tracking.registered_model, tracking_uri(root))

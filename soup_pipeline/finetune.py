@@ -73,12 +73,12 @@ def train_loop(model: nn.Module, dataset: Dataset, loss_fn: Callable[[torch.Tens
 
 def finetune(base: str | Path, hparams: Mapping, splits: DataSplits, out_path: str | Path, *, member: int,
              arch: str = TINY_ARCH, cache_dir: str | None = None, device: str = "cpu",
-             on_epoch: EpochCallback | None = None) -> Ingredient:
+             on_epoch: EpochCallback | None = None, extra_meta: Mapping | None = None) -> Ingredient:
     """Fine-tune the classifier built from pre-trained CLIP `base` (file or cached tag) and save it as an ingredient.
 
     hparams: the keys of `FinetuneParams`. The sidecar records hparams, fit_acc and select_acc
     (accuracy on the two held-out roles), the mean training loss per epoch, base_model, member
-    and classifier_spec (to rebuild an empty model).
+    and classifier_spec (to rebuild an empty model), plus `extra_meta`.
     """
     hp = parse_section(FinetuneParams, dict(hparams), f"hparams of member {member}")
     target = resolve_device(device)
@@ -97,6 +97,7 @@ def finetune(base: str | Path, hparams: Mapping, splits: DataSplits, out_path: s
                         weight_decay=hp.weight_decay, warmup_frac=hp.warmup_frac, generator=generator,
                         desc=f"fine-tune member {member}", on_epoch=on_epoch)
     meta = {
+        **dict(extra_meta or {}),
         "train_loss": losses,
         "hparams": hp.model_dump(),
         **split_accuracies(predictor(model, 256, target), splits, roles=("fit", "select")),

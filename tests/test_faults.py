@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,7 +18,10 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from dvc_repo import make_repo, sh, tool_env, write_params
+from mlflow_server import serve_mlflow
 from soup_pipeline.config import Params, load_params
+from soup_pipeline.ingredients import file_sha256
+from soup_pipeline.layout import Layout
 from soup_pipeline.stages import soup as soup_stage
 from soup_pipeline.tracking import flow as track
 from soup_pipeline.tracking.orphans import RESUMED_BY_TAG, ROOT_TAG
@@ -128,3 +132,69 @@ def test_a_write_that_runs_out_of_room_keeps_the_previous_file_and_names_the_pat
     (last,) = done.stderr.strip().splitlines()[-1:]
     assert last.startswith("soup_pipeline.errors.SoupError: could not write " + str(target)) and "File too large" in last
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before  # intact, no partial file
+
+
+@pytest.mark.slow
+def test_the_flows_reuse_agrees_with_dvc_a_changed_code_dependency_reruns_the_stage(tmp_path):
+    from soup_pipeline.stages import finetune, prepare, pretrain
+
+    repo = make_repo(tmp_path)  # a DVC project: its dvc.yaml declares each stage's code, data and params
+    params = load_params(repo / "params.yaml")
+    prepare.run(params, repo)
+    base = pretrain.run(params, repo, reuse=True)
+    member = finetune.run(params, repo, 0, reuse=True).path
+    made = member.stat().st_mtime_ns
+    weights = Layout(repo).base_weights
+    trained = weights.stat().st_mtime_ns
+    finetune.run(params, repo, 0, reuse=True)
+    assert pretrain.run(params, repo, reuse=True)["base"] == base["base"]  # unchanged inputs: both reused
+    assert weights.stat().st_mtime_ns == trained and member.stat().st_mtime_ns == made
+    with open(repo / "soup_pipeline" / "finetune.py", "a") as code:  # an upgrade of a dependency DVC tracks
+        code.write("\n# upgraded\n")
+    finetune.run(params, repo, 0, reuse=True)
+    assert member.stat().st_mtime_ns != made  # recomputed, as `dvc repro` would
+    pretrain.run(params, repo, reuse=True)
+    assert weights.stat().st_mtime_ns == trained  # pre-training does not depend on finetune.py
+    with open(repo / "soup_pipeline" / "pretrain.py", "a") as code:
+        code.write("\n# upgraded\n")
+    assert pretrain.run(params, repo, reuse=True)["inputs_sha256"] != base["inputs_sha256"]
+    assert weights.stat().st_mtime_ns != trained
+
+
+@pytest.mark.slow
+def test_a_tracking_server_lost_mid_run_does_not_stop_it_and_track_replays_it_from_the_files(tmp_path):
+    repo = make_repo(tmp_path / "lost")
+    write_params(repo, {**KILL, "soup": {**KILL["soup"], "methods": {"greedy": {}, "mehl_soup_plus": {"passes": 1.0}}},
+                        "tracking": {**KILL["tracking"], "register_method": "mehl_soup_plus"}})
+    sh("git", "commit", "-qam", "params", cwd=repo)
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}  # a lost server fails fast
+    with contextlib.ExitStack() as server:
+        uri = server.enter_context(serve_mlflow(tmp_path / "mlflow"))
+        flow = subprocess.Popen([str(Path(sys.executable).with_name("soup-pipeline")), "run"], cwd=repo, text=True,
+                                env={**tool_env(), **quick, "MLFLOW_TRACKING_URI": uri},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        marker = repo / "runs" / "soups" / "greedy" / "metrics.json"  # the sweep is logged; the soups are not yet
+        while not marker.is_file() and flow.poll() is None:
+            time.sleep(0.1)
+    out, err = flow.communicate(timeout=600)  # the server stopped with the block above
+    assert flow.returncode == 0, err
+    assert "MLflow failed mid-run; not logged: " in err and "soup mehl_soup_plus" in err and "`soup-pipeline track`" in err
+    files = {path: (path.stat().st_mtime_ns, file_sha256(path)) for path in (repo / "runs").rglob("*")
+             if path.is_file() and path.suffix in (".safetensors", ".json")}
+
+    with serve_mlflow(tmp_path / "mlflow") as uri:  # the same store, back up on another port
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        for _ in range(2):  # a second replay logs again but registers nothing new
+            done = subprocess.run([str(Path(sys.executable).with_name("soup-pipeline")), "track"], cwd=repo, text=True,
+                                  env={**tool_env(), **quick, "MLFLOW_TRACKING_URI": uri}, capture_output=True)
+            assert done.returncode == 0, done.stderr
+        runs = client.search_runs([client.get_experiment_by_name("soup-pipeline").experiment_id])
+        replays = sorted((run for run in runs if run.info.run_name == "replay"), key=lambda run: run.info.start_time)
+        assert len(replays) == 2 and {run.info.status for run in replays} == {"FINISHED"}
+        (lost,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags and run.info.run_name != "replay"]
+        assert lost.info.status == "KILLED" and lost.data.tags[RESUMED_BY_TAG] == replays[0].info.run_id
+        children = {run.info.run_name for run in runs if run.data.tags.get("mlflow.parentRunId") == replays[0].info.run_id}
+        assert children == {"finetune-0", "finetune-1", "finetune-2", "greedy", "mehl_soup_plus"}
+        (version,) = client.search_model_versions("name='soup-pipeline-soup'")
+        assert version.tags["soup_sha256"] == file_sha256(repo / "runs/soups/mehl_soup_plus/soup.safetensors")
+    assert {path: (path.stat().st_mtime_ns, file_sha256(path)) for path in files} == files  # nothing recomputed

@@ -8,25 +8,29 @@ from ..config import Params
 from ..finetune import finetune
 from ..ingredients import Ingredient, read_ingredient
 from ..models import base_model_id
+from ..stage_inputs import stage_inputs_sha256
 from ..sweep import sample_hparams
 from ..layout import Layout, base_reference, load_splits
 
 
-def is_done(ingredient_file: Path, hparams: dict, base_id: str) -> bool:
-    """True when the file exists and its sidecar says it was made from these hparams and this base."""
+def is_done(ingredient_file: Path, hparams: dict, base_id: str, inputs: str | None) -> bool:
+    """True when the file exists and its sidecar says it was made from these hparams, this base and
+    these stage inputs (the deps and params dvc.yaml declares; None outside a DVC project)."""
     if not ingredient_file.is_file():
         return False
     meta = read_ingredient(ingredient_file).meta
-    return meta.get("hparams") == hparams and meta.get("base_model") == base_id
+    return meta.get("hparams") == hparams and meta.get("base_model") == base_id and meta.get("inputs_sha256") == inputs
 
 
 def run(params: Params, root: str | Path, member: int, *, reuse: bool = False) -> Ingredient:
-    """Fine-tune member `member`; with `reuse`, a finished identical member is returned, not recomputed."""
+    """Fine-tune member `member`; with `reuse`, a finished member is returned, not recomputed, when
+    `dvc repro` would not rerun it either (same hparams, base, declared code, data and params)."""
     layout = Layout(Path(root))
     base = base_reference(params, layout)
     hparams = sample_hparams(params.sweep, member)
     target = layout.ingredient(member)
-    if reuse and is_done(target, hparams, base_model_id(params.model.arch, base)):
+    inputs = stage_inputs_sha256(root, "finetune", params)
+    if reuse and is_done(target, hparams, base_model_id(params.model.arch, base), inputs):
         return read_ingredient(target)
     return finetune(base, hparams, load_splits(params), target, member=member, arch=params.model.arch,
-                    cache_dir=params.model.cache_dir, device=params.sweep.device)
+                    cache_dir=params.model.cache_dir, device=params.sweep.device, extra_meta={"inputs_sha256": inputs})

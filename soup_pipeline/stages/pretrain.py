@@ -15,6 +15,7 @@ from ..evaluate import predictor, split_accuracies
 from ..models import base_model_id, classifier_from_clip, load_clip, zero_shot_head
 from ..pretrain import pretrain
 from ..soups.base import resolve_device
+from ..stage_inputs import stage_inputs_sha256
 from ..layout import Layout, base_reference, load_splits, read_json
 
 
@@ -26,12 +27,14 @@ def settings(params: Params) -> dict:
 def run(params: Params, root: str | Path, *, reuse: bool = False) -> dict:
     """Pre-train when needed; write runs/base/base.json with the base id and zero-shot accuracies.
 
-    With `reuse`, a base made from the same settings is returned, not pre-trained again.
+    With `reuse`, a base made from the same settings and stage inputs (the deps and params dvc.yaml
+    declares, when there is one) is returned, not pre-trained again: exactly when `dvc repro` would not rerun it.
     """
     layout = Layout(Path(root))
+    inputs = stage_inputs_sha256(root, "pretrain", params)
     if reuse and layout.base_info.is_file():
         info = read_json(layout.base_info)
-        if info.get("settings") == json.loads(json.dumps(settings(params))) and (
+        if info.get("settings") == json.loads(json.dumps(settings(params))) and info.get("inputs_sha256") == inputs and (
                 params.model.pretrained is not None or layout.base_weights.is_file()):
             return info
     splits = load_splits(params)
@@ -44,6 +47,6 @@ def run(params: Params, root: str | Path, *, reuse: bool = False) -> dict:
     model = classifier_from_clip(clip.model, head).to(device)
     zero_shot = split_accuracies(predictor(model, params.evaluate.batch_size, device), splits)
     info = {"base": base_model_id(params.model.arch, base), "arch": params.model.arch,
-            "chance_acc": 1.0 / len(splits.classnames), "zero_shot": zero_shot, "settings": settings(params)}
+            "chance_acc": 1.0 / len(splits.classnames), "zero_shot": zero_shot, "settings": settings(params), "inputs_sha256": inputs}
     write_json(layout.base_info, info)
     return info

@@ -16,6 +16,7 @@ import csv
 import http.client
 import importlib.util
 import json
+import logging
 import os
 import tempfile
 import time
@@ -31,6 +32,7 @@ from ..errors import SoupError
 from ..plots import plot_mixing_weights
 from ..tables import columns_of, markdown_table
 
+LOGGER = logging.getLogger(__name__)
 CHAMPION = "champion"
 MODEL_NAME = "model"  # name of the logged pyfunc model inside its run
 MIXING_DIR = "mixing_weights"  # artifact folder of beta.json and beta.png
@@ -128,8 +130,17 @@ def pipeline_run(
     use_experiment(experiment, uri)
     mlflow = _mlflow()
     log_system = system_metrics and importlib.util.find_spec("psutil") is not None
-    with mlflow.start_run(run_name=run_name, tags=_strings(tags or {}), log_system_metrics=log_system) as run:
+    run = mlflow.start_run(run_name=run_name, tags=_strings(tags or {}), log_system_metrics=log_system)
+    status = "FAILED"
+    try:
         yield run.info.run_id
+        status = "FINISHED"
+    finally:
+        try:
+            mlflow.end_run(status)
+        except Exception as exc:  # noqa: BLE001 - whatever a lost server raises, the run's work is done
+            LOGGER.warning("could not close MLflow run %s (%s); the next pipeline run on this root closes it",
+                           run.info.run_id, exc)
 
 
 @contextlib.contextmanager
@@ -295,6 +306,13 @@ def register_soup(
     if description:
         _client().update_model_version(name, version, description=description)
     return version
+
+
+def find_version(name: str, tags: Mapping[str, Any]) -> str | None:
+    """The registered version of `name` carrying all of `tags` (the oldest), or None."""
+    where = " and ".join([f"name = '{name}'", *(f"tags.{key} = '{value}'" for key, value in tags.items())])
+    versions = sorted(_client().search_model_versions(where), key=lambda v: int(v.version))
+    return str(versions[0].version) if versions else None
 
 
 def promote_if_better(name: str, version: str, metric: str = "select_acc") -> bool:

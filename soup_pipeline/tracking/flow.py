@@ -16,18 +16,20 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from .. import tracking
 from . import orphans
 from ..config import Params
+from ..errors import SoupError
 from ..ingredients import Ingredient, file_sha256, read_ingredient
-from ..layout import Layout, load_splits, member_ids, open_store
+from ..layout import Layout, load_splits, member_ids, open_store, read_json
 from ..soups import SoupResult
-from ..stages import finetune
+from ..stages import finetune, soup
 from ..stages.evaluate import ingredient_rows
 
 LOGGER = logging.getLogger(__name__)
+T = TypeVar("T")
 BUILDER = "soup_pipeline.models:classifier_from_spec"  # rebuilds the classifier in the registered pyfunc model
 # from the evaluation row, logged on the soup's run and tagged on its registered version
 ROW_METRICS = (*tracking.METRIC_TAGS, "shifted_test_vs_greedy", "shifted_test_ci_low", "shifted_test_ci_high",
@@ -107,38 +109,76 @@ def child_run(tracker: Tracker, name: str, *, kind: str) -> Iterator[None]:
         yield
 
 
+# --- logging that outlives the tracking server -------------------------------------------------
+
+MISSED: dict[str, list[str]] = {}  # per parent run (in this process): what was not logged since MLflow failed
+
+
+def missed(tracker: Tracker) -> list[str]:
+    """What this process could not log for the tracker's run (empty while MLflow answers)."""
+    return list(MISSED.get(tracker.parent_run_id or "", []))
+
+
+def attempt(tracker: Tracker, what: str, log: Callable[[], T]) -> T | None:
+    """Run `log` (MLflow calls only: the computation is done and on disk); None when tracking is off.
+
+    When the tracking server fails, `what` is noted as missed, one warning says how to replay it,
+    and every later attempt of the run is skipped at once rather than waiting on a server that is
+    gone: the run finishes, and `soup-pipeline track` logs it all from the files afterwards.
+    """
+    if not tracker.enabled:
+        return None
+    lost = MISSED.setdefault(tracker.parent_run_id, [])
+    if lost:
+        lost.append(what)
+        return None
+    try:
+        return log()
+    except SoupError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever MLflow or the network raises when the server is gone
+        lost.append(what)
+        LOGGER.warning("MLflow (%s) failed while logging %s (%s); the run goes on untracked: run `soup-pipeline track` "
+                       "once the server is back to log it from the files", tracker.uri, what, exc)
+        return None
+
+
 # --- what each step logs ----------------------------------------------------------------------
 
 
 def tracked_finetune(tracker: Tracker, params: Params, root: str | Path, member: int) -> Ingredient:
-    """Fine-tune `member` (an identical finished one is reused) in its own nested run.
-
-    Logs the hyperparameters, base model, content hash, whether it was reused, fit and select
-    accuracy, the seconds taken and the training loss per epoch.
-    """
+    """Fine-tune `member` (a finished one whose stage inputs are unchanged is reused), then log it in its
+    own nested run (`log_finetune`)."""
     path = Layout(Path(root)).ingredient(member)
     before = path.stat().st_mtime_ns if path.is_file() else None
-    with child_run(tracker, f"finetune-{member}", kind="finetune"):
-        start = time.perf_counter()
-        ingredient = finetune.run(params, root, member, reuse=True)
-        seconds = time.perf_counter() - start
-        if tracker.enabled:
-            meta = ingredient.meta
-            tracking.log_params({"member": member, "hparams": meta["hparams"], "base_model": meta["base_model"],
-                                 "sha256": meta["sha256"], "reused": before == path.stat().st_mtime_ns})
-            tracking.log_scalars({"fit_acc": ingredient.fit_acc, "select_acc": meta.get("select_acc"),
-                                  "finetune_s": seconds})
-            tracking.log_series({"train_loss": meta.get("train_loss", [])})
+    start = time.perf_counter()
+    ingredient = finetune.run(params, root, member, reuse=True)
+    seconds = time.perf_counter() - start
+    attempt(tracker, f"fine-tune {member}",
+            lambda: log_finetune(tracker, member, ingredient, reused=before == path.stat().st_mtime_ns, seconds=seconds))
     return ingredient
+
+
+def log_finetune(tracker: Tracker, member: int, ingredient: Ingredient, *, reused: bool, seconds: float | None) -> None:
+    """The fine-tune's nested run: hyperparameters, base model, content hash, whether it was reused, fit
+    and select accuracy, the seconds taken (when known) and the training loss per epoch."""
+    meta = ingredient.meta
+    with child_run(tracker, f"finetune-{member}", kind="finetune"):
+        tracking.log_params({"member": member, "hparams": meta["hparams"], "base_model": meta["base_model"],
+                             "sha256": meta["sha256"], "reused": reused})
+        tracking.log_scalars({"fit_acc": ingredient.fit_acc, "select_acc": meta.get("select_acc"), "finetune_s": seconds})
+        tracking.log_series({"train_loss": meta.get("train_loss", [])})
 
 
 def log_tables(tracker: Tracker, params: Params, root: str | Path, rows: list[dict]) -> None:
     """On the parent run (call from the flow's own thread): K used, the ingredient table and the evaluation table."""
-    if not tracker.enabled:
-        return
-    tracking.log_scalars({"K": len(member_ids(params))})
-    tracking.log_table(ingredient_rows(open_store(params, Layout(Path(root)))), "ingredients")
-    tracking.log_table(rows, "evaluation")
+
+    def log() -> None:
+        tracking.log_scalars({"K": len(member_ids(params))})
+        tracking.log_table(ingredient_rows(open_store(params, Layout(Path(root)))), "ingredients")
+        tracking.log_table(rows, "evaluation")
+
+    attempt(tracker, "the tables", log)
 
 
 def record_soup(tracker: Tracker, params: Params, root: str | Path, result: SoupResult, row: Mapping[str, Any], *,
@@ -146,10 +186,15 @@ def record_soup(tracker: Tracker, params: Params, root: str | Path, result: Soup
     """The soup's nested run: params, fit loss per step, accuracies on every split, the paired comparison
     with greedy soup, seconds, peak memory, beta, and the candidate table of a grouping chosen on select data.
 
-    With `register`, the soup is also registered from this run; returns the new version (else None).
+    With `register`, the soup is also registered from this run (once: a soup already registered keeps its
+    version); returns the version (else None).
     """
-    if not tracker.enabled:
-        return None
+    return attempt(tracker, f"soup {result.method}", lambda: log_soup(tracker, params, root, result, row, register))
+
+
+def log_soup(tracker: Tracker, params: Params, root: str | Path, result: SoupResult, row: Mapping[str, Any],
+             register: bool) -> str | None:
+    """What `record_soup` logs, with MLflow up."""
     with child_run(tracker, result.method, kind="soup"):
         tracking.log_params({"method": result.method, "K": len(result.ingredient_names),
                              "ingredients": result.ingredient_names, "soup": params.soup.method(result.method).model_dump(mode="json")})
@@ -187,7 +232,10 @@ def model_card(result: SoupResult, row: Mapping[str, Any], layout: Layout) -> st
 
 
 def register_soup(params: Params, root: str | Path, result: SoupResult, row: Mapping[str, Any]) -> str:
-    """Register the soup from the active run, tagged with its accuracies and provenance; promote it if best."""
+    """Register the soup from the active run, tagged with its accuracies and provenance; promote it if best.
+
+    Idempotent: a soup (method and weights' SHA-256) already in the registry returns its version.
+    """
     layout = Layout(Path(root))
     spec = {**read_ingredient(layout.ingredient(member_ids(params)[0])).meta["classifier_spec"], "builder": BUILDER}
     image = load_splits(params).select[0][0]
@@ -196,10 +244,36 @@ def register_soup(params: Params, root: str | Path, result: SoupResult, row: Map
         "K": k, "b": result.info.get("b"), **{key: row.get(key) for key in ROW_METRICS},
         **{f"chosen_{key}": value for key, value in result.info.get("chosen", {}).items()},
         "params_hash": params_hash(params), "git_commit": git_commit(root), "dvc_lock_hash": dvc_lock_hash(root),
+        "soup_sha256": read_ingredient(layout.soup_dir(result.method) / "soup.safetensors").meta["sha256"],
     }
     name = params.tracking.registered_model
+    registered = tracking.find_version(name, {"method": result.method, "soup_sha256": tags["soup_sha256"]})
+    if registered is not None:  # this very soup was registered before (a run killed after it, or a replay)
+        return registered
     version = tracking.register_soup(result.state_dict, spec, name=name, method=result.method,
                                      tags={key: value for key, value in tags.items() if value is not None},
                                      input_example=image[None].numpy(), description=model_card(result, row, layout))
     tracking.promote_if_better(name, version)
     return version
+
+
+def replay(params: Params, root: str | Path) -> dict:
+    """Log a finished pipeline from its files, recomputing nothing: a new parent run (which closes the run a
+    lost tracking server left open), a nested run per fine-tune and per soup, the tables, and the
+    registration (a soup registered before keeps its version). Returns the run id, the registered
+    version and what could not be logged."""
+    layout = Layout(Path(root))
+    rows = read_json(layout.eval_dir / "methods.json")
+    members = [member for member in member_ids(params) if layout.ingredient(member).is_file()]
+    params = params.model_copy(update={"sweep": params.sweep.model_copy(update={"members": members})})
+    by_method = {row["method"]: row for row in rows}
+    with pipeline(params, root, run_name="replay", tags={"replayed_from_files": True}) as tracker:
+        for member in members:
+            ingredient = read_ingredient(layout.ingredient(member))
+            attempt(tracker, f"fine-tune {member}",
+                    lambda: log_finetune(tracker, member, ingredient, reused=True, seconds=None))  # noqa: B023 - called at once
+        log_tables(tracker, params, root, rows)
+        versions = [record_soup(tracker, params, root, soup.read_result(layout, method), by_method[method],
+                                register=method == params.tracking.register_method) for method in params.soup.methods]
+    return {"mlflow_run_id": tracker.parent_run_id, "registered_version": next(filter(None, versions), None),
+            "missed": missed(tracker)}
