@@ -61,6 +61,14 @@ class Layout:
     def ablation_dir(self) -> Path:
         return self.runs / "ablation"
 
+    @property
+    def costs_dir(self) -> Path:
+        """Seconds and peak memory: varying from run to run, so outside every DVC output (DVC hashes results only)."""
+        return self.runs / "costs"
+
+    def soup_cost(self, method: str) -> Path:
+        return self.costs_dir / f"soup-{method}.json"
+
 
 def member_ids(params: Params) -> list[int]:
     """The sweep's member ids."""

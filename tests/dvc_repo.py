@@ -29,9 +29,9 @@ def tool_env() -> dict[str, str]:
     return env
 
 
-def sh(*args: str, cwd: Path) -> str:
-    """Run a command, failing with its output when it fails."""
-    done = subprocess.run(args, cwd=cwd, env=tool_env(), capture_output=True, text=True)
+def sh(*args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    """Run a command (with `env` on top of the tools' environment), failing with its output when it fails."""
+    done = subprocess.run(args, cwd=cwd, env={**tool_env(), **(env or {})}, capture_output=True, text=True)
     if done.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     return done.stdout

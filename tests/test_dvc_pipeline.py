@@ -41,6 +41,13 @@ def test_repro_builds_every_stage_and_a_second_repro_runs_nothing(built):
     assert "metrics.json" in sh("dvc", "metrics", "show", cwd=built)
 
 
+def test_rerunning_a_stage_on_the_same_inputs_leaves_dvc_lock_unchanged(built):
+    for stage in ("soup@greedy", "soup@mehl_soup_plus", "evaluate"):  # timings and memory live outside the outputs
+        assert f"Running stage '{stage}'" in sh("dvc", "repro", "--force", "--single-item", stage, cwd=built)
+    assert sh("git", "status", "--porcelain", "dvc.lock", cwd=built) == ""
+    assert json.loads((built / "runs" / "costs" / "soup-greedy.json").read_text())["seconds"] > 0
+
+
 def test_a_shared_soup_key_reruns_every_soup_and_evaluation(built):
     write_params(built, {"soup": {"batch_size": 16}})
     try:

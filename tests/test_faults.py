@@ -18,7 +18,8 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from dvc_repo import make_repo, sh, tool_env, write_params
-from mlflow_server import serve_mlflow
+from mlflow_server import free_port, serve_mlflow
+from prefect_server import prefect_server, spawn
 from soup_pipeline.config import Params, load_params
 from soup_pipeline.ingredients import file_sha256
 from soup_pipeline.layout import Layout
@@ -136,7 +137,7 @@ def test_a_write_that_runs_out_of_room_keeps_the_previous_file_and_names_the_pat
 
 @pytest.mark.slow
 def test_the_flows_reuse_agrees_with_dvc_a_changed_code_dependency_reruns_the_stage(tmp_path):
-    from soup_pipeline.stages import finetune, prepare, pretrain
+    from soup_pipeline.stages import prepare, pretrain
 
     repo = make_repo(tmp_path)  # a DVC project: its dvc.yaml declares each stage's code, data and params
     params = load_params(repo / "params.yaml")
@@ -198,3 +199,45 @@ def test_a_tracking_server_lost_mid_run_does_not_stop_it_and_track_replays_it_fr
         (version,) = client.search_model_versions("name='soup-pipeline-soup'")
         assert version.tags["soup_sha256"] == file_sha256(repo / "runs/soups/mehl_soup_plus/soup.safetensors")
     assert {path: (path.stat().st_mtime_ns, file_sha256(path)) for path in files} == files  # nothing recomputed
+
+
+@pytest.mark.slow
+def test_a_dask_worker_lost_mid_sweep_leaves_its_member_to_the_other_worker(tmp_path):
+    from distributed import Client
+
+    repo = make_repo(tmp_path / "dask")
+    write_params(repo, {**KILL, "soup": {**KILL["soup"], "methods": {"greedy": {}}}, "tracking": {"enabled": False}})
+    sh("git", "commit", "-qam", "params", cwd=repo)
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    with prefect_server(tmp_path / "prefect") as api, contextlib.ExitStack() as cluster:
+        env = {**tool_env(), "PREFECT_API_URL": api}
+        module = [sys.executable, "-m"]
+        cluster.enter_context(spawn([*module, "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port",
+                                     str(port), "--no-dashboard"], tmp_path / "scheduler.log", env, tmp_path))
+        workers = {name: cluster.enter_context(spawn(
+            [*module, "distributed.cli.dask_worker", address, "--name", name, "--nthreads", "1", "--no-dashboard",
+             "--memory-limit", "0"], tmp_path / f"{name}.log", env, tmp_path, sig=signal.SIGKILL))
+            for name in ("doomed", "survivor")}
+        client = cluster.enter_context(Client(address, timeout=60))
+        client.wait_for_workers(2, timeout=60)
+        flow = subprocess.Popen([str(Path(sys.executable).with_name("soup-pipeline")), "run"], cwd=repo, text=True,
+                                env={**env, "SOUP_TASK_RUNNER": "dask", "SOUP_DASK_ADDRESS": address},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        doomed = next(w for w, info in client.scheduler_info()["workers"].items() if info["name"] == "doomed")
+        deadline = time.monotonic() + 240
+        while not client.processing().get(doomed) and flow.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.processing().get(doomed), "the doomed worker never got a fine-tune"
+        os.killpg(workers["doomed"].pid, signal.SIGKILL)  # mid fine-tune
+        log = flow.communicate(timeout=600)[0]
+    assert flow.returncode == 0, log[-3000:]
+    made = {k: file_sha256(Layout(repo).ingredient(k)) for k in (0, 1, 2)}
+
+    alone = tmp_path / "alone"  # the same members, fine-tuned undisturbed, one thread each as on a Dask worker
+    for folder in ("data", "base"):
+        shutil.copytree(repo / "runs" / folder, alone / "runs" / folder)
+    for k in (0, 1, 2):
+        sh(str(Path(sys.executable).with_name("soup-pipeline")), "--params", str(repo / "params.yaml"), "--root",
+           str(alone), "finetune", "--member", str(k), cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert {k: file_sha256(Layout(alone).ingredient(k)) for k in (0, 1, 2)} == made

@@ -13,7 +13,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
+import numpy as np
 import pytest
+import torch
 import zc.lockfile
 from mlflow import MlflowClient
 from safetensors.torch import load_file
@@ -28,8 +30,9 @@ from prefect_server import (cli, deployment, finished_flow_run, flow_run_states,
 from soup_pipeline import tracking
 from soup_pipeline.config import load_params
 from soup_pipeline.errors import SoupError
-from soup_pipeline.ingredients import file_sha256
-from soup_pipeline.layout import Layout
+from soup_pipeline.ingredients import file_sha256, read_ingredient
+from soup_pipeline.layout import Layout, load_splits
+from soup_pipeline.models import classifier_from_spec
 from soup_pipeline.lock import root_lock
 from soup_pipeline.stages import soup as soup_stage
 
@@ -149,6 +152,21 @@ def test_flow_registers_the_soup_with_its_provenance_and_promotes_it(tracked):
     assert str(MlflowClient().get_registered_model(MODEL).aliases["champion"]) == "1"
 
 
+def test_the_registered_soup_loads_through_pyfunc_as_the_torch_soup_with_nothing_pickled(tracked):
+    loaded = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    images = load_splits(load_params(tracked.repo / "params.yaml")).test.tensors[0][:16]
+    soup_file = tracked.repo / "runs/soups/mehl_soup_auto/soup.safetensors"
+    torch_soup = classifier_from_spec(read_ingredient(soup_file).meta["classifier_spec"])
+    torch_soup.load_state_dict(load_file(str(soup_file)))
+    with torch.no_grad():
+        expected = torch.softmax(torch_soup.eval()(images), -1).numpy()
+    assert np.allclose(np.asarray(loaded.predict(images.numpy())), expected, atol=1e-5)
+    source = MlflowClient().get_model_version(MODEL, "1").source
+    files = [path for path in Path(mlflow.artifacts.download_artifacts(source)).rglob("*") if path.is_file()]
+    assert not [path for path in files if path.suffix in (".pkl", ".pickle", ".pt", ".pth", ".joblib")]
+    assert {path.suffix for path in files} >= {".safetensors", ".py"}  # weights as safetensors, the model as code
+
+
 def test_the_flow_souped_on_two_processes_as_one_process_would(tracked, tmp_path):
     pipeline = tracked
     root = tmp_path / "alone"  # the flow's inputs, souped again here in this one process
@@ -171,7 +189,9 @@ def test_dvc_status_is_clean_and_pushed_after_a_flow_run(pipeline):
 
 
 def test_interrupted_sweep_fails_then_rerun_reuses_finished_members_and_drops_a_broken_one(harness, tmp_path, monkeypatch):
-    root = params_root(tmp_path / "root")
+    root = make_repo(tmp_path / "dvc")  # a DVC repo: the flow could commit, and must not for a partial sweep
+    write_params(root, FAST)
+    sh("git", "commit", "-qam", "fast params", cwd=root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     layout = Layout(root)
     for k in (1, 2):  # a folder where the ingredient file goes: saving it fails, also on retry
@@ -187,6 +207,7 @@ def test_interrupted_sweep_fails_then_rerun_reuses_finished_members_and_drops_a_
     layout.ingredient(1).rmdir()
     summary = run_flow(root)
     assert summary["K"] == 2 and summary["members"] == [0, 1] and not summary["dvc_committed"]
+    assert not (root / "dvc.lock").exists()  # nothing recorded as current for a sweep that lost a member
     assert stamp(layout.ingredient(0)) == before
     runs = children(summary["mlflow_run_id"])
     assert runs["finetune-0"][0].data.params["reused"] == "True"
@@ -253,6 +274,9 @@ def test_nightly_deployment_runs_on_a_real_prefect_server_with_the_sweep_on_dask
     (parent,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id],
                                    filter_string=f"tags.prefect_flow_run_id = '{flow_run_id}'")
     assert parent.info.status == "FINISHED" and parent.data.metrics["K"] == 3
+    tunes = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = "
+                               f"'{parent.info.run_id}' and tags.kind = 'finetune'")
+    assert len(tunes) == 3 and all(run.data.params["pid"] != parent.data.tags["pid"] for run in tunes)  # on Dask workers
 
 
 def test_prefect_yaml_deployment_runs_on_a_worker_and_runs_never_overlap(tmp_path):

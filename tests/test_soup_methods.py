@@ -157,3 +157,17 @@ def test_resume_after_a_crash_in_block_two_is_bitwise_identical(tmp_path):
     assert torch.equal(resumed.info["coefficients"], plain.info["coefficients"])
     assert all(torch.equal(resumed.state_dict[k], plain.state_dict[k]) for k in plain.state_dict)
     assert resumed.history == plain.history
+
+
+def test_a_saved_state_of_other_inputs_is_never_picked_up(tmp_path):
+    store = toy_ingredients(tmp_path / "ing", K=4)
+    resume = tmp_path / "resume"
+    first = params_for("mehl_soup_plus", **PARAMS, model_batch=2)
+    hyperplane_soup(store, toy_objective(), first, layerwise=True, resume_dir=resume)  # its final state is saved
+    other = params_for("mehl_soup_plus", **PARAMS, model_batch=2, lr=0.2)
+    steps = []
+    resumed = hyperplane_soup(store, toy_objective(), other, layerwise=True, resume_dir=resume,
+                              on_step=lambda e: steps.append(e.position))
+    fresh = hyperplane_soup(store, toy_objective(), other, layerwise=True)
+    assert steps[0] == 0 and torch.equal(resumed.info["coefficients"], fresh.info["coefficients"])
+    assert len(list(resume.rglob("*.safetensors"))) == 2  # one state per set of inputs, side by side

@@ -117,7 +117,10 @@ def test_parent_and_nested_runs_carry_params_and_metrics(backend, monkeypatch):
             tracking.log_scalars({**scalars, "peak_rss_bytes": 1e9, "peak_cuda_bytes": None})
             rows = [{"method": "mehl_soup_plus", "select_acc": 0.9}, {"method": "uniform", "select_acc": 0.85}]
             tracking.log_table(rows, "evaluation")
-        time.sleep(1.2)  # let the system-metrics monitor take a sample
+        deadline = time.monotonic() + 30  # wait for the system-metrics monitor's first sample, not a fixed time
+        while not any(key.startswith("system/") for key in MlflowClient().get_run(parent_id).data.metrics):
+            assert time.monotonic() < deadline, "the system-metrics monitor logged nothing in 30 s"
+            time.sleep(0.1)
 
     client = MlflowClient()
     parent = client.get_run(parent_id)

@@ -23,8 +23,10 @@ from ..tables import markdown_table
 from ..layout import Layout, load_splits, open_store, read_json, soup_objective
 
 REFERENCE = "greedy"  # every method is compared with greedy soup, the practical default
-TABLE_COLUMNS = ["method", "fit_acc", "select_acc", "test_acc", "shifted_test_acc", "test_vs_greedy", "test_ci_low",
-                 "test_ci_high", "test_mcnemar_p", "seconds", "peak_cpu_mib", "peak_cuda_mib"]
+RESULT_COLUMNS = ["method", "fit_acc", "select_acc", "test_acc", "shifted_test_acc", "test_vs_greedy", "test_ci_low",
+                  "test_ci_high", "test_mcnemar_p"]
+COST_COLUMNS = ["seconds", "peak_cpu_mib", "peak_cuda_mib"]  # kept apart, under runs/costs/: they vary between runs
+TABLE_COLUMNS = RESULT_COLUMNS + COST_COLUMNS
 
 
 def best_individual(store: IngredientStore) -> int:
@@ -65,7 +67,8 @@ def ingredient_rows(store: IngredientStore) -> list[dict]:
 
 
 def run(params: Params, root: str | Path) -> list[dict]:
-    """Write runs/eval/{metrics.json, methods.json, table.md, ingredients.json} and runs/eval/plots/*.png."""
+    """Write runs/eval/{metrics.json, methods.json, table.md, ingredients.json} and runs/eval/plots/*.png (the
+    same bytes for the same inputs), and runs/costs/evaluation.md; return the rows with each soup's cost."""
     layout = Layout(Path(root))
     store = open_store(params, layout)
     splits = load_splits(params)
@@ -74,7 +77,12 @@ def run(params: Params, root: str | Path) -> list[dict]:
     write_json(out / "metrics.json", {row["method"]: {k: v for k, v in row.items() if k != "method"} for row in rows})
     write_json(out / "methods.json", rows)
     write_json(out / "ingredients.json", ingredient_rows(store))
-    (out / "table.md").write_text(markdown_table(rows, TABLE_COLUMNS) + "\n")
+    (out / "table.md").write_text(markdown_table(rows, RESULT_COLUMNS) + "\n")
+    costs = {method: read_json(layout.soup_cost(method)) for method in params.soup.methods
+             if layout.soup_cost(method).is_file()}
+    shown = [{**row, **costs.get(row["method"], {})} for row in rows]
+    layout.costs_dir.mkdir(parents=True, exist_ok=True)
+    (layout.costs_dir / "evaluation.md").write_text(markdown_table(shown, TABLE_COLUMNS) + "\n")
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     plot_methods(rows, plots / "methods.png")
@@ -83,4 +91,4 @@ def run(params: Params, root: str | Path) -> list[dict]:
         if len(beta["layers"]) > 1:
             plot_mixing_weights(torch.tensor(beta["beta"]).numpy(), beta["ingredients"], beta["layers"],
                                 plots / f"beta_{method}.png")
-    return rows
+    return shown

@@ -24,6 +24,12 @@ from ..soups.distributed import launched_world, process_group, rank_device
 MIB = 2**20
 
 
+def soup_cost(result: SoupResult) -> dict:
+    """What the soup cost: seconds and peak memory (CPU RSS, CUDA allocator) of its construction."""
+    return {"seconds": result.seconds, "peak_cpu_mib": result.peak_bytes.get("cpu_rss", 0) / MIB,
+            "peak_cuda_mib": result.peak_bytes["cuda"] / MIB if "cuda" in result.peak_bytes else None}
+
+
 def soup_metrics(result: SoupResult, objective: Objective, device) -> dict:
     """The numbers a soup is judged by before test data is touched: loss and accuracy on the fit and
     select roles, and K x L against the fit size."""
@@ -35,16 +41,14 @@ def soup_metrics(result: SoupResult, objective: Objective, device) -> dict:
         "fit_size": len(objective.fit),
         "select_size": len(objective.select),
         **role_metrics(model_at(objective, result.state_dict, device), objective, device),
-        "seconds": result.seconds,
-        "peak_cpu_mib": result.peak_bytes.get("cpu_rss", 0) / MIB,
-        "peak_cuda_mib": result.peak_bytes["cuda"] / MIB if "cuda" in result.peak_bytes else None,
         **{k: v for k, v in result.info.items() if k in ("b", "model_epochs", "steps_per_block", "steps", "members", "chosen")},
     }
 
 
 def run(params: Params, root: str | Path, method: str) -> SoupResult:
     """Run `method` and write runs/soups/METHOD/{soup.safetensors, beta.json, metrics.json, history.json}
-    (and search.json, the candidate table, when the grouping was chosen on select data).
+    (and search.json, the candidate table, when the grouping was chosen on select data): the same
+    bytes for the same inputs on a CPU. Its seconds and peak memory go to runs/costs/soup-METHOD.json.
 
     With `nproc` > 1 a method that runs distributed is launched on that many processes by torchrun
     (one per GPU on a GPU machine, gloo on the CPU); rank 0 writes the files, read back here.
@@ -79,6 +83,7 @@ def write_result(result: SoupResult, layout: Layout, metrics: dict, ingredient_m
     write_json(out / "metrics.json", metrics)
     if "search" in result.info:
         write_json(out / "search.json", result.info["search"])
+    write_json(layout.soup_cost(result.method), soup_cost(result))
 
 
 def read_result(layout: Layout, method: str) -> SoupResult:
@@ -89,10 +94,11 @@ def read_result(layout: Layout, method: str) -> SoupResult:
             if key in metrics}
     if (out / "search.json").is_file():
         info["search"] = read_json(out / "search.json")
-    peaks = {"cpu_rss": metrics["peak_cpu_mib"], "cuda": metrics["peak_cuda_mib"]}
+    cost = read_json(layout.soup_cost(method)) if layout.soup_cost(method).is_file() else {}
+    peaks = {"cpu_rss": cost.get("peak_cpu_mib"), "cuda": cost.get("peak_cuda_mib")}
     return SoupResult(method=method, state_dict=IngredientStore([out / "soup.safetensors"]).load(0),
                       beta=torch.tensor(beta["beta"], dtype=torch.float64), layer_names=beta["layers"],
-                      ingredient_names=beta["ingredients"], seconds=metrics["seconds"],
+                      ingredient_names=beta["ingredients"], seconds=cost.get("seconds", 0.0),
                       peak_bytes={key: round(mib * MIB) for key, mib in peaks.items() if mib is not None},
                       history=[row["fit_loss"] for row in read_json(out / "history.json")], info=info)
 

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -87,7 +88,8 @@ def pipeline(params: Params, root: str | Path, *, run_name: str | None = None,
         return
     uri = tracking.tracking_uri(root)
     where = str(Path(root).resolve())
-    run_tags = {"params_hash": params_hash(params), "git_commit": git_commit(root), orphans.ROOT_TAG: where, **(tags or {})}
+    run_tags = {"params_hash": params_hash(params), "git_commit": git_commit(root), orphans.ROOT_TAG: where,
+                "pid": os.getpid(), **(tags or {})}
     with tracking.pipeline_run(params.tracking.experiment, uri=uri, run_name=run_name, tags=run_tags,
                                system_metrics=params.tracking.system_metrics) as run_id:
         closed = orphans.close_orphans(where, run_id)
@@ -147,27 +149,34 @@ def attempt(tracker: Tracker, what: str, log: Callable[[], T]) -> T | None:
 
 
 def tracked_finetune(tracker: Tracker, params: Params, root: str | Path, member: int) -> Ingredient:
-    """Fine-tune `member` (a finished one whose stage inputs are unchanged is reused), then log it in its
-    own nested run (`log_finetune`)."""
+    """Fine-tune `member` (a finished one whose stage inputs are unchanged is reused) in its own nested run,
+    which ends FAILED if the fine-tune fails; MLflow failing does not stop the fine-tune (`attempt`)."""
     path = Layout(Path(root)).ingredient(member)
     before = path.stat().st_mtime_ns if path.is_file() else None
-    start = time.perf_counter()
-    ingredient = finetune.run(params, root, member, reuse=True)
-    seconds = time.perf_counter() - start
-    attempt(tracker, f"fine-tune {member}",
-            lambda: log_finetune(tracker, member, ingredient, reused=before == path.stat().st_mtime_ns, seconds=seconds))
+    what = f"fine-tune {member}"
+    with contextlib.ExitStack() as run:
+        opened = attempt(tracker, what, lambda: run.enter_context(child_run(tracker, f"finetune-{member}",
+                                                                           kind="finetune")) or True)
+        start = time.perf_counter()
+        ingredient = finetune.run(params, root, member, reuse=True)
+        seconds = time.perf_counter() - start
+        if opened:
+            attempt(tracker, what, lambda: log_finetune(ingredient, member, reused=before == path.stat().st_mtime_ns,
+                                                        seconds=seconds, pid=os.getpid()))
+            attempt(tracker, what, run.close)  # ends the run here, so a lost server cannot fail the fine-tune
     return ingredient
 
 
-def log_finetune(tracker: Tracker, member: int, ingredient: Ingredient, *, reused: bool, seconds: float | None) -> None:
-    """The fine-tune's nested run: hyperparameters, base model, content hash, whether it was reused, fit
-    and select accuracy, the seconds taken (when known) and the training loss per epoch."""
+def log_finetune(ingredient: Ingredient, member: int, *, reused: bool, seconds: float | None,
+                 pid: int | None = None) -> None:
+    """Into the active nested run: hyperparameters, base model, content hash, whether the fine-tune was
+    reused, fit and select accuracy, the seconds taken and the process it ran in (when known), and the
+    training loss per epoch."""
     meta = ingredient.meta
-    with child_run(tracker, f"finetune-{member}", kind="finetune"):
-        tracking.log_params({"member": member, "hparams": meta["hparams"], "base_model": meta["base_model"],
-                             "sha256": meta["sha256"], "reused": reused})
-        tracking.log_scalars({"fit_acc": ingredient.fit_acc, "select_acc": meta.get("select_acc"), "finetune_s": seconds})
-        tracking.log_series({"train_loss": meta.get("train_loss", [])})
+    tracking.log_params({"member": member, "hparams": meta["hparams"], "base_model": meta["base_model"],
+                         "sha256": meta["sha256"], "reused": reused, **({"pid": pid} if pid is not None else {})})
+    tracking.log_scalars({"fit_acc": ingredient.fit_acc, "select_acc": meta.get("select_acc"), "finetune_s": seconds})
+    tracking.log_series({"train_loss": meta.get("train_loss", [])})
 
 
 def log_tables(tracker: Tracker, params: Params, root: str | Path, rows: list[dict]) -> None:
@@ -257,6 +266,12 @@ def register_soup(params: Params, root: str | Path, result: SoupResult, row: Map
     return version
 
 
+def replay_finetune(tracker: Tracker, member: int, ingredient: Ingredient) -> None:
+    """A finished fine-tune's nested run, from its sidecar (nothing recomputed, so `reused`)."""
+    with child_run(tracker, f"finetune-{member}", kind="finetune"):
+        log_finetune(ingredient, member, reused=True, seconds=None)
+
+
 def replay(params: Params, root: str | Path) -> dict:
     """Log a finished pipeline from its files, recomputing nothing: a new parent run (which closes the run a
     lost tracking server left open), a nested run per fine-tune and per soup, the tables, and the
@@ -270,8 +285,7 @@ def replay(params: Params, root: str | Path) -> dict:
     with pipeline(params, root, run_name="replay", tags={"replayed_from_files": True}) as tracker:
         for member in members:
             ingredient = read_ingredient(layout.ingredient(member))
-            attempt(tracker, f"fine-tune {member}",
-                    lambda: log_finetune(tracker, member, ingredient, reused=True, seconds=None))  # noqa: B023 - called at once
+            attempt(tracker, f"fine-tune {member}", lambda: replay_finetune(tracker, member, ingredient))  # noqa: B023
         log_tables(tracker, params, root, rows)
         versions = [record_soup(tracker, params, root, soup.read_result(layout, method), by_method[method],
                                 register=method == params.tracking.register_method) for method in params.soup.methods]
