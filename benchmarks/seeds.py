@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         root = args.workdir / f"seed-{seed}"
         if args.collect:
-            per_seed.append(json.loads((Layout(root).eval_dir / "methods.json").read_text()))
+            per_seed.append(evaluate.with_costs(json.loads((Layout(root).eval_dir / "methods.json").read_text()),
+                                                Layout(root)))
         else:
             per_seed.append(run_seed(args.params, root, seed, base))
         base = base or Layout(root).base_weights

@@ -66,6 +66,12 @@ def ingredient_rows(store: IngredientStore) -> list[dict]:
              **i.meta.get("hparams", {})} for i in store.ingredients]
 
 
+def with_costs(rows: list[dict], layout: Layout) -> list[dict]:
+    """The evaluation rows with each soup's seconds and peak memory (from runs/costs/, where a soup stage left them)."""
+    return [{**row, **(read_json(layout.soup_cost(row["method"])) if layout.soup_cost(row["method"]).is_file() else {})}
+            for row in rows]
+
+
 def run(params: Params, root: str | Path) -> list[dict]:
     """Write runs/eval/{metrics.json, methods.json, table.md, ingredients.json} and runs/eval/plots/*.png (the
     same bytes for the same inputs), and runs/costs/evaluation.md; return the rows with each soup's cost."""
@@ -78,9 +84,7 @@ def run(params: Params, root: str | Path) -> list[dict]:
     write_json(out / "methods.json", rows)
     write_json(out / "ingredients.json", ingredient_rows(store))
     (out / "table.md").write_text(markdown_table(rows, RESULT_COLUMNS) + "\n")
-    costs = {method: read_json(layout.soup_cost(method)) for method in params.soup.methods
-             if layout.soup_cost(method).is_file()}
-    shown = [{**row, **costs.get(row["method"], {})} for row in rows]
+    shown = with_costs(rows, layout)
     layout.costs_dir.mkdir(parents=True, exist_ok=True)
     (layout.costs_dir / "evaluation.md").write_text(markdown_table(shown, TABLE_COLUMNS) + "\n")
     plots = out / "plots"
