@@ -10,34 +10,49 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from toys import toy_ingredients
+from soup_pipeline.ingredients import IngredientStore
+from soup_pipeline.soups import run_method
+from soup_ranks import SETTINGS
+from toys import params_for, toy_ingredients, toy_objective
 
 pytestmark = pytest.mark.slow
 RANKS = Path(__file__).with_name("soup_ranks.py")
 K, B = 7, 3  # blocks of 3, 3, 1: the last block leaves rank 1 with no ingredient
+CASES = {"mehl_soup_plus": None, "hl_soup_plus": None, "mehl_soup": 0.05}  # method: gradient clipping
 
 
-def souped(out: Path, method: str, world: int, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run tests/soup_ranks.py on `world` processes (or alone, without torchrun, for world 0)."""
+def on_two_ranks(out: Path, method: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run tests/soup_ranks.py on 2 processes under torchrun, its ingredients made first."""
     if not (out / "ingredients").exists():
         toy_ingredients(out / "ingredients", K=K)
-    launcher = [] if world == 0 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
-    done = subprocess.run([sys.executable, *launcher, str(RANKS), str(out), method, *extra], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(RANKS), str(out), method, *extra], capture_output=True, text=True, timeout=300)
     if check:
         assert done.returncode == 0, done.stdout + done.stderr
     return done
 
 
-@pytest.mark.parametrize("method, extra", [("mehl_soup_plus", ()), ("hl_soup_plus", ()),
-                                           ("mehl_soup", ("--grad-clip", "0.05"))])
-def test_two_ranks_equal_one_process(tmp_path, method, extra):
-    souped(tmp_path / "alone", method, 0, *extra)
-    souped(tmp_path / "ranks", method, 2, *extra)
-    alone, ranks = (load_file(str(tmp_path / run / "result.safetensors")) for run in ("alone", "ranks"))
-    assert alone["coefficients"].abs().max() > 1e-3
-    assert max(float((alone[key] - ranks[key]).abs().max()) for key in alone) < 1e-10
-    records = [json.loads((tmp_path / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict[str, Path]:
+    """Each case souped once on 2 ranks: its output folder."""
+    folders = {}
+    for method, clip in CASES.items():
+        folders[method] = tmp_path_factory.mktemp(method)
+        on_two_ranks(folders[method], method, *(("--grad-clip", str(clip)) if clip else ()))
+    return folders
+
+
+@pytest.mark.parametrize("method", CASES)
+def test_two_ranks_equal_one_process(two_ranks, method):
+    out = two_ranks[method]
+    alone = run_method(method, IngredientStore(sorted((out / "ingredients").glob("*.safetensors"))), toy_objective(),
+                       params_for(method, **SETTINGS, grad_clip=CASES[method]))
+    ranks = load_file(str(out / "result.safetensors"))
+    expected = {"coefficients": alone.info["coefficients"], "beta": alone.beta,
+                **{f"soup.{key}": value for key, value in alone.state_dict.items()}}
+    assert expected["coefficients"].abs().max() > 1e-3
+    assert max(float((expected[key] - ranks[key]).abs().max()) for key in expected) < 1e-10
+    records = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
     share = -(-(K if method.startswith("hl") else B) // 2)  # ceil(b / 2) ingredients per rank
     for record in records:
         assert record["world"] == 2 and 1 <= record["peak_resident_count"] <= share
@@ -45,12 +60,11 @@ def test_two_ranks_equal_one_process(tmp_path, method, extra):
     assert records[0]["peak_resident_count"] == share  # rank 0 holds the larger half of each block
 
 
-def test_a_rank_crashing_in_block_two_fails_the_run_and_a_rerun_resumes_identically(tmp_path):
-    souped(tmp_path / "plain", "mehl_soup_plus", 2)
-    crashed = souped(tmp_path / "run", "mehl_soup_plus", 2, "--crash-at", "2", check=False)
+def test_a_rank_crashing_in_block_two_fails_the_run_and_a_rerun_resumes_identically(two_ranks, tmp_path):
+    crashed = on_two_ranks(tmp_path, "mehl_soup_plus", "--crash-at", "2", check=False)
     assert crashed.returncode != 0 and "simulated crash of rank 1 in block 2" in crashed.stderr
-    saved = list((tmp_path / "run" / "resume").rglob("*.safetensors"))
+    saved = list((tmp_path / "resume").rglob("*.safetensors"))
     assert len(saved) == 1 and load_file(str(saved[0]))["X"].abs().sum() > 0  # blocks 0 and 1 are kept
-    souped(tmp_path / "run", "mehl_soup_plus", 2)
-    plain, resumed = (load_file(str(tmp_path / run / "result.safetensors")) for run in ("plain", "run"))
-    assert all(plain[key].equal(resumed[key]) for key in plain)
+    on_two_ranks(tmp_path, "mehl_soup_plus")
+    plain, resumed = (load_file(str(folder / "result.safetensors")) for folder in (two_ranks["mehl_soup_plus"], tmp_path))
+    assert all(plain[key].equal(resumed[key]) for key in plain)  # bit for bit the uninterrupted 2-rank run

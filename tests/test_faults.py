@@ -137,7 +137,7 @@ def test_a_write_that_runs_out_of_room_keeps_the_previous_file_and_names_the_pat
 
 @pytest.mark.slow
 def test_the_flows_reuse_agrees_with_dvc_a_changed_code_dependency_reruns_the_stage(tmp_path):
-    from soup_pipeline.stages import prepare, pretrain
+    from soup_pipeline.stages import finetune, prepare, pretrain
 
     repo = make_repo(tmp_path)  # a DVC project: its dvc.yaml declares each stage's code, data and params
     params = load_params(repo / "params.yaml")
