@@ -12,6 +12,7 @@ memory contract. Nothing here unpickles: external checkpoints go through `import
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import json
 import threading
@@ -63,9 +64,21 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+@functools.lru_cache(maxsize=4096)
+def _hash_of_version(path: Path, size: int, mtime_ns: int) -> str:  # size and mtime name the file's version
+    return file_sha256(path)
+
+
+def unchanged_file_sha256(path: str | Path) -> str:
+    """`file_sha256`, hashed once per version of the file in this process (a rewrite changes size or mtime),
+    so stores opened again on the same files (the ablation opens many) do not read them again."""
+    stat = Path(path).stat()
+    return _hash_of_version(Path(path).resolve(), stat.st_size, stat.st_mtime_ns)
+
+
 def verify_sha256(path: str | Path, expected: str, *, recorded_in: str, fix: str) -> None:
     """Raise IngredientError unless the file's SHA-256 is `expected`, the hash recorded when it was written."""
-    actual = file_sha256(path)
+    actual = unchanged_file_sha256(path)
     if actual != expected:
         raise IngredientError(
             f"{path}: sha256 {actual} does not match {expected} recorded in {recorded_in} when it was written; "

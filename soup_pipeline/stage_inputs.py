@@ -8,7 +8,6 @@ without a `dvc.yaml` has nothing to agree with, and the stages fall back to thei
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from pathlib import Path
@@ -17,19 +16,13 @@ import yaml
 
 from .config import Params
 from .errors import SoupError
-from .ingredients import file_sha256
-
-
-@functools.lru_cache(maxsize=4096)
-def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:  # size and mtime key the cache
-    return file_sha256(path)
+from .ingredients import unchanged_file_sha256
 
 
 def content_sha256(path: Path) -> str:
     """SHA-256 of a file's content, or of a folder's files (relative path and content, in order); "missing" when absent."""
     if path.is_file():
-        stat = path.stat()
-        return _file_sha256(path, stat.st_size, stat.st_mtime_ns)
+        return unchanged_file_sha256(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
         listing = [(str(p.relative_to(path)), content_sha256(p)) for p in files]

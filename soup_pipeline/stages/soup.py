@@ -22,6 +22,7 @@ from ..soups.base import Objective, model_at, resolve_device, role_metrics
 from ..soups.distributed import launched_world, process_group, rank_device
 
 MIB = 2**20
+INFO_KEYS = ("b", "model_epochs", "steps_per_block", "steps", "members", "chosen")  # of result.info, in metrics.json
 
 
 def soup_cost(result: SoupResult) -> dict:
@@ -41,7 +42,7 @@ def soup_metrics(result: SoupResult, objective: Objective, device) -> dict:
         "fit_size": len(objective.fit),
         "select_size": len(objective.select),
         **role_metrics(model_at(objective, result.state_dict, device), objective, device),
-        **{k: v for k, v in result.info.items() if k in ("b", "model_epochs", "steps_per_block", "steps", "members", "chosen")},
+        **{k: v for k, v in result.info.items() if k in INFO_KEYS},
     }
 
 
@@ -90,8 +91,7 @@ def read_result(layout: Layout, method: str) -> SoupResult:
     """The soup stage's files of `method` as a SoupResult (as `run` returned it, less the in-memory extras)."""
     out = layout.soup_dir(method)
     beta, metrics = read_json(out / "beta.json"), read_json(out / "metrics.json")
-    info = {key: metrics[key] for key in ("K", "L", "b", "model_epochs", "steps_per_block", "steps", "members", "chosen")
-            if key in metrics}
+    info = {key: metrics[key] for key in ("K", "L", *INFO_KEYS) if key in metrics}
     if (out / "search.json").is_file():
         info["search"] = read_json(out / "search.json")
     cost = read_json(layout.soup_cost(method)) if layout.soup_cost(method).is_file() else {}
