@@ -1,7 +1,8 @@
 """One fine-tune: the pre-trained image tower and its zero-shot head, trained end to end, saved as an ingredient.
 
 Also the training loop shared with pre-training: seeded shuffles, AdamW with linear warm-up and
-cosine decay, weight decay on matrices only. On the CPU a given seed gives identical bytes.
+cosine decay, weight decay on matrices only. On the CPU a given seed gives identical bytes, whether
+the fine-tune runs alone or in a thread beside others (randomness.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .errors import SoupError
 from .evaluate import predictor, split_accuracies
 from .ingredients import Ingredient, save_ingredient
 from .models import TINY_ARCH, base_model_id, classifier_from_clip, classifier_spec, load_clip, zero_shot_head
+from .randomness import OwnGlobalRNG
 from .soups.base import resolve_device
 
 EpochCallback = Callable[[int, float], None]  # (epoch index, mean training loss)
@@ -46,8 +48,12 @@ def adamw_warmup_cosine(model: nn.Module, *, lr: float, weight_decay: float, tot
 
 def train_loop(model: nn.Module, dataset: Dataset, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
                epochs: int, batch_size: int, lr: float, weight_decay: float, warmup_frac: float,
-               generator: torch.Generator, desc: str, on_epoch: EpochCallback | None = None) -> list[float]:
-    """Train for `epochs` seeded passes; `loss_fn(images, labels)` gets CPU batches. Returns mean loss per epoch."""
+               generator: torch.Generator, rng: OwnGlobalRNG, desc: str,
+               on_epoch: EpochCallback | None = None) -> list[float]:
+    """Train for `epochs` seeded passes; `loss_fn(images, labels)` gets CPU batches. Returns mean loss per epoch.
+
+    `generator` orders the batches; `loss_fn` (the forward pass) runs with `rng` as torch's global generators.
+    """
     if len(dataset) == 0:
         raise SoupError(f"{desc}: the training split is empty; give it some images")
     steps_per_epoch = math.ceil(len(dataset) / batch_size)
@@ -59,7 +65,8 @@ def train_loop(model: nn.Module, dataset: Dataset, loss_fn: Callable[[torch.Tens
         order, total = torch.randperm(len(dataset), generator=generator), 0.0
         for start in range(0, len(dataset), batch_size):
             images, labels = fetch_batch(dataset, order[start:start + batch_size])
-            loss = loss_fn(images, labels)
+            with rng.active():
+                loss = loss_fn(images, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -82,10 +89,11 @@ def finetune(base: str | Path, hparams: Mapping, splits: DataSplits, out_path: s
     """
     hp = parse_section(FinetuneParams, dict(hparams), f"hparams of member {member}")
     target = resolve_device(device)
-    torch.manual_seed(hp.seed)
-    clip = load_clip(arch, base, cache_dir=cache_dir)
-    head = zero_shot_head(clip.model, clip.tokenizer, splits.classnames, splits.templates)
-    model = classifier_from_clip(clip.model, head).to(target)
+    rng = OwnGlobalRNG(hp.seed, target)
+    with rng.active():
+        clip = load_clip(arch, base, cache_dir=cache_dir)
+        head = zero_shot_head(clip.model, clip.tokenizer, splits.classnames, splits.templates)
+        model = classifier_from_clip(clip.model, head).to(target)
     del clip  # the text tower is no longer needed
     generator = torch.Generator().manual_seed(hp.seed)
 
@@ -94,7 +102,7 @@ def finetune(base: str | Path, hparams: Mapping, splits: DataSplits, out_path: s
         return F.cross_entropy(model(images), labels.to(target), label_smoothing=hp.label_smoothing)
 
     losses = train_loop(model, splits.train, loss_fn, epochs=hp.epochs, batch_size=hp.batch_size, lr=hp.lr,
-                        weight_decay=hp.weight_decay, warmup_frac=hp.warmup_frac, generator=generator,
+                        weight_decay=hp.weight_decay, warmup_frac=hp.warmup_frac, generator=generator, rng=rng,
                         desc=f"fine-tune member {member}", on_epoch=on_epoch)
     meta = {
         **dict(extra_meta or {}),

@@ -20,6 +20,7 @@ from .data import DataSplits, augment
 from .errors import SoupError
 from .finetune import EpochCallback, train_loop
 from .models import TINY_ARCH, load_clip, tokenize_prompts
+from .randomness import OwnGlobalRNG
 from .soups.base import resolve_device
 
 MAX_LOGIT_SCALE = 100.0  # the cap CLIP puts on exp(logit_scale)
@@ -38,8 +39,9 @@ def pretrain(params: PretrainParams, splits: DataSplits, out_path: str | Path, *
     if splits.pretrain is None or len(splits.pretrain) == 0:
         raise SoupError("no pre-training split; set data.pretrain_size > 0, or give model.pretrained to skip pre-training")
     device = resolve_device(params.device)
-    torch.manual_seed(params.seed)
-    clip = load_clip(arch)
+    rng = OwnGlobalRNG(params.seed, device)
+    with rng.active():  # the random initialisation
+        clip = load_clip(arch)
     model = clip.model.to(device)
     tokens = tokenize_prompts(clip.tokenizer, splits.classnames, splits.templates)
     generator = torch.Generator().manual_seed(params.seed)
@@ -53,7 +55,7 @@ def pretrain(params: PretrainParams, splits: DataSplits, out_path: str | Path, *
         return contrastive_loss(scale * image_features @ text_features.T, labels.to(device))
 
     train_loop(model, splits.pretrain, loss_fn, epochs=params.epochs, batch_size=params.batch_size, lr=params.lr,
-               weight_decay=params.weight_decay, warmup_frac=params.warmup_frac, generator=generator,
+               weight_decay=params.weight_decay, warmup_frac=params.warmup_frac, generator=generator, rng=rng,
                desc="pre-train", on_epoch=on_epoch)
     state = {key: tensor.detach().cpu().contiguous() for key, tensor in model.state_dict().items()}
     out_path = Path(out_path)

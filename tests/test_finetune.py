@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,7 +20,8 @@ from soup_pipeline.errors import SoupError
 from soup_pipeline.evaluate import loss_and_accuracy
 from soup_pipeline.finetune import finetune
 from soup_pipeline.ingredients import IngredientStore, file_sha256
-from soup_pipeline.models import TINY_ARCH, classifier_from_clip, classifier_from_spec, load_clip, zero_shot_head
+from soup_pipeline.models import (TINY_ARCH, classifier_from_clip, classifier_from_spec, load_clip, model_config,
+                                  zero_shot_head)
 from soup_pipeline.sweep import ingredient_path, sample_hparams
 
 ONE_EPOCH = FinetuneParams(epochs=1, lr=1e-4, augmentation="strong", label_smoothing=0.1, seed=7).model_dump()
@@ -74,3 +82,37 @@ def test_sweep_members_form_one_store(pretrained_base, tiny_splits, tmp_path):
     assert [i.meta["member"] for i in ingredients] == [0, 1]
     assert len({i.meta["base_model"] for i in ingredients}) == 1
     assert len(IngredientStore(ingredients)) == 2
+
+
+ALONE = """
+import json, sys
+import open_clip
+from helpers_clip import TINY_DATA
+from soup_pipeline.data import digits_splits
+from soup_pipeline.finetune import finetune
+config, base, hparams, out, arch = sys.argv[1:]
+open_clip.add_model_config(config)
+finetune(base, json.loads(hparams), digits_splits(TINY_DATA), out, member=0, arch=arch, device="cpu")
+"""
+
+
+def test_fine_tunes_with_dropout_in_threads_equal_each_run_alone_in_a_process(pretrained_base, tiny_splits, tmp_path):
+    """Patch dropout draws from torch's global generator: threads must not share its state."""
+    arch = "soup-tiny-dropout-test"
+    config = model_config(TINY_ARCH)
+    config["vision_cfg"]["patch_dropout"] = 0.5
+    config_path = tmp_path / f"{arch}.json"
+    config_path.write_text(json.dumps(config))
+    open_clip.add_model_config(config_path)
+    base, _ = pretrained_base
+    members = [{**ONE_EPOCH, "epochs": 2, "seed": seed} for seed in (7, 8)]
+    with concurrent.futures.ThreadPoolExecutor(len(members)) as pool:
+        threaded = list(pool.map(lambda k: finetune(base, members[k], tiny_splits, tmp_path / f"thread-{k}.safetensors",
+                                                    member=0, arch=arch, device="cpu"), range(len(members))))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    for k, hparams in enumerate(members):
+        out = tmp_path / f"alone-{k}.safetensors"
+        subprocess.run([sys.executable, "-c", ALONE, str(config_path), str(base), json.dumps(hparams), str(out), arch],
+                       env=env, check=True, timeout=300)
+        assert file_sha256(out) == threaded[k].meta["sha256"], f"member with seed {hparams['seed']}"
+    assert threaded[0].meta["sha256"] != threaded[1].meta["sha256"]
