@@ -108,7 +108,7 @@ def run_one(args) -> dict:
     objective = Objective(lambda: classifier_from_spec(classifier_spec(args.arch, NUM_CLASSES)),
                           heldout(args.image_size, args.batch, args.steps), batch_size=args.batch, loss_fn=clock)
     settings = dict(device=args.device, model_batch=args.b, passes=1.0, epochs=1, batch_size=args.batch,
-                    prefetch=not args.no_prefetch, storage_dtype=args.storage_dtype)
+                    prefetch=not args.no_prefetch, storage_dtype=args.storage_dtype, fused_step=not args.per_tensor)
     params = params_from(args.method, settings)
     with process_group(device) as ranks:
         result = run_method(args.method, store, objective, params)
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--storage-dtype", default=None, choices=[None, "bfloat16", "float16", "float32"])
     parser.add_argument("--no-prefetch", action="store_true")
+    parser.add_argument("--per-tensor", action="store_true", help="the per-tensor inner step instead of the fused one")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1], help="MEHL-Soup+ on this many ranks (torchrun)")
     parser.add_argument("--skip", nargs="*", default=[], help="methods to leave out, e.g. learned_soup_plus")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "soup-bench-ingredients"))
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     model_bytes = None
     floor = None
     print(f"arch {args.arch}, batch {args.batch}, {args.steps} steps per block, device {resolve_device(args.device)}, "
-          f"storage {args.storage_dtype or 'file dtype'}, prefetch {not args.no_prefetch}")
+          f"storage {args.storage_dtype or 'file dtype'}, prefetch {not args.no_prefetch}, "
+          f"inner step {'per tensor' if args.per_tensor else 'fused'}")
     print("| method | K | b | ranks | peak memory per rank (GiB) | peak / model size | ingredients held per rank (GiB) "
           "| time per inner step (s) | step / fine-tune step |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -162,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
                    f"--steps={args.steps}", f"--device={args.device}", f"--workdir={args.workdir}"]
     passthrough += [f"--storage-dtype={args.storage_dtype}"] if args.storage_dtype else []
     passthrough += ["--no-prefetch"] if args.no_prefetch else []
+    passthrough += ["--per-tensor"] if args.per_tensor else []
     for method, K, b, world in configurations(args):
         if method in args.skip:
             continue

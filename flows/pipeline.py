@@ -27,6 +27,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from soup_pipeline.config import Params, load_params
 from soup_pipeline.errors import SoupError
 from soup_pipeline.ingredients import Ingredient
+from soup_pipeline.kill_points import reached
 from soup_pipeline.soups import SoupResult
 from soup_pipeline.layout import member_ids
 from soup_pipeline.lock import file_lock, root_lock
@@ -104,6 +105,7 @@ def dvc_commit_task(root: str, follows_params: bool) -> bool:
     changed = json.loads(_dvc(root, "status", "--json").stdout or "{}")
     if changed:
         _dvc(root, "commit", "--force", "--quiet", *changed)
+        reached("dvc-committed")
     if _dvc(root, "config", "core.remote", check=False).stdout.strip():
         _dvc(root, "push", "--quiet")
     return True

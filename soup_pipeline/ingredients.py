@@ -15,6 +15,7 @@ import concurrent.futures
 import functools
 import hashlib
 import json
+import math
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -147,6 +148,25 @@ class _Resident(dict):
     """A dict of tensors handed out by the store; the store counts it while it is alive."""
 
 
+@dataclass
+class BlockMemory:
+    """The one allocation a block's tensors are views of: a byte buffer and each key's (offset, shape, dtype)."""
+
+    buffer: torch.Tensor
+    layout: dict[str, tuple[int, tuple[int, ...], torch.dtype]]
+
+    def views(self) -> dict[str, torch.Tensor]:
+        return {key: self.buffer[start : start + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+                for key, (start, shape, dtype) in self.layout.items()}
+
+    def to(self, device: torch.device) -> "BlockMemory":
+        """The same block on `device`, copied in one transfer (from pinned memory, without a host-side copy)."""
+        moved = self.buffer.to(device, non_blocking=True)
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()  # the pinned staging buffer may be let go after this
+        return BlockMemory(moved, self.layout)
+
+
 class IngredientStore:
     """A checked set of K ingredients, loaded lazily and counted while resident.
 
@@ -259,24 +279,29 @@ class IngredientStore:
     def load_stacked(self, indices: Sequence[int], keys: Sequence[str], *, pin_memory: bool = False) -> dict[str, torch.Tensor]:
         """Load a block of ingredients as one [b, *shape] tensor per key; counted as b while alive.
 
-        The block's tensors are views of one allocation, so freeing a block hands its memory back
-        whole: per-tensor allocations that come and go with every block would fragment the CPU
-        heap, and the process's RSS would then grow with the number of blocks (with K).
+        The block's tensors are views of one allocation (`BlockMemory`), so freeing a block hands its
+        memory back whole: per-tensor allocations that come and go with every block would fragment
+        the CPU heap, and the process's RSS would then grow with the number of blocks (with K).
+        Consecutive keys of one shape and dtype are placed back to back, so that each such run is one
+        strided tensor (soups/fused.py); other tensors start on an ALIGN-byte boundary.
         """
-        layout, size = {}, 0
+        layout, size, previous = {}, 0, None
         for key in keys:
             shape, _ = self.header[key]
             dtype = self._loaded_dtype(key)
-            size = -(-size // ALIGN) * ALIGN
+            if (shape, dtype) != previous:
+                size = -(-size // ALIGN) * ALIGN
+            previous = (shape, dtype)
             layout[key] = (size, (len(indices), *shape), dtype)
             size += torch.Size((len(indices), *shape)).numel() * dtype.itemsize
-        buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory)
-        stacked = {key: buffer[start : start + torch.Size(shape).numel() * dtype.itemsize].view(dtype).view(shape)
-                   for key, (start, shape, dtype) in layout.items()}
+        memory = BlockMemory(torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory), layout)
+        stacked = memory.views()
         for row, index in enumerate(indices):
             for key, tensor in self._read(index, keys):
                 stacked[key][row].copy_(tensor)
-        return self._track(stacked, count=len(indices))
+        resident = self._track(stacked, count=len(indices))
+        resident.memory = memory
+        return resident
 
     def centre(self, keys: Sequence[str] | None = None, *, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """The uniform average of all ingredients, one streaming pass, accumulated in float64.
@@ -346,10 +371,9 @@ class BlockPrefetcher:
         """The block at `position` (on the device); starts staging the one after it in the background."""
         future = self._pending.pop(position, None)
         block = future.result() if future is not None else self._stage(position)
-        if self.device.type == "cuda":
-            for key in self.keys:  # replaced in place, so the store keeps counting the block
-                block[key] = block[key].to(self.device, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()  # the pinned staging copy is let go after this
+        if self.device.type == "cuda":  # one copy of the whole allocation, so the tensors keep their layout
+            block.memory = block.memory.to(self.device)
+            block.update(block.memory.views())  # replaced in place, so the store keeps counting the block
         if self._pool is not None and position + 1 < len(self.blocks):
             self._pending[position + 1] = self._pool.submit(self._stage, position + 1)
         return block

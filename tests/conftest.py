@@ -16,4 +16,5 @@ for _name in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
     os.environ.setdefault(_name, "tests@soup-pipeline.invalid")
 
 # Session fixtures shared by several modules: registered here once, so they are built once.
+from flow_run import harness, pipeline  # noqa: E402,F401
 from helpers_clip import pretrained_base, tiny_splits  # noqa: E402,F401

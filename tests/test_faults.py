@@ -15,15 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
-from safetensors.torch import load_file
+from prefect.settings import PREFECT_API_URL
 
 from dvc_repo import make_repo, sh, tool_env, write_params
+from flow_run import fast_repo, lock_file
 from mlflow_server import free_port, serve_mlflow
 from prefect_server import prefect_server, spawn
 from soup_pipeline.config import Params, load_params
 from soup_pipeline.ingredients import file_sha256
+from soup_pipeline.kill_points import KILL_AT_ENV
 from soup_pipeline.layout import Layout
-from soup_pipeline.stages import soup as soup_stage
 from soup_pipeline.tracking import flow as track
 from soup_pipeline.tracking.orphans import RESUMED_BY_TAG, ROOT_TAG
 
@@ -52,7 +53,7 @@ def test_the_next_run_closes_what_a_killed_run_left_running(tmp_path, monkeypatc
     assert client.get_run(first.parent_run_id).info.status == "FINISHED"
 
 
-KILL = {  # on top of TINY: a run whose MEHL stage lasts long enough to be killed inside a block
+KILL = {  # on top of TINY: a short run (the tracking-server and Dask-worker tests)
     "data": {"pretrain_size": 60, "train_size": 40, "heldout_size": 40, "test_size": 40},
     "pretrain": {"epochs": 1},
     "sweep": {"epochs_range": [1, 1]},
@@ -62,50 +63,96 @@ KILL = {  # on top of TINY: a run whose MEHL stage lasts long enough to be kille
 }
 
 
-def run_command(repo: Path) -> subprocess.Popen:
-    return subprocess.Popen([str(Path(sys.executable).with_name("soup-pipeline")), "run"], cwd=repo, env=tool_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def start(command: list[str], repo: Path, point: str | None = None) -> subprocess.Popen:
+    """`command` in its own process group (what a kill point kills), SOUP_KILL_AT=point when given; flows
+    report to the session's Prefect server (the `harness` fixture) rather than each starting one."""
+    env = {**tool_env(), "PREFECT_API_URL": PREFECT_API_URL.value(), **({KILL_AT_ENV: point} if point else {})}
+    return subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def killed_at(command: list[str], repo: Path, point: str) -> None:
+    """Run `command` until it dies at kill point `point`."""
+    process = start(command, repo, point)
+    log = process.communicate(timeout=600)[0]
+    assert process.returncode == -signal.SIGKILL, f"not killed at {point}:\n{log[-5000:]}"
+
+
+def finished(command: list[str], repo: Path) -> None:
+    process = start(command, repo)
+    log = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, log[-5000:]
+
+
+def members_written(repo: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in (repo / "runs" / "ingredients").glob("member-*.safetensors"))
+
+
+def assert_nothing_half_written(repo: Path) -> None:
+    assert not [p for p in repo.rglob("*.tmp") if ".git" not in p.parts], "a temporary file was left"
+
+
+def blocks_reused(repo: Path, method: str) -> int:
+    return json.loads(Layout(repo).soup_cost(method).read_text())["blocks_reused"]
+
+
+RUN = [str(Path(sys.executable).with_name("soup-pipeline")), "run"]
+REPRO = [str(Path(sys.executable).with_name("dvc")), "repro"]
+KILLED_METHOD = "mehl_soup_plus"  # the first hyperplane soup of FAST: on two processes, so both ranks die in a block
 
 
 @pytest.mark.slow
-def test_a_run_killed_inside_a_mehl_block_reruns_to_the_same_outputs_closing_its_runs(tmp_path):
-    repo = make_repo(tmp_path / "killed")
-    write_params(repo, KILL)
-    sh("git", "commit", "-qam", "kill params", cwd=repo)
-    first = run_command(repo)
-    states = repo / "runs" / "resume" / "mehl_soup_auto"
-    deadline = time.monotonic() + 240
-    while not any(states.rglob("*.safetensors")) and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert first.poll() is None, first.stdout.read()  # still inside the MEHL stage: a block is done, more to go
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+def test_a_run_killed_at_every_stage_in_turn_ends_as_the_uninterrupted_flow_and_loses_nothing(tmp_path, pipeline):
+    repo = fast_repo(tmp_path, tmp_path / "remote")
+    killed_at(RUN, repo, "pretrain-epoch")
+    assert not Layout(repo).base_weights.exists()
+    killed_at(RUN, repo, "finetune-saved")
+    saved = members_written(repo)
+    assert saved  # the member written before the kill
+    killed_at(RUN, repo, "mehl-block")
+    killed_at(RUN, repo, "evaluate-method")
+    assert blocks_reused(repo, KILLED_METHOD) > 0  # MEHL resumed after its saved block, not redone
+    killed_at(RUN, repo, "dvc-committed")
+    killed_at(RUN, repo, "registered")
+    finished(RUN, repo)
 
-    second = run_command(repo)
-    log = second.communicate(timeout=600)[0]
-    assert second.returncode == 0, log
-    assert not [p for p in (repo / "runs").rglob("*.tmp")]
+    assert lock_file(repo) == pipeline.lock  # every output bit-identical to the uninterrupted flow's
+    assert_nothing_half_written(repo)
     assert json.loads(sh("dvc", "status", "--json", cwd=repo) or "{}") == {}
-
+    assert json.loads(sh("dvc", "status", "--cloud", "--json", cwd=repo) or "{}") == {}  # pushed after all
     store = f"sqlite:///{repo / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=store, registry_uri=store)
-    runs = client.search_runs([client.get_experiment_by_name("soup-pipeline").experiment_id])
+    assert [str(v.version) for v in client.search_model_versions("name='soup-pipeline-soup'")] == ["1"]  # not two
+    assert {k: str(v) for k, v in client.get_registered_model("soup-pipeline-soup").aliases.items()} == {"champion": "1"}
+    runs = client.search_runs([client.get_experiment_by_name("soup-pipeline").experiment_id], order_by=["start_time ASC"])
     parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
-    assert sorted(run.info.status for run in parents) == ["FINISHED", "KILLED"]
-    (finished,) = [run for run in parents if run.info.status == "FINISHED"]
+    assert [run.info.status for run in parents] == ["KILLED"] * 6 + ["FINISHED"]
     assert all(run.info.status != "RUNNING" for run in runs)
-    assert all(run.data.tags[RESUMED_BY_TAG] == finished.info.run_id for run in runs if run.info.status == "KILLED")
-    tunes = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == finished.info.run_id
+    assert all(RESUMED_BY_TAG in run.data.tags for run in runs if run.info.status == "KILLED")
+    after_sweep_kill = parents[2]  # the run after the one killed mid-sweep: its finished members were reused
+    reused = {run.data.tags["mlflow.runName"]: run.data.params.get("reused") for run in runs
+              if run.data.tags.get("mlflow.parentRunId") == after_sweep_kill.info.run_id and run.data.tags.get("kind") == "finetune"}
+    assert all(reused[f"finetune-{member}"] == "True" for member in saved), reused
+    tunes = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parents[-1].info.run_id
              and run.data.tags.get("kind") == "finetune"]
-    assert len(tunes) == 3 and all(run.data.params["reused"] == "True" for run in tunes)  # finished fine-tunes kept
-    assert [str(v.version) for v in client.search_model_versions("name='soup-pipeline-soup'")] == ["1"]
+    assert len(tunes) == 3 and all(run.data.params["reused"] == "True" for run in tunes)
 
-    alone = tmp_path / "alone"  # the same soup, never interrupted, from the same ingredients
-    for folder in ("data", "ingredients"):
-        shutil.copytree(repo / "runs" / folder, alone / "runs" / folder)
-    reference = soup_stage.run(load_params(repo / "params.yaml"), alone, "mehl_soup_auto").state_dict
-    rerun = load_file(str(repo / "runs" / "soups" / "mehl_soup_auto" / "soup.safetensors"))
-    assert all(torch.equal(reference[key], rerun[key]) for key in reference)
+
+@pytest.mark.slow
+def test_dvc_repro_killed_at_every_stage_in_turn_ends_as_the_uninterrupted_flow(tmp_path, pipeline):
+    repo = fast_repo(tmp_path)
+    killed_at(REPRO, repo, "pretrain-epoch")
+    killed_at(REPRO, repo, "finetune-saved:1")  # DVC has committed member 0; member 1 is written, not committed
+    saved = {0: Layout(repo).ingredient(0).stat().st_mtime_ns}
+    killed_at(REPRO, repo, "mehl-block")
+    killed_at(REPRO, repo, "evaluate-method")
+    assert blocks_reused(repo, KILLED_METHOD) > 0
+    finished(REPRO, repo)
+
+    assert lock_file(repo) == pipeline.lock  # DVC's outputs after four kills are the flow's, bit for bit
+    assert {0: Layout(repo).ingredient(0).stat().st_mtime_ns} == saved  # a committed member is never redone
+    assert_nothing_half_written(repo)
+    assert json.loads(sh("dvc", "status", "--json", cwd=repo) or "{}") == {}
 
 
 WRITE_UNDER_LIMIT = """

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -19,10 +18,10 @@ import torch
 import zc.lockfile
 from mlflow import MlflowClient
 from safetensors.torch import load_file
-from prefect.testing.utilities import prefect_test_harness
 
 from dvc_repo import PROJECT, TINY, make_repo, sh, tool_env, write_params
-from flows.pipeline import dvc_repo_lock, soup_pipeline_flow
+from flow_run import FAST, run_flow
+from flows.pipeline import dvc_repo_lock
 from flows.serve import NIGHTLY
 from mlflow_server import free_port
 from prefect_server import (cli, deployment, finished_flow_run, flow_run_states, poll, prefect_server,
@@ -38,23 +37,8 @@ from soup_pipeline.stages import soup as soup_stage
 
 pytestmark = pytest.mark.slow
 
-FAST = {  # on top of TINY: the least work that still runs every stage
-    "data": {"pretrain_size": 60, "train_size": 40, "heldout_size": 40, "test_size": 40},
-    "pretrain": {"epochs": 1},
-    "sweep": {"epochs_range": [1, 1]},
-    "soup": {"device": "cpu", "batch_size": 32, "methods": {"uniform": {}, "greedy": {}, "mehl_soup_plus": {"passes": 0.5, "nproc": 2},
-                                                           "mehl_soup_auto": {"passes": 0.5}}},
-    "evaluate": {"ingredient_counts": [], "remove_top": [], "bootstrap_resamples": 200},
-    "tracking": {"system_metrics": False, "register_method": "mehl_soup_auto"},
-}
 EXPERIMENT = "soup-pipeline"
 MODEL = "soup-pipeline-soup"
-
-
-@pytest.fixture(scope="session")
-def harness():
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
 
 
 def params_root(folder: Path) -> Path:
@@ -64,10 +48,6 @@ def params_root(folder: Path) -> Path:
     for changes in (TINY, FAST):
         write_params(folder, changes)
     return folder
-
-
-def run_flow(root: Path) -> dict:
-    return soup_pipeline_flow(params_path=str(root / "params.yaml"), root=str(root))
 
 
 def stamp(path: Path) -> tuple[int, str]:
@@ -85,20 +65,6 @@ def children(parent_run_id: str) -> dict[str, list]:
 
 def changed_stages(repo: Path) -> dict:
     return json.loads(sh("dvc", "status", "--json", cwd=repo) or "{}")
-
-
-@pytest.fixture(scope="module")
-def pipeline(harness, tmp_path_factory):
-    """The flow run in a fresh git + DVC repo with a local remote, tracked in a SQLite store beside it."""
-    folder = tmp_path_factory.mktemp("flow")
-    repo = make_repo(folder, remote=folder / "remote")
-    write_params(repo, FAST)
-    sh("git", "commit", "-qam", "fast params", cwd=repo)
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        summary = run_flow(repo)
-    return SimpleNamespace(repo=repo, uri=uri, summary=summary)
 
 
 @pytest.fixture

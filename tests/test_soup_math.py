@@ -8,13 +8,14 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from soup_pipeline.soups import run_method
+from soup_pipeline.soups import Objective, fused, run_method
 from soup_pipeline.data import fetch_batch
+from soup_pipeline.soups.fused import run_rows
 from soup_pipeline.soups.hyperplane import hyperplane_soup
 from soup_pipeline.soups.layers import group_layers
 from soup_pipeline.soups.mixing import project_block, tensor_columns
 
-from toys import DEVICE, Toy, params_for, toy_ingredients, toy_objective
+from toys import DEVICE, Blocks, Toy, params_for, toy_data, toy_ingredients, toy_objective
 
 PARAMS = dict(device=DEVICE, batch_size=32, passes=1.0, lr=0.05, seed=3, prefetch=False)
 
@@ -185,3 +186,20 @@ def test_compute_matched_mehl_takes_hl_soups_number_of_steps(tmp_path):
     hl, paper, matched = (run_method(name, store, toy_objective(), params_for(name, **settings))
                           for name in ("hl_soup_plus", "mehl_soup_plus", "mehl_soup_plus_matched"))
     assert len(hl.history) == 8 and len(paper.history) == 16 and len(matched.history) == 8
+
+
+@pytest.mark.parametrize("grouping", ["tensor", "block", "model", [r"\.weight$", r"^blocks\.1\."]])
+@pytest.mark.parametrize("grad_clip", [None, 0.05])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_the_fused_step_equals_the_per_tensor_step(tmp_path, monkeypatch, grouping, grad_clip, normalize):
+    store = toy_ingredients(tmp_path, K=5, model=Blocks)
+    objective = Objective(model_factory=lambda: Blocks(), fit=toy_data(), batch_size=32)
+    batched = []
+    monkeypatch.setattr(fused, "run_rows", lambda *args: batched.append(1) or run_rows(*args))
+    settings = {**PARAMS, "model_batch": 2, "grouping": grouping, "grad_clip": grad_clip, "normalize_directions": normalize}
+    one, each = (hyperplane_soup(store, objective, params_for("mehl_soup_plus", **settings, fused_step=on), layerwise=True)
+                 for on in (True, False))
+    assert len(batched) == len(one.history)  # every step of the first run was fused, none of the second
+    assert each.info["coefficients"].abs().max() > 1e-3
+    assert (one.info["coefficients"] - each.info["coefficients"]).abs().max() < 1e-10
+    assert max(float((one.state_dict[key] - each.state_dict[key]).abs().max()) for key in each.state_dict) < 1e-10

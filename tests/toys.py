@@ -29,6 +29,23 @@ class Toy(nn.Module):
         return self.net(x - self.shift)
 
 
+class Blocks(nn.Module):
+    """A stem, two residual blocks of one shape and a head: runs of same-shape tensors that cross block groups."""
+
+    def __init__(self, dtype: torch.dtype = torch.float64, inputs: int = 6, classes: int = 3, width: int = 8):
+        super().__init__()
+        self.stem = nn.Linear(inputs, width)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width)) for _ in range(2)])
+        self.head = nn.Linear(width, classes)
+        self.to(dtype)
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        for block in self.blocks:
+            h = h + torch.tanh(block(h))
+        return self.head(h)
+
+
 def toy_data(n: int = 120, inputs: int = 6, seed: int = 0, dtype=torch.float64) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, inputs, generator=g, dtype=dtype)
@@ -36,15 +53,18 @@ def toy_data(n: int = 120, inputs: int = 6, seed: int = 0, dtype=torch.float64) 
     return TensorDataset(x, y)
 
 
-def toy_ingredients(folder: Path, K: int, *, dtype=torch.float64, spread: float = 0.3, seed: int = 0) -> IngredientStore:
-    """K perturbations of one random Toy, saved as ingredients with sidecar accuracies."""
+def toy_ingredients(folder: Path, K: int, *, dtype=torch.float64, spread: float = 0.3, seed: int = 0,
+                    model: type[nn.Module] = Toy) -> IngredientStore:
+    """K perturbations of the parameters of one random `model` (Toy), saved as ingredients with sidecar accuracies."""
     torch.manual_seed(seed)
-    base = Toy(dtype)
+    base = model(dtype)
+    parameters = dict(base.named_parameters())
     paths = []
     for k in range(K):
-        state = {key: (v + spread * torch.randn_like(v)) if key.startswith("net.") else v.clone()
+        state = {key: (v + spread * torch.randn_like(v)) if key in parameters else v.clone()
                  for key, v in base.state_dict().items()}
-        state["shift"] = state["shift"] + 0.01 * k  # a float buffer: averaged uniformly
+        if "shift" in state:
+            state["shift"] = state["shift"] + 0.01 * k  # a float buffer: averaged uniformly
         paths.append(save_ingredient(state, folder / f"toy{k:02d}.safetensors",
                                      meta={"fit_acc": 0.5 + 0.01 * k, "base_model": "toy"}))
     return IngredientStore(paths)

@@ -25,8 +25,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from ..errors import SoupError
-from .mixing import rebuild_
+from .fused import FlatTensors, ShapeRuns, rebuild
 
 TIMEOUT = datetime.timedelta(minutes=10)  # a collective waiting longer than this fails the run
 
@@ -74,36 +73,26 @@ class Ranks:
 
 
 class Combiner:
-    """out = base + sum over every rank's share of alpha_k d_k, tensor by tensor.
+    """out = base + sum over every rank's share of alpha_k d_k (`fused.rebuild`: per tensor, or per run of
+    same-shape tensors).
 
-    Alone, each tensor is one fused multiply-add (`rebuild_`). With several ranks, each rank's
-    partial sum goes into one flat parameter-sized buffer that is all-reduced in a single call.
+    Alone, the sum is added to the base directly. With several ranks, each rank's partial sum goes
+    into one flat parameter-sized buffer that is all-reduced in a single call, then added to the base.
     """
 
-    def __init__(self, ranks: Ranks, like: Mapping[str, torch.Tensor]):
+    def __init__(self, ranks: Ranks, like: FlatTensors, layout: ShapeRuns):
         self.ranks = ranks
-        self.keys = list(like)
-        if ranks.world > 1:
-            dtypes = {t.dtype for t in like.values()}
-            if len(dtypes) != 1:
-                raise SoupError(f"distributed souping needs one parameter dtype, the model has {sorted(map(str, dtypes))}")
-            first = next(iter(like.values()))
-            self.flat = torch.empty(sum(t.numel() for t in like.values()), dtype=first.dtype, device=first.device)
-            self.views = dict(zip(self.keys, (chunk.view(like[k].shape) for k, chunk in
-                                              zip(self.keys, self.flat.split([t.numel() for t in like.values()])))))
+        self.partial = FlatTensors.empty(layout, like.flat) if ranks.world > 1 else None
 
-    def __call__(self, out: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], alpha: torch.Tensor,
-                 directions: Mapping[str, torch.Tensor]) -> None:
-        """alpha: one row per key (T x this rank's share), as `mixing.per_tensor` gives it."""
-        if self.ranks.world == 1:
-            for i, key in enumerate(self.keys):
-                rebuild_(out[key], base[key], alpha[i], directions[key])
+    def __call__(self, out: FlatTensors, base: FlatTensors, alpha: torch.Tensor, directions: Mapping[str, torch.Tensor],
+                 runs: list[torch.Tensor] | None) -> None:
+        """alpha: one row per tensor (T x this rank's share), as `mixing.per_tensor` gives it."""
+        if self.partial is None:
+            rebuild(out, base, alpha, directions, runs)
             return
-        for i, key in enumerate(self.keys):
-            rebuild_(self.views[key], None, alpha[i], directions[key])
-        dist.all_reduce(self.flat)
-        for key in self.keys:
-            torch.add(base[key], self.views[key], out=out[key])
+        rebuild(self.partial, None, alpha, directions, runs)
+        dist.all_reduce(self.partial.flat)
+        torch.add(base.flat, self.partial.flat, out=out.flat)
 
 
 def rank_device(device: torch.device) -> torch.device:

@@ -33,7 +33,8 @@ from .base import (HeldOutStream, MethodSpec, Objective, SoupResult, check_ingre
                    LossLog, step_loss, warn_overfitting)
 from .layers import SearchableParams, group_layers
 from .distributed import Combiner, Ranks, rank_device
-from .mixing import per_tensor, project_block, row_norms, tensor_columns
+from .fused import FlatTensors, ShapeRuns, bind_parameters, projections, stacked_runs
+from .mixing import group_rows, per_tensor, row_norms, tensor_columns
 from .resume import fingerprint, load_state, save_state, state_path
 
 MASK_RTOL = 1e-6  # a direction with |d_{k,l}| <= MASK_RTOL * |c_l| is masked (its coefficient stays 0)
@@ -49,6 +50,7 @@ class HLParams(SoupSettings):
     grad_clip: float | None = Field(1.0, gt=0)  # max global norm of grad_theta before projection; None = off
     normalize_directions: bool = False  # use d/|d| (the reference script) instead of raw d
     prefetch: bool = True  # load the next block on a background thread
+    fused_step: bool = True  # one batched product per run of same-shape tensors (soups/fused.py); False: per tensor
 
 
 class MEHLParams(HLParams):
@@ -145,9 +147,15 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: MEHLPa
     model.to(device).eval()
     soup = dict(model.named_parameters())
     soup_tensors = [soup[key] for key in param_keys]
-    centre = {key: soup[key].detach().clone() for key in param_keys}
-    centre_norm = row_norms({k: v.unsqueeze(0) for k, v in centre.items()}, grouping)[0]
-    columns = tensor_columns(grouping, param_keys, device)
+    if len({soup[key].dtype for key in param_keys}) != 1:
+        raise SoupError(f"{name} needs one parameter dtype; the model has {sorted({str(t.dtype) for t in soup_tensors})}")
+    layout = ShapeRuns.of({key: soup[key].shape for key in param_keys})  # parameters, gradients, blocks: in this order
+    theta = FlatTensors.empty(layout, soup_tensors[0])
+    grads = FlatTensors(layout, torch.zeros_like(theta.flat))
+    bind_parameters(model, theta, grads)
+    centre = FlatTensors(layout, theta.flat.clone())
+    centre_norm = row_norms({k: v.unsqueeze(0) for k, v in centre.views.items()}, grouping)[0]
+    columns = tensor_columns(grouping, layout.keys, device)
 
     perms = model_permutations(K, epochs, params.seed, permutations)
     blocks = [perm[i : i + b] for perm in perms for i in range(0, K, b)]
@@ -174,37 +182,38 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: MEHLPa
                 for key, value in state["soup"].items():
                     soup[key].copy_(value)
 
-    combine = Combiner(ranks, {key: soup[key] for key in param_keys})
-    base = {key: torch.empty_like(soup[key]) for key in param_keys}  # each block's base, written in place
-    with BlockPrefetcher(store, shares[start:], param_keys, enabled=params.prefetch, device=device) as prefetcher:
+    combine = Combiner(ranks, theta, layout)
+    base = FlatTensors.empty(layout, theta.flat)  # each block's base, written in place
+    with BlockPrefetcher(store, shares[start:], layout.keys, enabled=params.prefetch, device=device) as prefetcher:
         for position in tqdm(range(start, len(blocks)), desc=name, unit="block", initial=start, total=len(blocks),
                              disable=None if ranks.leader else True):
             block, mine = blocks[position], shares[position]
             directions = prefetcher.get(position - start)
-            for key in param_keys:  # in place, so the store keeps counting these ingredients
-                directions[key].sub_(centre[key])
+            for key in layout.keys:  # in place, so the store keeps counting these ingredients
+                directions[key].sub_(centre.views[key])
+            fused = params.fused_step and all(d.dtype == dtype for d in directions.values())  # not with bf16 storage
+            runs = stacked_runs(layout, directions) if fused else None  # None: the per-tensor step
             block_norms = row_norms(directions, grouping)
             norms[block] = ranks.assemble(block_norms, block)
             scale = coefficient_scale(block_norms, centre_norm, params.normalize_directions).to(device, dtype)
 
             X_block = X[mine].to(device).requires_grad_(True)
             with torch.no_grad():
-                combine(base, soup, per_tensor(-(X_block * scale), columns), directions)
+                combine(base, theta, per_tensor(-(X_block * scale), columns), directions, runs)
             optimizer = torch.optim.AdamW([X_block], lr=params.lr, weight_decay=params.weight_decay)
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
             for step in range(steps):
-                model.zero_grad(set_to_none=True)
+                grads.flat.zero_()
                 loss = step_loss(model, objective, stream, device)
                 losses.add(loss, f"block {position} (ingredients {block}), step {step}")
                 loss.backward()
                 if params.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(soup_tensors, params.grad_clip)
-                grads = {key: soup[key].grad for key in param_keys}
-                X_block.grad = project_block(grads, directions, columns, L, dtype) * scale
+                X_block.grad = group_rows(projections(grads, directions, runs, dtype), columns, L) * scale
                 optimizer.step()
                 schedule.step()
                 with torch.no_grad():
-                    combine(soup, base, per_tensor(X_block * scale, columns), directions)
+                    combine(theta, base, per_tensor(X_block * scale, columns), directions, runs)
                 if on_step is not None:
                     losses.flush()
                     now = X.clone()
@@ -212,7 +221,7 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: MEHLPa
                     on_step(StepEvent(position, block, step, losses.values[-1], now))
             losses.flush()
             X[block] = ranks.assemble(X_block.detach(), block).cpu()
-            del directions
+            del directions, runs
             if saved_at is not None:
                 if ranks.leader:
                     save_state(saved_at, next_block=position + 1, X=X, norms=norms,
@@ -224,7 +233,7 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: MEHLPa
     state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return SoupResult(method=name, state_dict=state_dict, beta=beta, layer_names=grouping.names,
                       ingredient_names=[i.name for i in store.ingredients], history=losses.values,
-                      info={"K": K, "L": L, "b": b, "model_epochs": epochs, "steps_per_block": steps,
+                      info={"K": K, "L": L, "b": b, "model_epochs": epochs, "steps_per_block": steps, "blocks_reused": start,
                             "coefficients": X, "masked": int((norms <= MASK_RTOL * centre_norm).sum())})
 
 

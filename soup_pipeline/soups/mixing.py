@@ -60,17 +60,30 @@ def project(grad: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.dot(row.reshape(-1).to(grad.dtype), flat_grad) for row in stacked])
 
 
+def tensor_rows(grads: Mapping[str, torch.Tensor | None], stacked: Mapping[str, torch.Tensor],
+                dtype: torch.dtype) -> torch.Tensor:
+    """<grads[t], stacked[t][j]> for every key t of `stacked` (in its order) and row j: a T x b matrix.
+
+    A None gradient counts as zero.
+    """
+    first = next(iter(stacked.values()))
+    zero = torch.zeros(len(first), dtype=dtype, device=first.device)
+    return torch.stack([zero if grads[key] is None else project(grads[key], directions).to(dtype)
+                        for key, directions in stacked.items()])
+
+
+def group_rows(rows: torch.Tensor, columns: torch.Tensor, groups: int) -> torch.Tensor:
+    """From T x b per-tensor values to b x L per-group sums; `columns[i]` is the group of tensor i."""
+    return torch.zeros(groups, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add_(0, columns, rows).t()
+
+
 def project_block(grads: Mapping[str, torch.Tensor | None], stacked: Mapping[str, torch.Tensor], columns: torch.Tensor,
                   groups: int, dtype: torch.dtype) -> torch.Tensor:
     """G[j, l] = sum over tensors t in group l of <grads[t], stacked[t][j]>: a b x L matrix.
 
     `columns[i]` is the group of the i-th key of `stacked`; a None gradient counts as zero.
     """
-    first = next(iter(stacked.values()))
-    zero = torch.zeros(len(first), dtype=dtype, device=first.device)
-    rows = torch.stack([zero if grads[key] is None else project(grads[key], directions).to(dtype)
-                        for key, directions in stacked.items()])
-    return torch.zeros(groups, len(first), dtype=dtype, device=first.device).index_add_(0, columns, rows).t()
+    return group_rows(tensor_rows(grads, stacked, dtype), columns, groups)
 
 
 def row_norms(stacked: Mapping[str, torch.Tensor], grouping: Grouping) -> torch.Tensor:

@@ -44,11 +44,12 @@ def searched_soup(method: Method, store: IngredientStore, objective: Objective, 
         raise SoupError("grouping: auto chooses on select data, and the objective has none; "
                         "give Objective(select=...) or a fixed grouping ('tensor', 'block', 'model')")
     device = resolve_device(params.device)
-    rows, best, best_loss = [], None, float("inf")
+    rows, best, best_loss, blocks_reused = [], None, float("inf"), 0
     for candidate in candidate_settings(params):
         with warnings.catch_warnings():  # K x L against the fit size is a column of the candidate table here
             warnings.filterwarnings("ignore", message=r".*learned coefficients .* exceed")
             result = method(store, objective, candidate, name=name, **options)
+        blocks_reused += result.info.get("blocks_reused", 0)
         scores = role_metrics(model_at(objective, result.state_dict, device), objective, device)
         L = len(result.layer_names)
         rows.append({"grouping": candidate.grouping, "lr": candidate.lr, "weight_decay": candidate.weight_decay,
@@ -62,7 +63,8 @@ def searched_soup(method: Method, store: IngredientStore, objective: Objective, 
                         "lower the method's search.lrs or check the ingredients")
     for index, row in enumerate(rows):
         row["chosen"] = index == chosen
-    best.info.update({"search": rows, "chosen": {key: rows[chosen][key] for key in ("grouping", "lr", "weight_decay")}})
+    best.info.update({"search": rows, "chosen": {key: rows[chosen][key] for key in ("grouping", "lr", "weight_decay")},
+                      "blocks_reused": blocks_reused})  # over every candidate
     return best
 
 

@@ -16,6 +16,7 @@ from ..config import Params
 from ..data import DataSplits
 from ..evaluate import accuracies, compare_to_reference, predictor, split_correctness
 from ..ingredients import IngredientStore
+from ..kill_points import reached
 from ..plots import plot_methods, plot_mixing_weights
 from ..soups.base import model_at, resolve_device
 from ..soups.ensemble import ensemble_logits
@@ -50,6 +51,7 @@ def evaluate_rows(params: Params, layout: Layout, store: IngredientStore, splits
         state = IngredientStore([folder / "soup.safetensors"]).load(0)
         correct[method] = split_correctness(predictor(model_at(objective, state, device), batch, device), splits)
         extra[method] = read_json(folder / "metrics.json")
+        reached("evaluate-method")
     correct["ensemble"] = split_correctness(lambda ds: ensemble_logits(store, objective, device, ds), splits)
     for method, values in correct.items():
         row = {**extra.get(method, {}), "method": method, **accuracies(values)}

@@ -7,6 +7,7 @@ from pathlib import Path
 from ..config import Params
 from ..finetune import finetune
 from ..ingredients import Ingredient, read_ingredient
+from ..kill_points import reached
 from ..models import base_model_id
 from ..stage_inputs import stage_inputs_sha256
 from ..sweep import sample_hparams
@@ -32,5 +33,7 @@ def run(params: Params, root: str | Path, member: int, *, reuse: bool = False) -
     inputs = stage_inputs_sha256(root, "finetune", params)
     if reuse and is_done(target, hparams, base_model_id(params.model.arch, base), inputs):
         return read_ingredient(target)
-    return finetune(base, hparams, load_splits(params), target, member=member, arch=params.model.arch,
-                    cache_dir=params.model.cache_dir, device=params.sweep.device, extra_meta={"inputs_sha256": inputs})
+    ingredient = finetune(base, hparams, load_splits(params), target, member=member, arch=params.model.arch,
+                          cache_dir=params.model.cache_dir, device=params.sweep.device, extra_meta={"inputs_sha256": inputs})
+    reached("finetune-saved", member)
+    return ingredient

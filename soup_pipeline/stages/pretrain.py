@@ -12,6 +12,7 @@ from pathlib import Path
 from ..atomic import write_json
 from ..config import Params
 from ..evaluate import predictor, split_accuracies
+from ..kill_points import reached
 from ..models import base_model_id, classifier_from_clip, load_clip, zero_shot_head
 from ..pretrain import pretrain
 from ..soups.base import resolve_device
@@ -39,7 +40,8 @@ def run(params: Params, root: str | Path, *, reuse: bool = False) -> dict:
             return info
     splits = load_splits(params)
     if params.model.pretrained is None:
-        pretrain(params.pretrain, splits, layout.base_weights, arch=params.model.arch)
+        pretrain(params.pretrain, splits, layout.base_weights, arch=params.model.arch,
+                 on_epoch=lambda *_: reached("pretrain-epoch"))
     base = base_reference(params, layout)
     clip = load_clip(params.model.arch, base, cache_dir=params.model.cache_dir)
     head = zero_shot_head(clip.model, clip.tokenizer, splits.classnames, splits.templates)

@@ -15,6 +15,7 @@ from ..atomic import write_json
 from ..config import Params
 from ..errors import SoupError
 from ..ingredients import IngredientStore, save_ingredient
+from ..kill_points import armed, reached
 from ..layout import Layout, load_splits, open_store, read_json, soup_objective
 from ..lock import LOCK_HELD_ENV
 from ..soups import SoupResult, get_spec, run_method
@@ -26,9 +27,11 @@ INFO_KEYS = ("b", "model_epochs", "steps_per_block", "steps", "members", "chosen
 
 
 def soup_cost(result: SoupResult) -> dict:
-    """What the soup cost: seconds and peak memory (CPU RSS, CUDA allocator) of its construction."""
+    """What the soup cost: seconds and peak memory (CPU RSS, CUDA allocator) of its construction, and the
+    blocks taken from a resume state rather than computed."""
     return {"seconds": result.seconds, "peak_cpu_mib": result.peak_bytes.get("cpu_rss", 0) / MIB,
-            "peak_cuda_mib": result.peak_bytes["cuda"] / MIB if "cuda" in result.peak_bytes else None}
+            "peak_cuda_mib": result.peak_bytes["cuda"] / MIB if "cuda" in result.peak_bytes else None,
+            "blocks_reused": result.info.get("blocks_reused", 0)}
 
 
 def soup_metrics(result: SoupResult, objective: Objective, device) -> dict:
@@ -63,6 +66,8 @@ def run(params: Params, root: str | Path, method: str) -> SoupResult:
     store = open_store(params, layout, settings=settings)
     objective = soup_objective(params, store, load_splits(params), settings)
     options = {"resume_dir": layout.runs / "resume" / method} if spec.resumable else {}
+    if spec.resumable and armed("mehl-block"):
+        options["on_step"] = lambda event: reached("mehl-block") if event.position > 0 else None
     device = rank_device(resolve_device(settings.device))
     with process_group(device) as ranks:
         result = run_method(method, store, objective, settings, **options)

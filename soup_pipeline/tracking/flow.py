@@ -24,6 +24,7 @@ from . import orphans
 from ..config import Params
 from ..errors import SoupError
 from ..ingredients import Ingredient, file_sha256, read_ingredient
+from ..kill_points import reached
 from ..layout import Layout, load_splits, member_ids, open_store, read_json
 from ..soups import SoupResult
 from ..stages import finetune, soup
@@ -257,12 +258,11 @@ def register_soup(params: Params, root: str | Path, result: SoupResult, row: Map
     }
     name = params.tracking.registered_model
     registered = tracking.find_version(name, {"method": result.method, "soup_sha256": tags["soup_sha256"]})
-    if registered is not None:  # this very soup was registered before (a run killed after it, or a replay)
-        return registered
-    version = tracking.register_soup(result.state_dict, spec, name=name, method=result.method,
-                                     tags={key: value for key, value in tags.items() if value is not None},
-                                     input_example=image[None].numpy(), description=model_card(result, row, layout))
-    tracking.promote_if_better(name, version)
+    version = registered or tracking.register_soup(  # registered before: a run killed after it, or a replay
+        result.state_dict, spec, name=name, method=result.method, tags={key: value for key, value in tags.items() if value is not None},
+        input_example=image[None].numpy(), description=model_card(result, row, layout))
+    reached("registered")
+    tracking.promote_if_better(name, version)  # again for a known version: a killed run may not have promoted it
     return version
 
 
