@@ -11,6 +11,7 @@ MEHL walks a seeded permutation of the K ingredients in blocks of b; for each bl
 those b directions, runs S AdamW steps (warm-up then cosine) on X[B], and rebuilds the soup
 from the block's base after every step. dL/dalpha_{k,l} = <grad_theta_l L, d_{k,l}>: one
 forward/backward through the combined model, then the projections. HL-Soup is b = K, one epoch.
+The projections and rebuilds run one batched product per run of same-shape tensors (fused.py).
 """
 
 from __future__ import annotations
