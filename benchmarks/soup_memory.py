@@ -36,18 +36,20 @@ from soup_pipeline.soups.distributed import process_group, rank_device
 NUM_CLASSES = 10
 
 
-def make_ingredients(folder: Path, arch: str, K: int, image_size: int) -> list[Path]:
-    """K perturbations (relative scale 1e-2) of one seeded random init; reused when already on disk."""
+def make_ingredients(folder: Path, arch: str, K: int, image_size: int, dtype: str | None) -> list[Path]:
+    """K perturbations (relative scale 1e-2) of one seeded random init, written in `dtype` (float32 when None:
+    72 ViT-L-14 towers take 87 GB in float32, 43 GB in bfloat16); reused when already on disk."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{arch}-{k:03d}.safetensors" for k in range(K)]
+    paths = [folder / f"{arch}-{dtype or 'float32'}-{k:03d}.safetensors" for k in range(K)]
     missing = [p for p in paths if not p.exists()]
     if missing:
         torch.manual_seed(0)
         base = classifier_from_spec(classifier_spec(arch, NUM_CLASSES)).state_dict()
+        file_dtype = getattr(torch, dtype or "float32")
         for path in missing:
             k = int(path.stem.rsplit("-", 1)[1])
             gen = torch.Generator().manual_seed(1000 + k)
-            state = {key: v + 1e-2 * v.std().nan_to_num(1.0) * torch.randn(v.shape, generator=gen)
+            state = {key: (v + 1e-2 * v.std().nan_to_num(1.0) * torch.randn(v.shape, generator=gen)).to(file_dtype)
                      if v.is_floating_point() and v.numel() > 1 else v for key, v in base.items()}
             save_ingredient(state, path, meta={"fit_acc": 0.5, "base_model": f"{arch}-random"})
     return paths
@@ -102,7 +104,7 @@ def run_one(args) -> dict:
     device = rank_device(resolve_device(args.device))
     if args.method == "finetune":
         return finetune_floor(args, device)
-    paths = make_ingredients(Path(args.workdir), args.arch, args.K, args.image_size)
+    paths = make_ingredients(Path(args.workdir), args.arch, args.K, args.image_size, args.storage_dtype)
     store = IngredientStore(paths, storage_dtype=getattr(torch, args.storage_dtype) if args.storage_dtype else None)
     clock = StepClock(device)
     objective = Objective(lambda: classifier_from_spec(classifier_spec(args.arch, NUM_CLASSES)),
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         row = run_one(args)
         Path(args.one[3], f"rank-{row.get('rank', 0)}.json").write_text(json.dumps(row))
         return
-    make_ingredients(Path(args.workdir), args.arch, max(args.ks), args.image_size)
+    make_ingredients(Path(args.workdir), args.arch, max(args.ks), args.image_size, args.storage_dtype)
     model_bytes = None
     floor = None
     print(f"arch {args.arch}, batch {args.batch}, {args.steps} steps per block, device {resolve_device(args.device)}, "

@@ -13,7 +13,7 @@ from soup_pipeline.data import fetch_batch
 from soup_pipeline.soups.fused import run_rows
 from soup_pipeline.soups.hyperplane import hyperplane_soup
 from soup_pipeline.soups.layers import group_layers
-from soup_pipeline.soups.mixing import project_block, tensor_columns
+from soup_pipeline.soups.mixing import group_rows, tensor_columns, tensor_rows
 
 from toys import DEVICE, Blocks, Toy, params_for, toy_data, toy_ingredients, toy_objective
 
@@ -49,7 +49,7 @@ def test_projected_gradient_equals_autograd(tmp_path):
     model.load_state_dict({**centre, **{k: v.detach() for k, v in theta.items()}})
     objective.loss_fn(model(inputs), targets).backward()
     grads = {k: p.grad for k, p in model.named_parameters()}
-    projected = project_block(grads, directions, tensor_columns(grouping, keys, "cpu"), grouping.size, torch.float64)
+    projected = group_rows(tensor_rows(grads, directions, torch.float64), tensor_columns(grouping, keys, "cpu"), grouping.size)
     assert (projected - autograd_grad).abs().max() < 1e-10
     assert autograd_grad.abs().max() > 1e-3  # the comparison is not between zeros
 

@@ -81,7 +81,6 @@ class Combiner:
     """
 
     def __init__(self, ranks: Ranks, like: FlatTensors, layout: ShapeRuns):
-        self.ranks = ranks
         self.partial = FlatTensors.empty(layout, like.flat) if ranks.world > 1 else None
 
     def __call__(self, out: FlatTensors, base: FlatTensors, alpha: torch.Tensor, directions: Mapping[str, torch.Tensor],

@@ -2,10 +2,11 @@
 
 Stacked tensors hold b ingredients (or directions) of one parameter as one [b, *shape] tensor.
 Coefficients arrive per group (b x L) and are gathered once per step into one column per tensor
-(`per_tensor`), so each tensor costs one kernel to rebuild and one to project. Everything is
-computed in the output's / gradient's dtype, so ingredients may be stored in bf16 while
-accumulation stays in fp32 or better. `project_block` works on whatever ingredients a process
-holds: sharded across processes, only the b x L results need summing.
+(`per_tensor`), so each tensor costs one kernel to rebuild and one to project (fused.py batches
+tensors of one shape). Everything is computed in the output's / gradient's dtype, so ingredients
+may be stored in bf16 while accumulation stays in fp32 or better. The projections work on
+whatever ingredients a process holds: sharded across processes, only the b x L results
+(`group_rows`) need summing.
 """
 
 from __future__ import annotations
@@ -75,15 +76,6 @@ def tensor_rows(grads: Mapping[str, torch.Tensor | None], stacked: Mapping[str, 
 def group_rows(rows: torch.Tensor, columns: torch.Tensor, groups: int) -> torch.Tensor:
     """From T x b per-tensor values to b x L per-group sums; `columns[i]` is the group of tensor i."""
     return torch.zeros(groups, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add_(0, columns, rows).t()
-
-
-def project_block(grads: Mapping[str, torch.Tensor | None], stacked: Mapping[str, torch.Tensor], columns: torch.Tensor,
-                  groups: int, dtype: torch.dtype) -> torch.Tensor:
-    """G[j, l] = sum over tensors t in group l of <grads[t], stacked[t][j]>: a b x L matrix.
-
-    `columns[i]` is the group of the i-th key of `stacked`; a None gradient counts as zero.
-    """
-    return group_rows(tensor_rows(grads, stacked, dtype), columns, groups)
 
 
 def row_norms(stacked: Mapping[str, torch.Tensor], grouping: Grouping) -> torch.Tensor:
