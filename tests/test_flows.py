@@ -41,11 +41,15 @@ EXPERIMENT = "soup-pipeline"
 MODEL = "soup-pipeline-soup"
 
 
-def params_root(folder: Path) -> Path:
-    """A pipeline root holding the project's params.yaml with TINY and FAST applied."""
+SOUPS_WITHOUT_LEARNING = {  # for tests of the orchestration only: the two soups that learn nothing
+    "soup": {"methods": {"uniform": {}, "greedy": {}}}, "tracking": {"register_method": "greedy"}}
+
+
+def params_root(folder: Path, *more: dict) -> Path:
+    """A pipeline root holding the project's params.yaml with TINY, FAST and `more` applied."""
     folder.mkdir(parents=True)
     shutil.copy(PROJECT / "params.yaml", folder / "params.yaml")
-    for changes in (TINY, FAST):
+    for changes in (TINY, FAST, *more):
         write_params(folder, changes)
     return folder
 
@@ -224,7 +228,7 @@ def test_a_run_on_a_root_another_process_writes_is_refused_before_any_work(harne
 
 
 def test_nightly_deployment_runs_on_a_real_prefect_server_with_the_sweep_on_dask(tmp_path):
-    root = params_root(tmp_path / "root")
+    root = params_root(tmp_path / "root", SOUPS_WITHOUT_LEARNING)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {"MLFLOW_TRACKING_URI": uri, "SOUP_TASK_RUNNER": "dask"}
     with prefect_server(tmp_path / "prefect") as api, serve_deployment(
@@ -246,7 +250,7 @@ def test_nightly_deployment_runs_on_a_real_prefect_server_with_the_sweep_on_dask
 
 
 def test_prefect_yaml_deployment_runs_on_a_worker_and_runs_never_overlap(tmp_path):
-    root = params_root(tmp_path / "root")
+    root = params_root(tmp_path / "root", SOUPS_WITHOUT_LEARNING)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with prefect_server(tmp_path / "prefect") as api:
         cli(api, "work-pool", "create", "soup-pipeline", "--type", "process")
