@@ -29,7 +29,7 @@ from soup_pipeline.errors import SoupError
 from soup_pipeline.ingredients import Ingredient
 from soup_pipeline.kill_points import reached
 from soup_pipeline.soups import SoupResult
-from soup_pipeline.layout import member_ids
+from soup_pipeline.layout import member_ids, with_members
 from soup_pipeline.lock import file_lock, root_lock
 from soup_pipeline.stages import ablate, evaluate, prepare, pretrain, soup
 from soup_pipeline.tracking import flow as track
@@ -143,11 +143,6 @@ def run_sweep(params: Params, root: str, tracker: track.Tracker) -> list[int]:
         raise SoupError(f"only members {kept} of {members} finished; a soup needs at least {MIN_MEMBERS}. "
                         "Fix the failures logged above and rerun: finished members are reused, not recomputed")
     return kept
-
-
-def with_members(params: Params, members: list[int]) -> Params:
-    """`params` with the sweep narrowed to `members`."""
-    return params.model_copy(update={"sweep": params.sweep.model_copy(update={"members": members})})
 
 
 @flow(name="soup-pipeline", task_runner=task_runner())

@@ -70,6 +70,11 @@ class Layout:
         return self.costs_dir / f"soup-{method}.json"
 
 
+def with_members(params: Params, members: list[int]) -> Params:
+    """`params` with the sweep narrowed to `members`."""
+    return params.model_copy(update={"sweep": params.sweep.model_copy(update={"members": members})})
+
+
 def member_ids(params: Params) -> list[int]:
     """The sweep's member ids."""
     return list(params.sweep.members)

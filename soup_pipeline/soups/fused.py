@@ -39,8 +39,9 @@ class ShapeRuns:
         return cls([key for run in runs for key in run], runs, list(by_shape))
 
     @property
-    def numel(self) -> int:
-        return sum(len(run) * shape.numel() for run, shape in zip(self.runs, self.shapes))
+    def sizes(self) -> list[int]:
+        """The number of values of each run."""
+        return [len(run) * shape.numel() for run, shape in zip(self.runs, self.shapes)]
 
 
 class FlatTensors:
@@ -48,21 +49,14 @@ class FlatTensors:
 
     def __init__(self, layout: ShapeRuns, flat: torch.Tensor):
         self.flat = flat
-        sizes = [len(run) * shape.numel() for run, shape in zip(layout.runs, layout.shapes)]
-        self.runs = [chunk.view(len(run), shape.numel()) for chunk, run, shape in zip(flat.split(sizes), layout.runs, layout.shapes)]
+        self.runs = [chunk.view(len(run), shape.numel())
+                     for chunk, run, shape in zip(flat.split(layout.sizes), layout.runs, layout.shapes)]
         self.views = {key: row.view(shape) for run, shape, rows in zip(layout.runs, layout.shapes, self.runs)
                       for key, row in zip(run, rows)}
 
     @classmethod
     def empty(cls, layout: ShapeRuns, like: torch.Tensor) -> "FlatTensors":
-        return cls(layout, torch.empty(layout.numel, dtype=like.dtype, device=like.device))
-
-    @classmethod
-    def copy_of(cls, layout: ShapeRuns, tensors: Mapping[str, torch.Tensor]) -> "FlatTensors":
-        out = cls.empty(layout, tensors[layout.keys[0]])
-        for key, view in out.views.items():
-            view.copy_(tensors[key])
-        return out
+        return cls(layout, torch.empty(sum(layout.sizes), dtype=like.dtype, device=like.device))
 
 
 def bind_parameters(model: torch.nn.Module, soup: FlatTensors, grads: FlatTensors) -> None:
@@ -125,7 +119,8 @@ def projections(grads: FlatTensors, directions: Mapping[str, torch.Tensor], runs
 
 def rebuild(out: FlatTensors, base: FlatTensors | None, coeffs: torch.Tensor, directions: Mapping[str, torch.Tensor],
             runs: list[torch.Tensor] | None) -> None:
-    """out_i = base_i + sum_j coeffs[i, j] d_{j,i} (base None means 0): fused over `runs` when given, else tensor by tensor."""
+    """out_i = base_i + sum_j coeffs[i, j] d_{j,i} (base None means 0): fused over `runs` when given, else
+    tensor by tensor."""
     if runs is not None:
         rebuild_runs(out, base, coeffs, runs)
         return

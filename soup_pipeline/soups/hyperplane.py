@@ -179,9 +179,8 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: MEHLPa
         if state is not None:
             start, X, norms, losses = state["next_block"], state["X"], state["norms"], LossLog(state["history"])
             stream.restore(state["stream"])
-            with torch.no_grad():
-                for key, value in state["soup"].items():
-                    soup[key].copy_(value)
+            for key, value in state["soup"].items():
+                theta.views[key].copy_(value)
 
     combine = Combiner(ranks, theta, layout)
     base = FlatTensors.empty(layout, theta.flat)  # each block's base, written in place
@@ -226,7 +225,7 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: MEHLPa
             if saved_at is not None:
                 if ranks.leader:
                     save_state(saved_at, next_block=position + 1, X=X, norms=norms,
-                               soup={k: soup[k] for k in param_keys}, stream=stream.state(), history=losses.values)
+                               soup=theta.views, stream=stream.state(), history=losses.values)
                 ranks.barrier()  # no rank starts the next block before the state of this one is on disk
 
     alpha = X.to(torch.float64) * coefficient_scale(norms, centre_norm, params.normalize_directions)

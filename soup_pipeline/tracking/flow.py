@@ -25,7 +25,7 @@ from ..config import Params
 from ..errors import SoupError
 from ..ingredients import Ingredient, file_sha256, read_ingredient
 from ..kill_points import reached
-from ..layout import Layout, load_splits, member_ids, open_store, read_json
+from ..layout import Layout, load_splits, member_ids, open_store, read_json, with_members
 from ..soups import SoupResult
 from ..stages import finetune, soup
 from ..stages.evaluate import ingredient_rows
@@ -259,7 +259,8 @@ def register_soup(params: Params, root: str | Path, result: SoupResult, row: Map
     name = params.tracking.registered_model
     registered = tracking.find_version(name, {"method": result.method, "soup_sha256": tags["soup_sha256"]})
     version = registered or tracking.register_soup(  # registered before: a run killed after it, or a replay
-        result.state_dict, spec, name=name, method=result.method, tags={key: value for key, value in tags.items() if value is not None},
+        result.state_dict, spec, name=name, method=result.method,
+        tags={key: value for key, value in tags.items() if value is not None},
         input_example=image[None].numpy(), description=model_card(result, row, layout))
     reached("registered")
     tracking.promote_if_better(name, version)  # again for a known version: a killed run may not have promoted it
@@ -280,7 +281,7 @@ def replay(params: Params, root: str | Path) -> dict:
     layout = Layout(Path(root))
     rows = read_json(layout.eval_dir / "methods.json")
     members = [member for member in member_ids(params) if layout.ingredient(member).is_file()]
-    params = params.model_copy(update={"sweep": params.sweep.model_copy(update={"members": members})})
+    params = with_members(params, members)
     by_method = {row["method"]: row for row in rows}
     with pipeline(params, root, run_name="replay", tags={"replayed_from_files": True}) as tracker:
         for member in members:
