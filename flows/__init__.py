@@ -1,1 +1,1 @@
-"""Prefect flows and deployments of the soup pipeline; they call `soup_pipeline.stages` and nothing else."""
+"""This repository's Prefect entry point (not installed): `prefect.yaml` names `flows/pipeline.py`."""

@@ -50,10 +50,15 @@ def out_of_room(exc: BaseException) -> bool:
     return any(os.strerror(code) in str(exc) for code in NO_ROOM)
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Write `text`, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
 def write_json(path: str | Path, payload: object) -> None:
     """Write `payload` as indented JSON, atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:

@@ -8,8 +8,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import soup_methods
+from .config import Params, load_params, soup_methods
 from .errors import SoupError
+from .lock import LOCK_HELD_ENV, root_lock
 
 OFFLINE_DEFAULTS = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1"}
@@ -34,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("evaluate", help="compare every method on held-out, test and shifted test data")
     commands.add_parser("ablate", help="accuracy against the number of ingredients, and after removing the best")
     commands.add_parser("run", help="the whole pipeline as a Prefect flow, tracked in MLflow")
+    init = commands.add_parser("init", help="scaffold the pipeline (params.yaml, dvc.yaml, prefect.yaml, DVC with a "
+                                            "local remote) into a git repository; never overwrites a file")
+    init.add_argument("dir", nargs="?", default=".", help="the repository (created when missing; default: .)")
+    init.add_argument("--remote", default=None, help="the DVC remote folder (default: DIR/../<name>-dvc-remote)")
+    commands.add_parser("code-digests", help="write ROOT/.soup-pipeline/code/<stage>.sha256, the digest of the code "
+                                             "each stage runs (the `code` stage of a scaffolded dvc.yaml)")
     commands.add_parser("track", help="log a finished pipeline to MLflow from its files, recomputing nothing "
                                       "(after the tracking server was lost mid-run)")
     registry = commands.add_parser("registry", help="the MLflow model registry")
@@ -71,10 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 def _locked_dispatch(args: argparse.Namespace) -> str:
     """Run a command; one that writes under the root holds its lock (the `run` flow takes it itself; the
     processes a command launches under its lock, and torchrun's ranks but rank 0, do not take it again)."""
-    from .lock import LOCK_HELD_ENV, root_lock
-
     launched_rank = int(os.environ.get("RANK", "0"))  # torchrun's: rank 0 holds the lock for its group
-    if args.command in ("run", "registry") or os.environ.get(LOCK_HELD_ENV) or launched_rank > 0:
+    if args.command in ("run", "registry", "init", "code-digests") or os.environ.get(LOCK_HELD_ENV) or launched_rank > 0:
         return _dispatch(args)
 
     with root_lock(args.root, args.command):
@@ -82,51 +87,99 @@ def _locked_dispatch(args: argparse.Namespace) -> str:
 
 
 def _dispatch(args: argparse.Namespace) -> str:
-    from .config import load_params
-    from .stages import ablate, evaluate, finetune, importer, prepare, pretrain, soup
-    from .layout import Layout
-    from .tables import markdown_table
+    """Each command imports only what it runs, so a stage's code is its own import closure (`stage_code`)."""
+    if args.command == "init":
+        from .scaffold import init
 
+        return init(Path(args.dir), Path(args.remote) if args.remote else None)
+    if args.command == "code-digests":
+        from .stage_code import write_code_digests
+
+        return f"code digests: {len(write_code_digests(Path(args.root)))} changed"
     params = load_params(args.params)
     root = Path(args.root)
-    if args.command == "prepare":
-        return f"splits: { {k: v['size'] for k, v in prepare.run(params, root)['splits'].items()} }"
-    if args.command == "pretrain":
-        return f"zero-shot accuracy: {pretrain.run(params, root)['zero_shot']}"
-    if args.command == "finetune":
-        ingredient = finetune.run(params, root, args.member)
-        return f"{ingredient.path}: fit accuracy {ingredient.fit_acc:.4f}, select accuracy {ingredient.meta['select_acc']:.4f}"
-    if args.command == "soup":
-        result = soup.run(params, root, args.method)
-        return f"{args.method}: built in {result.seconds:.1f} s"
-    if args.command == "import":
-        ingredient = importer.run(params, root, args.source, args.member, strip_prefix=args.strip_prefix)
-        return f"{ingredient.path}: fit accuracy {ingredient.fit_acc:.4f}, select accuracy {ingredient.meta['select_acc']:.4f}"
-    if args.command == "evaluate":
-        return markdown_table(evaluate.run(params, root), evaluate.TABLE_COLUMNS)
-    if args.command == "ablate":
-        ablate.run(params, root)
-        return (Layout(root).ablation_dir / "ablation.md").read_text()
-    if args.command == "run":
-        from flows.pipeline import soup_pipeline_flow
+    return COMMANDS[args.command](params, root, args)
 
-        summary = soup_pipeline_flow(params_path=args.params, root=str(root))
-        if summary["tracking_missed"]:
-            print(f"soup-pipeline: warning: MLflow failed mid-run; not logged: {', '.join(summary['tracking_missed'])}. "
-                  "Run `soup-pipeline track` once the tracking server is back", file=sys.stderr)
-        return markdown_table(summary["rows"], evaluate.TABLE_COLUMNS)
-    if args.command == "track":
-        from .tracking.flow import replay
 
-        if not params.tracking.enabled:
-            raise SoupError(f"tracking.enabled is false in {args.params}; set it to true to log the pipeline")
-        summary = replay(params, root)
-        if summary["missed"]:
-            raise SoupError(f"MLflow failed again; not logged: {', '.join(summary['missed'])}. Rerun `soup-pipeline track`")
-        return f"logged {root.resolve()} as MLflow run {summary['mlflow_run_id']}; registered version {summary['registered_version']}"
+def _prepare(params: Params, root: Path, args: argparse.Namespace) -> str:
+    from .stages import prepare
+
+    return f"splits: { {k: v['size'] for k, v in prepare.run(params, root)['splits'].items()} }"
+
+
+def _pretrain(params: Params, root: Path, args: argparse.Namespace) -> str:
+    from .stages import pretrain
+
+    return f"zero-shot accuracy: {pretrain.run(params, root)['zero_shot']}"
+
+
+def _finetune(params: Params, root: Path, args: argparse.Namespace) -> str:
+    from .stages import finetune
+
+    ingredient = finetune.run(params, root, args.member)
+    return f"{ingredient.path}: fit accuracy {ingredient.fit_acc:.4f}, select accuracy {ingredient.meta['select_acc']:.4f}"
+
+
+def _soup(params: Params, root: Path, args: argparse.Namespace) -> str:
+    from .stages import soup
+
+    result = soup.run(params, root, args.method)
+    return f"{args.method}: built in {result.seconds:.1f} s"
+
+
+def _import(params: Params, root: Path, args: argparse.Namespace) -> str:
+    from .stages import importer
+
+    ingredient = importer.run(params, root, args.source, args.member, strip_prefix=args.strip_prefix)
+    return f"{ingredient.path}: fit accuracy {ingredient.fit_acc:.4f}, select accuracy {ingredient.meta['select_acc']:.4f}"
+
+
+def _evaluate(params: Params, root: Path, args: argparse.Namespace) -> str:
+    from .stages import evaluate
+    from .tables import markdown_table
+
+    return markdown_table(evaluate.run(params, root), evaluate.TABLE_COLUMNS)
+
+
+def _ablate(params: Params, root: Path, args: argparse.Namespace) -> str:
+    from .layout import Layout
+    from .stages import ablate
+
+    ablate.run(params, root)
+    return (Layout(root).ablation_dir / "ablation.md").read_text()
+
+
+def _run(params: Params, root: Path, args: argparse.Namespace) -> str:
+    from .prefect.pipeline import soup_pipeline_flow
+    from .stages.evaluate import TABLE_COLUMNS
+    from .tables import markdown_table
+
+    summary = soup_pipeline_flow(params_path=args.params, root=str(root))
+    if summary["tracking_missed"]:
+        print(f"soup-pipeline: warning: MLflow failed mid-run; not logged: {', '.join(summary['tracking_missed'])}. "
+              "Run `soup-pipeline track` once the tracking server is back", file=sys.stderr)
+    return markdown_table(summary["rows"], TABLE_COLUMNS)
+
+
+def _track(params: Params, root: Path, args: argparse.Namespace) -> str:
+    from .tracking.flow import replay
+
+    if not params.tracking.enabled:
+        raise SoupError(f"tracking.enabled is false in {args.params}; set it to true to log the pipeline")
+    summary = replay(params, root)
+    if summary["missed"]:
+        raise SoupError(f"MLflow failed again; not logged: {', '.join(summary['missed'])}. Rerun `soup-pipeline track`")
+    return f"logged {root.resolve()} as MLflow run {summary['mlflow_run_id']}; registered version {summary['registered_version']}"
+
+
+def _registry(params: Params, root: Path, args: argparse.Namespace) -> str:
     from .tracking import registry_compare_main, tracking_uri
 
     return registry_compare_main(args.name or params.tracking.registered_model, tracking_uri(root))
+
+
+COMMANDS = {"prepare": _prepare, "pretrain": _pretrain, "finetune": _finetune, "soup": _soup, "import": _import,
+            "evaluate": _evaluate, "ablate": _ablate, "run": _run, "track": _track, "registry": _registry}
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def load_yaml(path: str | Path) -> dict:
 
 # -- model, data, pre-training and sweep ---------------------------------------------------
 
-Augmentation = Literal["none", "light", "strong"]  # presets in soup_pipeline.data.AUGMENTATIONS
+Augmentation = Literal["none", "light", "strong"]  # presets in soup_pipeline.augment.AUGMENTATIONS
 
 
 def _check_range(name: str, bounds: tuple[float, float]) -> None:

@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .config import FinetuneParams, parse_section
-from .data import DataSplits, augment, fetch_batch
+from .augment import augment
+from .data import DataSplits, fetch_batch
 from .errors import SoupError
 from .evaluate import predictor, split_accuracies
 from .ingredients import Ingredient, save_ingredient

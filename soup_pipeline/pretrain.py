@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from .atomic import atomic_path
+from .augment import augment
 from .config import PretrainParams
-from .data import DataSplits, augment
+from .data import DataSplits
 from .errors import SoupError
 from .finetune import EpochCallback, train_loop
 from .models import TINY_ARCH, load_clip, tokenize_prompts

@@ -36,7 +36,7 @@ def lock_file(repo: Path) -> dict:
 
 
 def run_flow(root: Path) -> dict:
-    from flows.pipeline import soup_pipeline_flow  # Prefect is imported by the tests that run the flow only
+    from soup_pipeline.prefect.pipeline import soup_pipeline_flow  # Prefect is imported by the tests that run the flow only
 
     return soup_pipeline_flow(params_path=str(root / "params.yaml"), root=str(root))
 

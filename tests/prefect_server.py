@@ -50,9 +50,9 @@ def prefect_server(folder: Path, *, timeout_s: float = 90) -> Iterator[str]:
 @contextlib.contextmanager
 def serve_deployment(api: str, folder: Path, *, name: str, params: Path, root: Path,
                      env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
-    """`python -m flows.serve` against `api`; yields once the deployment is registered."""
+    """`python -m soup_pipeline.prefect.serve` against `api`; yields once the deployment is registered."""
     log = folder / f"serve-{name}.log"
-    command = [sys.executable, "-m", "flows.serve", "--name", name, "--params", str(params), "--root", str(root)]
+    command = [sys.executable, "-m", "soup_pipeline.prefect.serve", "--name", name, "--params", str(params), "--root", str(root)]
     full_env = {**os.environ, **(env or {}), "PREFECT_API_URL": api}
     with spawn(command, log, full_env, folder) as process:
         poll(lambda: deployment(api, name), timeout_s=90, process=process, log=log)

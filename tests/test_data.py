@@ -13,9 +13,10 @@ from sklearn.datasets import load_digits
 from torchvision.transforms import ToTensor
 
 from soup_pipeline.config import Augmentation, DataParams, Params, SweepParams, load_params, parse_section
+from soup_pipeline.augment import AUGMENTATIONS, augment
 from soup_pipeline.data import (
-    AUGMENTATIONS, DIGIT_CLASSNAMES, IMAGE_TEMPLATES, augment, build_datasets, digits_splits, select_split,
-    stratified_indices, torchvision_dataset,
+    DIGIT_CLASSNAMES, IMAGE_TEMPLATES, build_datasets, digits_splits, select_split, stratified_indices,
+    torchvision_dataset,
 )
 from soup_pipeline.errors import SoupError
 from soup_pipeline.layout import load_splits

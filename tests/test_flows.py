@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 from dvc_repo import PROJECT, TINY, make_repo, sh, tool_env, write_params
 from flow_run import FAST, run_flow
-from flows.pipeline import dvc_repo_lock
-from flows.serve import NIGHTLY
+from soup_pipeline.prefect.pipeline import dvc_repo_lock
+from soup_pipeline.prefect.serve import NIGHTLY
 from mlflow_server import free_port
 from prefect_server import (cli, deployment, finished_flow_run, flow_run_states, poll, prefect_server,
                             serve_deployment, worker)

@@ -23,16 +23,24 @@ def is_done(ingredient_file: Path, hparams: dict, base_id: str, inputs: str | No
     return meta.get("hparams") == hparams and meta.get("base_model") == base_id and meta.get("inputs_sha256") == inputs
 
 
-def run(params: Params, root: str | Path, member: int, *, reuse: bool = False) -> Ingredient:
-    """Fine-tune member `member`; with `reuse`, a finished member is returned, not recomputed, when
-    `dvc repro` would not rerun it either (same hparams, base, declared code, data and params)."""
+def up_to_date(params: Params, root: str | Path, member: int) -> bool:
+    """True when member `member`'s ingredient was made from its hparams, this base and these stage inputs:
+    exactly when `dvc repro` would not rerun `finetune@member`."""
     layout = Layout(Path(root))
+    base_id = base_model_id(params.model.arch, base_reference(params, layout))
+    return is_done(layout.ingredient(member), sample_hparams(params.sweep, member), base_id,
+                   stage_inputs_sha256(root, "finetune", params))
+
+
+def run(params: Params, root: str | Path, member: int, *, reuse: bool = False) -> Ingredient:
+    """Fine-tune member `member`; with `reuse`, a finished member that is `up_to_date` is returned, not recomputed."""
+    layout = Layout(Path(root))
+    target = layout.ingredient(member)
+    if reuse and up_to_date(params, root, member):
+        return read_ingredient(target)
     base = base_reference(params, layout)
     hparams = sample_hparams(params.sweep, member)
-    target = layout.ingredient(member)
     inputs = stage_inputs_sha256(root, "finetune", params)
-    if reuse and is_done(target, hparams, base_model_id(params.model.arch, base), inputs):
-        return read_ingredient(target)
     ingredient = finetune(base, hparams, load_splits(params), target, member=member, arch=params.model.arch,
                           cache_dir=params.model.cache_dir, device=params.sweep.device, extra_meta={"inputs_sha256": inputs})
     reached("finetune-saved", member)

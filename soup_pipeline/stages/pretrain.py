@@ -25,19 +25,27 @@ def settings(params: Params) -> dict:
     return {"model": params.model.model_dump(), "data": params.data.model_dump(), "pretrain": params.pretrain.model_dump()}
 
 
+def reusable(params: Params, root: str | Path) -> dict | None:
+    """The base's info when it was made from these settings and stage inputs (the deps and params dvc.yaml
+    declares, when there is one): exactly when `dvc repro` would not rerun `pretrain`; else None."""
+    layout = Layout(Path(root))
+    if not layout.base_info.is_file():
+        return None
+    info = read_json(layout.base_info)
+    same = (info.get("settings") == json.loads(json.dumps(settings(params)))
+            and info.get("inputs_sha256") == stage_inputs_sha256(root, "pretrain", params))
+    return info if same and (params.model.pretrained is not None or layout.base_weights.is_file()) else None
+
+
 def run(params: Params, root: str | Path, *, reuse: bool = False) -> dict:
     """Pre-train when needed; write runs/base/base.json with the base id and zero-shot accuracies.
 
-    With `reuse`, a base made from the same settings and stage inputs (the deps and params dvc.yaml
-    declares, when there is one) is returned, not pre-trained again: exactly when `dvc repro` would not rerun it.
+    With `reuse`, a base that is `reusable` is returned, not pre-trained again.
     """
     layout = Layout(Path(root))
+    if reuse and (info := reusable(params, root)) is not None:
+        return info
     inputs = stage_inputs_sha256(root, "pretrain", params)
-    if reuse and layout.base_info.is_file():
-        info = read_json(layout.base_info)
-        if info.get("settings") == json.loads(json.dumps(settings(params))) and info.get("inputs_sha256") == inputs and (
-                params.model.pretrained is not None or layout.base_weights.is_file()):
-            return info
     splits = load_splits(params)
     if params.model.pretrained is None:
         pretrain(params.pretrain, splits, layout.base_weights, arch=params.model.arch,

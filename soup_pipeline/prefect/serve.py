@@ -1,6 +1,6 @@
 """Serve the pipeline as a scheduled Prefect deployment from this process (nightly by default).
 
-    python -m flows.serve --name nightly --cron "0 2 * * *" --params params.yaml --root .
+    python -m soup_pipeline.prefect.serve --name nightly --cron "0 2 * * *" --params params.yaml --root .
 
 The process polls the Prefect API (PREFECT_API_URL) for scheduled and manual runs of
 `soup-pipeline/<name>` and runs each in a subprocess; stop it with SIGTERM or Ctrl-C.
@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flows.pipeline import soup_pipeline_flow
+from soup_pipeline.prefect.pipeline import soup_pipeline_flow
 
 NIGHTLY = "0 2 * * *"
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the options and serve the deployment until stopped."""
-    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m soup_pipeline.prefect.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--name", default="nightly", help="deployment name (default: nightly)")
     parser.add_argument("--cron", default=NIGHTLY, help=f"cron schedule (default: {NIGHTLY!r})")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")

@@ -1,0 +1,129 @@
+"""dvc.yaml declares exactly what each stage runs and reads: its code deps are the stage's import closure inside
+the package, its params the keys it reads while it runs. Then DVC and the flow's reuse, which both read these
+declarations, rerun exactly what a change affects."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dvc_repo import PROJECT, TINY, make_repo, sh
+from params_reads import recording
+from soup_pipeline.config import load_params
+from soup_pipeline.stage_code import STAGE_ENTRIES, imported_files, stage_code
+
+STAGES = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+EXECUTION_ONLY = {"soup.nproc"}  # how a soup is run, not what it computes (documented in config.SoupSettings)
+CONDITIONAL = {"prepare": {"model.arch": "image folders and torchvision sources use the model's eval transform"}}
+
+
+def body(stage: str) -> dict:
+    return STAGES[stage].get("do", STAGES[stage])
+
+
+def code_deps(stage: str) -> list[str]:
+    return sorted(dep for dep in body(stage)["deps"] if dep.startswith("soup_pipeline"))
+
+
+@pytest.mark.parametrize("stage", [name for name in STAGES])
+def test_each_stage_depends_on_exactly_the_code_it_runs(stage):
+    assert code_deps(stage) == stage_code(stage), "regenerate the stage's deps from soup_pipeline.stage_code"
+
+
+def test_the_closure_follows_function_level_imports_and_only_the_stage_the_cli_dispatches():
+    prepare, finetune = set(stage_code("prepare")), set(stage_code("finetune"))
+    assert "soup_pipeline/augment.py" in finetune and "soup_pipeline/augment.py" not in prepare
+    assert "soup_pipeline/stages/finetune.py" not in prepare  # the CLI imports the dispatched stage only
+    assert "soup_pipeline/configs" in prepare  # package data read by models.py
+    config = Path(__file__).resolve().parents[1] / "soup_pipeline" / "config.py"
+    assert any(path.name == "__init__.py" and path.parent.name == "soups" for path in imported_files(config))
+    assert set(STAGE_ENTRIES) >= set(STAGES)
+
+
+def declared_params(stage: str, method: str | None = None) -> set[str]:
+    return {key.replace("${key}", method or "") for key in body(stage)["params"]}
+
+
+def covered(key: str, by: set[str]) -> bool:
+    return any(key == other or key.startswith(other + ".") for other in by)
+
+
+def run_recorded(params, root: Path) -> dict[str, set[str]]:
+    """Each stage run once on `params` under `root`, with the keys it read."""
+    from soup_pipeline.stages import ablate, evaluate, finetune, prepare, pretrain, soup
+
+    steps = {"prepare": lambda: prepare.run(params, root), "pretrain": lambda: pretrain.run(params, root),
+             "finetune": lambda: [finetune.run(params, root, k) for k in params.sweep.members],
+             **{f"soup@{m}": (lambda m=m: soup.run(params, root, m)) for m in params.soup.methods},
+             "evaluate": lambda: evaluate.run(params, root), "ablate": lambda: ablate.run(params, root)}
+    reads = {}
+    for name, step in steps.items():
+        with recording(params) as recorder:
+            step()
+        reads[name] = recorder.reads
+    return reads
+
+
+@pytest.mark.slow
+def test_each_stage_declares_exactly_the_params_keys_it_reads(tmp_path):
+    params_file = tmp_path / "params.yaml"
+    values = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    for section, changes in {**TINY, "pretrain": {"epochs": 1}, "sweep": {"members": [0, 1], "epochs_range": [1, 1]}}.items():
+        values[section] = {**values[section], **changes}
+    values["soup"]["methods"] = {"uniform": {}, "greedy": {}, "learned_soup": {"epochs": 1},
+                                 "mehl_soup_plus": {"passes": 0.5}, "mehl_soup_auto": {"passes": 0.5, "search": {
+                                     "groupings": ["model"], "lrs": [0.05], "weight_decays": [0.0]}}}
+    params_file.write_text(yaml.safe_dump(values))
+    reads = run_recorded(load_params(params_file), tmp_path)
+    soup_reads = set()
+    for name, keys in reads.items():
+        stage, _, method = name.partition("@")
+        declared = declared_params(stage, method)
+        keys = keys - EXECUTION_ONLY
+        assert not [k for k in keys if not covered(k, declared)], f"{name} reads keys dvc.yaml does not declare"
+        if stage == "soup":
+            soup_reads |= {k.replace(f"methods.{method}", "methods.${key}") for k in keys}
+            continue
+        unread = {d for d in declared if not any(covered(k, {d}) for k in keys)} - set(CONDITIONAL.get(stage, {}))
+        assert not unread, f"{name}: dvc.yaml declares keys it never reads"
+    template = set(body("soup")["params"])  # one declaration for every soup@ stage: the union of their reads
+    assert {d for d in template if not any(covered(k, {d}) for k in soup_reads)} == set()
+
+
+def changed_stages(repo: Path) -> set[str]:
+    return set(json.loads(sh("dvc", "status", "--json", cwd=repo) or "{}"))
+
+
+def flow_reuses(repo: Path) -> set[str]:
+    """The stages the flow would reuse rather than recompute (it reuses pre-training and fine-tunes)."""
+    from soup_pipeline.stages import finetune, pretrain
+
+    params = load_params(repo / "params.yaml")
+    reused = {"pretrain"} if pretrain.reusable(params, repo) is not None else set()
+    return reused | {f"finetune@{k}" for k in params.sweep.members if finetune.up_to_date(params, repo, k)}
+
+
+@pytest.mark.slow
+def test_a_code_edit_reruns_what_runs_that_code_in_dvc_and_in_the_flow_alike(pipeline, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(pipeline.repo, repo, symlinks=True)
+    trained = {"pretrain", *(f"finetune@{k}" for k in (0, 1, 2))}
+    assert changed_stages(repo) == set() and flow_reuses(repo) == trained
+
+    evaluation = repo / "soup_pipeline" / "stages" / "evaluate.py"  # code only the evaluation runs
+    evaluation.write_text(evaluation.read_text() + "\n# edited\n")
+    assert changed_stages(repo) == {"evaluate"}
+    assert flow_reuses(repo) == trained
+    sh("git", "checkout", "soup_pipeline", cwd=repo)
+
+    presets = repo / "soup_pipeline" / "augment.py"  # the augmentation presets: what trains runs them
+    presets.write_text(presets.read_text().replace("noise=0.1)", "noise=0.12)"))
+    assert changed_stages(repo) == trained  # not prepare: it runs no augmentation
+    assert flow_reuses(repo) == set()  # the flow recomputes exactly what DVC calls changed
+    ran = sh("dvc", "repro", cwd=repo)
+    assert "Stage 'prepare' didn't change, skipping" in ran
+    assert all(f"Running stage '{stage}'" in ran for stage in trained | {"evaluate"})
