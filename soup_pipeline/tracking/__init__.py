@@ -202,7 +202,7 @@ def log_series(series: Mapping[str, Sequence[float]], *, start_step: int = 0) ->
         for key, values in series.items()
         for step, value in enumerate(values)
     ]
-    _client().log_batch(_active_run_id(), metrics=metrics)
+    _client().log_batch(active_run_id(), metrics=metrics)
 
 
 def log_scalars(metrics: Mapping[str, float | None]) -> None:
@@ -286,7 +286,7 @@ def register_soup(
 
     from . import pyfunc_model
 
-    _active_run_id()  # a version always links back to the run (params, metrics) that made it
+    active_run_id()  # a version always links back to the run (params, metrics) that made it
     example = np.asarray(input_example, dtype=np.float32)
     module = pyfunc_model.build_module(spec, state_dict)  # fails here, before logging, on a bad spec
     signature = infer_signature(example, pyfunc_model.predict_proba(module, example))
@@ -365,7 +365,8 @@ def registry_compare_main(name: str, tracking_uri: str) -> str:
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _active_run_id() -> str:
+def active_run_id() -> str:
+    """The id of the active MLflow run; an error when none is active."""
     run = _mlflow().active_run()
     if run is None:
         raise SoupError("no active MLflow run; log inside pipeline_run(...) or nested_run(...)")

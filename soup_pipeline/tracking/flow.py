@@ -17,7 +17,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 from .. import tracking
 from . import orphans
@@ -32,6 +32,7 @@ from ..stages.evaluate import ingredient_rows
 
 LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
+LINEAGE = "lineage"  # the soup run's table of its ingredients' sources and hashes
 BUILDER = "soup_pipeline.models:classifier_from_spec"  # rebuilds the classifier in the registered pyfunc model
 # from the evaluation row, logged on the soup's run and tagged on its registered version
 ROW_METRICS = (*tracking.METRIC_TAGS, "shifted_test_vs_greedy", "shifted_test_ci_low", "shifted_test_ci_high",
@@ -241,14 +242,37 @@ def model_card(result: SoupResult, row: Mapping[str, Any], layout: Layout) -> st
     return "\n".join(lines)
 
 
-def register_soup(params: Params, root: str | Path, result: SoupResult, row: Mapping[str, Any]) -> str:
-    """Register the soup from the active run, tagged with its accuracies and provenance; promote it if best.
+def lineage(ingredients: Sequence[Ingredient]) -> list[dict]:
+    """Where each ingredient came from: its source URI (an imported checkpoint's, or the `finetune@K` stage that made
+    it), the MLflow run id where there is one, the source file's SHA-256 and the ingredient's."""
+    return [{"ingredient": i.name, "source_uri": i.meta.get("source_uri") or f"finetune@{i.meta.get('member')}",
+             "run_id": i.meta.get("run_id"), "source_sha256": i.meta.get("source_sha256"), "sha256": i.meta.get("sha256")}
+            for i in ingredients]
 
-    Idempotent: a soup (method and weights' SHA-256) already in the registry returns its version.
-    """
+
+def register_with_lineage(result: SoupResult, spec: Mapping[str, Any], tags: Mapping[str, Any], ingredients: Sequence[Ingredient],
+                          *, name: str, example, description: str) -> str:
+    """Register the soup from the active run, with its ingredients' lineage as the run's artifact
+    `tables/lineage.*` and the version tag `lineage` pointing to it; idempotent by method and soup SHA-256;
+    promote it if its select accuracy is the best."""
+    registered = tracking.find_version(name, {"method": result.method, "soup_sha256": tags["soup_sha256"]})
+    if registered is None:  # registered before: a run killed after it, or a replay
+        tracking.log_table(lineage(ingredients), LINEAGE)
+        pointer = f"runs:/{tracking.active_run_id()}/{tracking.TABLES_DIR}/{LINEAGE}.json"
+        registered = tracking.register_soup(
+            result.state_dict, {**spec, "builder": BUILDER}, name=name, method=result.method,
+            tags={**{key: value for key, value in tags.items() if value is not None}, "lineage": pointer},
+            input_example=example[None].numpy(), description=description)
+    reached("registered")
+    tracking.promote_if_better(name, registered)  # again for a known version: a killed run may not have promoted it
+    return registered
+
+
+def register_soup(params: Params, root: str | Path, result: SoupResult, row: Mapping[str, Any]) -> str:
+    """Register the pipeline's soup from the active run, tagged with its accuracies and provenance (params, git
+    commit, dvc.lock, its ingredients' lineage); promote it if best."""
     layout = Layout(Path(root))
-    spec = {**read_ingredient(layout.ingredient(member_ids(params)[0])).meta["classifier_spec"], "builder": BUILDER}
-    image = load_splits(params).select[0][0]
+    store = open_store(params, layout)
     k = len(result.ingredient_names)
     tags = {
         "K": k, "b": result.info.get("b"), **{key: row.get(key) for key in ROW_METRICS},
@@ -256,15 +280,27 @@ def register_soup(params: Params, root: str | Path, result: SoupResult, row: Map
         "params_hash": params_hash(params), "git_commit": git_commit(root), "dvc_lock_hash": dvc_lock_hash(root),
         "soup_sha256": read_ingredient(layout.soup_dir(result.method) / "soup.safetensors").meta["sha256"],
     }
-    name = params.tracking.registered_model
-    registered = tracking.find_version(name, {"method": result.method, "soup_sha256": tags["soup_sha256"]})
-    version = registered or tracking.register_soup(  # registered before: a run killed after it, or a replay
-        result.state_dict, spec, name=name, method=result.method,
-        tags={key: value for key, value in tags.items() if value is not None},
-        input_example=image[None].numpy(), description=model_card(result, row, layout))
-    reached("registered")
-    tracking.promote_if_better(name, version)  # again for a known version: a killed run may not have promoted it
-    return version
+    return register_with_lineage(result, store.ingredients[0].meta["classifier_spec"], tags, store.ingredients,
+                                 name=params.tracking.registered_model, example=load_splits(params).select[0][0],
+                                 description=model_card(result, row, layout))
+
+
+def register_external_soup(result: SoupResult, row: Mapping[str, Any], spec: Mapping[str, Any], soup_file: Path,
+                           ingredient_files: Sequence[Path], *, name: str, experiment: str, example) -> str:
+    """Register a soup built outside a pipeline root (`soup_pipeline.prefect.soup_subflow`) from a run of its own
+    in `experiment` (MLFLOW_TRACKING_URI, else ./mlflow.db), with the same tags and lineage as the pipeline's."""
+    uri = tracking.tracking_uri(Path.cwd())
+    ingredients = [read_ingredient(path) for path in ingredient_files]
+    tags = {"K": len(ingredients), "b": result.info.get("b"), **{key: row.get(key) for key in ROW_METRICS},
+            "soup_sha256": read_ingredient(soup_file).meta["sha256"]}
+    with tracking.pipeline_run(experiment, uri=uri, run_name=f"soup-{result.method}", tags={"kind": "soup"},
+                               system_metrics=False):
+        tracking.log_scalars({key: row.get(key) for key in ROW_METRICS})
+        tracking.log_mixing_weights(tracking.MixingWeights(result.beta.double().cpu().numpy(),
+                                                           result.ingredient_names, result.layer_names))
+        card = (f"## {result.method}: a soup of {len(ingredients)} checkpoints\n\nselect accuracy "
+                f"{row.get('select_acc', float('nan')):.4f}, test accuracy {row.get('test_acc', float('nan')):.4f}.")
+        return register_with_lineage(result, spec, tags, ingredients, name=name, example=example, description=card)
 
 
 def replay_finetune(tracker: Tracker, member: int, ingredient: Ingredient) -> None:

@@ -1,0 +1,113 @@
+"""Building blocks for a team's own Prefect flows: souping as tasks and one subflow, with no params file and no
+pipeline layout: checkpoints, data sets and methods in, the evaluation table and the registered version out.
+
+    from soup_pipeline.prefect import soup_subflow
+    summary = soup_subflow(checkpoints=paths, arch="ViT-B-32", num_classes=10, fit=fit, select=select, test=test,
+                           methods={"greedy": {}, "mehl_soup_auto": {}}, register="mehl_soup_auto",
+                           registered_model="my-soup", workdir="soup-work")
+
+Checkpoints are state dicts of the classifier `soup_pipeline.models.classifier_from_spec(classifier_spec(arch,
+num_classes))` builds (safetensors or `torch.load(weights_only=True)` files; never pickle); data sets yield
+(image tensor, label). Fit data fit, select data choose (greedy soup's order uses fit accuracy, the registry's
+champion moves on select accuracy), test data only report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from prefect import flow, task
+from prefect.cache_policies import NONE
+from torch.utils.data import Dataset
+
+from ..data import DataSplits
+from ..evaluate import accuracies, compare_to_reference, predictor, split_correctness
+from ..ingredients import Ingredient, IngredientStore, file_sha256, read_state_file, save_ingredient
+from ..models import classifier_from_spec, classifier_spec
+from ..soups import Objective, SoupResult, method_params, run_method
+from ..soups.base import model_at, resolve_device
+from ..tracking import flow as track
+
+REFERENCE = "greedy"
+
+
+def _splits(fit: Dataset, select: Dataset, test: Dataset | None) -> DataSplits:
+    return DataSplits(train=fit, fit=fit, select=select, test=test, classnames=(), templates=())
+
+
+@task(persist_result=False, cache_policy=NONE)  # inputs are data sets and models: nothing to cache on
+def ingredient_task(checkpoint: str, member: int, spec: dict, fit: Dataset, select: Dataset, folder: str,
+                    batch_size: int = 256, device: str = "cpu") -> Ingredient:
+    """A checkpoint as ingredient `member` under `folder`: read without pickle, keys and shapes checked against the
+    classifier, fit and select accuracy measured; its sidecar records the checkpoint's path and SHA-256."""
+    model = classifier_from_spec(spec)
+    state = read_state_file(checkpoint)
+    model.load_state_dict(state)  # a missing or unexpected key, or a wrong shape, is an error naming it
+    target = resolve_device(device)
+    scores = accuracies(split_correctness(predictor(model.to(target), batch_size, target), _splits(fit, select, None),
+                                          roles=("fit", "select")))
+    meta = {"hparams": {}, **scores, "member": member, "classifier_spec": spec,
+            "source_uri": str(Path(checkpoint).resolve()), "source_sha256": file_sha256(checkpoint)}
+    return save_ingredient(state, Path(folder) / f"member-{member}.safetensors", meta=meta)
+
+
+@task(persist_result=False, cache_policy=NONE)  # inputs are data sets and models: nothing to cache on
+def soup_task(method: str, settings: Mapping[str, Any], ingredients: Sequence[str], objective: Objective,
+              folder: str) -> SoupResult:
+    """Build one soup (a method of `soup_pipeline.soups` with its own parameters) and write its weights."""
+    result = run_method(method, IngredientStore(list(ingredients)), objective, method_params(method, **settings))
+    save_ingredient(result.state_dict, Path(folder) / method / "soup.safetensors", meta={"method": method})
+    return result
+
+
+@task(persist_result=False, cache_policy=NONE)  # inputs are data sets and models: nothing to cache on
+def evaluate_task(results: Mapping[str, SoupResult], ingredients: Sequence[str], objective: Objective,
+                  splits: DataSplits, batch_size: int = 256, device: str = "cpu", seed: int = 0,
+                  resamples: int = 2000) -> list[dict]:
+    """Rows: the best individual (by fit accuracy) and each soup, with fit, select and test accuracy and the
+    paired comparison against greedy soup on the test set when greedy soup was built."""
+    target = resolve_device(device)
+    store = IngredientStore(list(ingredients))
+    best = max(range(len(store)), key=lambda k: store.ingredients[k].fit_acc or 0.0)
+    states = {"best_individual": store.load(best), **{m: r.state_dict for m, r in results.items()}}
+    correct = {name: split_correctness(predictor(model_at(objective, state, target), batch_size, target), splits)
+               for name, state in states.items()}
+    rows = []
+    for name, values in correct.items():
+        row = {"method": name, **accuracies(values)}
+        if REFERENCE in correct:
+            row.update(compare_to_reference(values, correct[REFERENCE], name=REFERENCE, seed=seed, resamples=resamples))
+        rows.append(row)
+    return rows
+
+
+@flow(name="soup", validate_parameters=False)
+def soup_subflow(checkpoints: Sequence[str], *, arch: str, num_classes: int, fit: Dataset, select: Dataset,
+                 test: Dataset, methods: Mapping[str, Mapping[str, Any]] | None = None, workdir: str = "soup-work",
+                 register: str | None = None, registered_model: str = "soup", experiment: str = "soup-pipeline",
+                 batch_size: int = 128, device: str = "cpu") -> dict:
+    """Soup `checkpoints` with each of `methods` (name -> its parameters; default uniform, greedy and
+    mehl_soup_auto), evaluate them, and with `register` (a method name) register that soup in the MLflow registry
+    (MLFLOW_TRACKING_URI) with its ingredients' sources and hashes; return the rows, the registered version and
+    the soups' files."""
+    methods = dict(methods or {"uniform": {}, "greedy": {}, "mehl_soup_auto": {}})
+    if register is not None and register not in methods:
+        raise ValueError(f"register={register!r} is not among the methods {list(methods)}; add it to `methods`")
+    spec = classifier_spec(arch, num_classes)
+    work = Path(workdir).resolve()
+    ingredients = [ingredient_task(str(c), k, spec, fit, select, str(work / "ingredients"), device=device).path
+                   for k, c in enumerate(checkpoints)]
+    objective = Objective(model_factory=lambda: classifier_from_spec(spec), fit=fit, select=select, batch_size=batch_size)
+    results = {m: soup_task(m, {"device": device, "batch_size": batch_size, **settings}, ingredients, objective,
+                            str(work / "soups")) for m, settings in methods.items()}
+    rows = evaluate_task(results, ingredients, objective, _splits(fit, select, test), device=device)
+    version = None
+    if register is not None:
+        row = next(r for r in rows if r["method"] == register)
+        version = track.register_external_soup(results[register], row, spec, work / "soups" / register / "soup.safetensors",
+                                               ingredients, name=registered_model, experiment=experiment,
+                                               example=torch.as_tensor(select[0][0]))
+    return {"rows": rows, "registered_version": version,
+            "soups": {m: str(work / "soups" / m / "soup.safetensors") for m in methods}}
