@@ -28,10 +28,15 @@ def _parser() -> argparse.ArgumentParser:
     soup = commands.add_parser("soup", help="build one soup")
     soup.add_argument("--method", required=True, choices=soup_methods(),
                       help="the soup to build (the ensemble is not a soup: `evaluate` reports it)")
-    imported = commands.add_parser("import", help="make an external checkpoint a sweep member (no pickle)")
-    imported.add_argument("--source", required=True, help=".safetensors, or a .pt/.pth state dict of tensors")
-    imported.add_argument("--member", type=int, required=True)
-    imported.add_argument("--strip-prefix", default="", help="removed from every key, e.g. 'module.'")
+    imported = commands.add_parser("import", help="make external checkpoints members under runs/imported/ (no pickle): "
+                                                  "those of params `imports` (the DVC stage), or the --source given")
+    imported.add_argument("--source", action="append", default=None,
+                          help="a .safetensors or .pt/.pth file, a folder or glob of them, runs:/<run_id>/<path>, "
+                               "models:/<name>/<version>, models:/<name>@<alias> or "
+                               "experiment:<name>/<path>[?metric=<key>[&top=N][&order=asc]]; repeat for more")
+    imported.add_argument("--member", type=int, default=None, help="member id of the first --source checkpoint; "
+                          "the next ones follow (default: imports.first_member)")
+    imported.add_argument("--strip-prefix", default="", help="with --source: removed from every key, e.g. 'module.'")
     commands.add_parser("evaluate", help="compare every method on held-out, test and shifted test data")
     commands.add_parser("ablate", help="accuracy against the number of ingredients, and after removing the best")
     commands.add_parser("run", help="the whole pipeline as a Prefect flow, tracked in MLflow")
@@ -129,9 +134,16 @@ def _soup(params: Params, root: Path, args: argparse.Namespace) -> str:
 
 def _import(params: Params, root: Path, args: argparse.Namespace) -> str:
     from .stages import importer
+    from .tracking import tracking_uri
 
-    ingredient = importer.run(params, root, args.source, args.member, strip_prefix=args.strip_prefix)
-    return f"{ingredient.path}: fit accuracy {ingredient.fit_acc:.4f}, select accuracy {ingredient.meta['select_acc']:.4f}"
+    if args.source is None:
+        ingredients = importer.run_params(params, root, tracking_uri=tracking_uri(root))
+    else:
+        first = params.imports.first_member if args.member is None else args.member
+        ingredients = importer.run_many(params, root, args.source, first_member=first, strip_prefix=args.strip_prefix,
+                                        base_model=importer.pipeline_base(params, root), tracking_uri=tracking_uri(root))
+    return "\n".join(f"member {i.meta['member']} <- {i.meta['source_uri']}: {i.path}, fit accuracy {i.fit_acc:.4f}, "
+                     f"select accuracy {i.meta['select_acc']:.4f}" for i in ingredients) or "no checkpoints to import"
 
 
 def _evaluate(params: Params, root: Path, args: argparse.Namespace) -> str:

@@ -264,6 +264,14 @@ class TrackingParams(Strict):
         return method
 
 
+class ImportParams(Strict):
+    """External checkpoints souped beside the sweep's fine-tunes (the `import` stage; soup_pipeline.sources)."""
+
+    sources: list[str] = []  # files, folders, globs, runs:/<run>/<path>, models:/<name>/<version|@alias>, experiment:<name>/<path>[?metric=...&top=N]
+    first_member: int = Field(1000, ge=0)  # member id of the first imported checkpoint; the next ones follow
+    strip_prefix: str = ""  # removed from every key, e.g. "module."
+
+
 class Params(Strict):
     """Everything params.yaml holds, one section per stage."""
 
@@ -271,9 +279,17 @@ class Params(Strict):
     data: DataParams = DataParams()
     pretrain: PretrainParams = PretrainParams()
     sweep: SweepParams = SweepParams()
+    imports: ImportParams = ImportParams()
     soup: SoupParams = Field(default_factory=SoupParams)  # built on use: its default lists the registry's soups
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
+
+    @model_validator(mode="after")
+    def _imports_after_the_sweep(self) -> "Params":
+        if self.imports.sources and self.imports.first_member <= max(self.sweep.members):
+            raise ValueError(f"imports.first_member: {self.imports.first_member} is not above the sweep's member ids "
+                             f"(up to {max(self.sweep.members)}); imported and fine-tuned members need ids of their own")
+        return self
 
     @model_validator(mode="after")
     def _registered_soup_is_built(self) -> "Params":

@@ -50,6 +50,19 @@ class Layout:
     def ingredient(self, member: int) -> Path:
         return ingredient_path(self.ingredients_dir, member)
 
+    @property
+    def imported_dir(self) -> Path:
+        """The `import` stage's output: imported checkpoints as ingredients, beside (never over) the fine-tunes."""
+        return self.runs / "imported"
+
+    def imported(self, member: int) -> Path:
+        return ingredient_path(self.imported_dir, member)
+
+    def imported_ingredients(self) -> list[Path]:
+        """The imported ingredients, by member id."""
+        found = self.imported_dir.glob("member-*.safetensors") if self.imported_dir.is_dir() else []
+        return sorted(found, key=lambda path: int(path.name.split("-")[1].split(".")[0]))
+
     def soup_dir(self, method: str) -> Path:
         return self.runs / "soups" / method
 
@@ -93,8 +106,8 @@ def load_splits(params: Params) -> DataSplits:
 
 def open_store(params: Params, layout: Layout, members: list[int] | None = None,
                settings: SoupSettings | None = None) -> IngredientStore:
-    """The sweep's ingredients, held as `settings` (a method's parameters; else the shared soup keys)
-    say; a missing one names the member and how to make it."""
+    """The sweep's ingredients (its fine-tunes, then the imported checkpoints), held as `settings` (a method's
+    parameters; else the shared soup keys) say; a missing one names the member and how to make it."""
     chosen = member_ids(params) if members is None else members
     paths = [layout.ingredient(k) for k in chosen]
     missing = [k for k, p in zip(chosen, paths) if not p.exists()]
@@ -102,7 +115,7 @@ def open_store(params: Params, layout: Layout, members: list[int] | None = None,
         raise SoupError(f"ingredients of members {missing} are missing under {layout.ingredients_dir}; "
                         "run `dvc repro` or `soup-pipeline finetune --member K` first")
     dtype = (settings or params.soup).storage_dtype
-    return IngredientStore(paths, storage_dtype=getattr(torch, dtype) if dtype else None)
+    return IngredientStore(paths + layout.imported_ingredients(), storage_dtype=getattr(torch, dtype) if dtype else None)
 
 
 def soup_objective(params: Params, store: IngredientStore, splits: DataSplits,

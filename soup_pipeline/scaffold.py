@@ -17,8 +17,9 @@ from .errors import SoupError
 from .stage_code import write_code_digests
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-FILES = {"params.yaml": "params.yaml", "dvc.yaml": "dvc.yaml", "prefect.yaml": "prefect.yaml",
-         "flows/pipeline.py": "flow_entry.py"}  # written in the project -> template
+# written in the project -> its template (none is named dvc.yaml in the package: DVC would take it for a pipeline)
+FILES = {"params.yaml": "params.yaml", "dvc.yaml": "dvc-stages.yaml", "prefect.yaml": "prefect.yaml",
+         "flows/pipeline.py": "flow_entry.py"}
 IGNORED = ["/runs/resume/", "/runs/costs/", "/runs/.lock", "mlflow.db", "/mlruns/", "/mlartifacts/", "/.prefect/"]
 
 

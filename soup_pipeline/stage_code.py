@@ -16,11 +16,8 @@ from .atomic import write_text
 
 PACKAGE = Path(__file__).resolve().parent
 NAME = PACKAGE.name
-CLI = "cli.py"  # every stage runs as `soup-pipeline <stage>`: the CLI's module-level imports are in each closure
-STAGE_ENTRIES = {"prepare": "stages/prepare.py", "pretrain": "stages/pretrain.py", "finetune": "stages/finetune.py",
-                 "soup": "stages/soup.py", "evaluate": "stages/evaluate.py", "ablate": "stages/ablate.py",
-                 "import": "stages/importer.py"}
-DVC_STAGES = ("prepare", "pretrain", "finetune", "soup", "evaluate", "ablate")
+CLI = "cli.py"  # every stage runs as `soup-pipeline <stage>`: the CLI's module-level imports and the stage's handler
+DVC_STAGES = ("prepare", "pretrain", "import", "finetune", "soup", "evaluate", "ablate")
 PACKAGE_DATA = {"models.py": ["configs"]}  # module -> package data folders it reads
 CODE_DIGESTS = Path(".soup-pipeline") / "code"  # a scaffolded project's per-stage code digests, under its root
 
@@ -38,16 +35,18 @@ def _module_file(dotted: str) -> Path | None:
 
 
 def _package_of(path: Path) -> str:
-    relative = path.relative_to(PACKAGE.parent).with_suffix("")
-    parts = list(relative.parts)
-    return ".".join(parts[:-1]) if parts[-1] != "__init__" else ".".join(parts[:-1])
+    """The package a module file belongs to (for a package's __init__.py, that package)."""
+    return ".".join(path.relative_to(PACKAGE.parent).parts[:-1])
 
 
-def imported_files(path: Path, *, top_level_only: bool = False) -> set[Path]:
-    """The package's files that `path` imports (a `from pkg import name` counts `pkg/name.py` when it exists)."""
+def imported_files(path: Path, *, top_level_only: bool = False, function: str | None = None) -> set[Path]:
+    """The package's files that `path` imports (a `from pkg import name` counts `pkg/name.py` when it exists):
+    anywhere in it, at module level only, or in one module-level `function`."""
     tree = ast.parse(path.read_text(), filename=str(path))
+    if function is not None:
+        (tree,) = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == function]
     nodes = tree.body if top_level_only else list(ast.walk(tree))
-    package = _package_of(path) if path.name != "__init__.py" else _package_of(path)
+    package = _package_of(path)
     found: set[Path] = set()
     for node in nodes:
         if isinstance(node, ast.Import):
@@ -70,24 +69,23 @@ def imported_files(path: Path, *, top_level_only: bool = False) -> set[Path]:
     return found
 
 
-def closure(entries: list[Path], cli: Path | None = None) -> set[Path]:
-    """Every package file that importing `entries` (and the CLI's module-level imports) runs."""
-    todo = [*entries, *(imported_files(cli, top_level_only=True) | {cli} if cli else [])]
-    seen: set[Path] = set()
+def closure(entries: set[Path]) -> set[Path]:
+    """Every package file that importing `entries` runs (each file's imports, function-level ones included)."""
+    todo, seen = list(entries), set()
     while todo:
         file = todo.pop()
-        if file in seen or file == cli:
+        if file not in seen:
             seen.add(file)
-            continue
-        seen.add(file)
-        todo.extend(imported_files(file) - seen)
+            todo.extend(imported_files(file) - seen)
     return seen
 
 
 def stage_code(stage: str) -> list[str]:
-    """The code deps of `stage`, as paths relative to the project root (`soup_pipeline/...`), sorted; package
-    data folders appear as folders."""
-    files = closure([PACKAGE / STAGE_ENTRIES[stage]], cli=PACKAGE / CLI)
+    """The code deps of `stage`: the CLI, its module-level imports and those of the stage's handler `_<stage>`, and
+    their closure; as paths relative to the project root (`soup_pipeline/...`), sorted; package data as folders."""
+    cli = PACKAGE / CLI
+    entries = imported_files(cli, top_level_only=True) | imported_files(cli, function=f"_{stage}")
+    files = {cli} | closure(entries - {cli})
     data = {PACKAGE / folder for file in files for folder in PACKAGE_DATA.get(str(file.relative_to(PACKAGE)), [])}
     return sorted(str(path.relative_to(PACKAGE.parent)) for path in files | data)
 

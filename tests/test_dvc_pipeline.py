@@ -7,7 +7,7 @@ import re
 
 import pytest
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from dvc_repo import make_repo, sh, write_params
 
@@ -108,4 +108,31 @@ def test_one_methods_parameter_reruns_only_that_soup_and_what_reads_the_soups(bu
     finally:  # back to the committed pipeline, its outputs restored from the cache
         sh("git", "checkout", "params.yaml", "dvc.lock", cwd=built)
         sh("dvc", "checkout", cwd=built)
+    assert changed_stages(built) == set()
+
+
+def test_imported_checkpoints_are_souped_beside_the_fine_tunes_without_touching_them(built, tmp_path):
+    external = tmp_path / "sweep-elsewhere"  # a sweep that ran elsewhere: two checkpoints in a folder
+    external.mkdir()
+    for member, name in ((0, "a.safetensors"), (2, "b.safetensors")):
+        state = load_file(str(built / f"runs/ingredients/member-{member}.safetensors"))
+        save_file({key: value * 1.01 if value.is_floating_point() else value for key, value in state.items()},
+                  str(external / name))
+    fine_tunes = {path.name: path.read_bytes() for path in (built / "runs/ingredients").iterdir()}
+    write_params(built, {"imports": {"sources": [str(external)], "first_member": 100}})
+    try:
+        assert changed_stages(built) == {"import"}  # the soups are stale only once the import changed its output
+        log = sh("dvc", "repro", cwd=built)
+        ran = set(re.findall(r"Running stage '([^']+)'", log))
+        assert ran == {"import", "soup@uniform", "soup@greedy", "soup@learned_soup", "soup@mehl_soup_plus",
+                       "evaluate", "ablate"}, log
+        assert {path.name: path.read_bytes() for path in (built / "runs/ingredients").iterdir()} == fine_tunes
+        lineage = json.loads((built / "runs/imported/lineage.json").read_text())
+        assert [(row["member"], row["source_uri"]) for row in lineage] == [(100, str(external / "a.safetensors")),
+                                                                            (101, str(external / "b.safetensors"))]
+        beta = json.loads((built / "runs/soups/uniform/beta.json").read_text())
+        assert beta["ingredients"] == ["member-0", "member-1", "member-2", "member-100", "member-101"]
+    finally:
+        sh("git", "checkout", "params.yaml", "dvc.lock", cwd=built)
+        sh("dvc", "checkout", "--force", cwd=built)
     assert changed_stages(built) == set()

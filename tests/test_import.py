@@ -19,7 +19,7 @@ def test_a_wrapped_state_dict_becomes_an_ingredient(tmp_path):
     model = classifier_from_spec(classifier_spec("soup-tiny-vit", 10))
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "ext.pt")
     ingredient = importer.run(PARAMS, tmp_path, tmp_path / "ext.pt", 5, strip_prefix="module.")
-    assert ingredient.path == tmp_path / "runs/ingredients/member-5.safetensors"
+    assert ingredient.path == tmp_path / "runs/imported/member-5.safetensors"
     assert 0.0 <= ingredient.fit_acc <= 1.0 and ingredient.meta["imported_from"].endswith("ext.pt")
     loaded = IngredientStore([ingredient.path]).load(0)
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
@@ -29,4 +29,4 @@ def test_a_checkpoint_of_another_architecture_is_refused_by_key(tmp_path):
     torch.save({"encoder.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
     with pytest.raises(IngredientError, match="does not fit soup-tiny-vit with 10 classes: missing .*unexpected \\['encoder.weight'\\]"):
         importer.run(PARAMS, tmp_path, tmp_path / "other.pt", 0)
-    assert not (tmp_path / "runs/ingredients/member-0.safetensors").exists()
+    assert not (tmp_path / "runs/imported/member-0.safetensors").exists()

@@ -29,7 +29,7 @@ def test_the_scaffold_templates_are_this_repositorys_pipeline():
     assert (TEMPLATES / "prefect.yaml").read_text() == (PROJECT / "prefect.yaml").read_text()
     assert (TEMPLATES / "flow_entry.py").read_text() == (PROJECT / "flows" / "pipeline.py").read_text()
     ours = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
-    scaffold = yaml.safe_load((TEMPLATES / "dvc.yaml").read_text())["stages"]
+    scaffold = yaml.safe_load((TEMPLATES / "dvc-stages.yaml").read_text())["stages"]
     assert set(scaffold) == {"code", *ours} and set(ours) == set(DVC_STAGES)
     for name, stage in ours.items():  # the same stages, each depending on its code's digest instead of the files
         body, theirs = stage.get("do", stage), scaffold[name].get("do", scaffold[name])
@@ -77,7 +77,7 @@ def test_the_wheel_installs_one_package_and_init_repro_and_run_work_outside_the_
     (wheel,) = (tmp_path / "dist").glob("soup_pipeline-*.whl")
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert tops == {"soup_pipeline", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
-    assert any(name.startswith("soup_pipeline/templates/dvc.yaml") for name in zipfile.ZipFile(wheel).namelist())
+    assert any(name.startswith("soup_pipeline/templates/dvc-stages.yaml") for name in zipfile.ZipFile(wheel).namelist())
     python = fresh_venv(tmp_path / "venv", wheel)
     bin_dir = python.parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": "",

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import save_file
 
-from dvc_repo import PROJECT, TINY, make_repo, sh
+from dvc_repo import PROJECT, TINY, sh
 from params_reads import recording
 from soup_pipeline.config import load_params
-from soup_pipeline.stage_code import STAGE_ENTRIES, imported_files, stage_code
+from soup_pipeline.models import classifier_from_spec, classifier_spec
+from soup_pipeline.stage_code import DVC_STAGES, imported_files, stage_code
 
 STAGES = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
 EXECUTION_ONLY = {"soup.nproc"}  # how a soup is run, not what it computes (documented in config.SoupSettings)
@@ -41,7 +43,7 @@ def test_the_closure_follows_function_level_imports_and_only_the_stage_the_cli_d
     assert "soup_pipeline/configs" in prepare  # package data read by models.py
     config = Path(__file__).resolve().parents[1] / "soup_pipeline" / "config.py"
     assert any(path.name == "__init__.py" and path.parent.name == "soups" for path in imported_files(config))
-    assert set(STAGE_ENTRIES) >= set(STAGES)
+    assert set(DVC_STAGES) == set(STAGES)
 
 
 def declared_params(stage: str, method: str | None = None) -> set[str]:
@@ -54,11 +56,13 @@ def covered(key: str, by: set[str]) -> bool:
 
 def run_recorded(params, root: Path) -> dict[str, set[str]]:
     """Each stage run once on `params` under `root`, with the keys it read."""
-    from soup_pipeline.stages import ablate, evaluate, finetune, prepare, pretrain, soup
+    from soup_pipeline.stages import ablate, evaluate, finetune, importer, prepare, pretrain, soup
 
+    members, methods = list(params.sweep.members), list(params.soup.methods)  # read here, not by the stages
     steps = {"prepare": lambda: prepare.run(params, root), "pretrain": lambda: pretrain.run(params, root),
-             "finetune": lambda: [finetune.run(params, root, k) for k in params.sweep.members],
-             **{f"soup@{m}": (lambda m=m: soup.run(params, root, m)) for m in params.soup.methods},
+             "import": lambda: importer.run_params(params, root),
+             "finetune": lambda: [finetune.run(params, root, k) for k in members],
+             **{f"soup@{m}": (lambda m=m: soup.run(params, root, m)) for m in methods},
              "evaluate": lambda: evaluate.run(params, root), "ablate": lambda: ablate.run(params, root)}
     reads = {}
     for name, step in steps.items():
@@ -72,11 +76,15 @@ def run_recorded(params, root: Path) -> dict[str, set[str]]:
 def test_each_stage_declares_exactly_the_params_keys_it_reads(tmp_path):
     params_file = tmp_path / "params.yaml"
     values = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    for section, changes in {**TINY, "pretrain": {"epochs": 1}, "sweep": {"members": [0, 1], "epochs_range": [1, 1]}}.items():
+    for section, changes in {**TINY, "pretrain": {"epochs": 1}, "sweep": {"members": [0, 1, 2], "epochs_range": [1, 1]}}.items():
         values[section] = {**values[section], **changes}
     values["soup"]["methods"] = {"uniform": {}, "greedy": {}, "learned_soup": {"epochs": 1},
                                  "mehl_soup_plus": {"passes": 0.5}, "mehl_soup_auto": {"passes": 0.5, "search": {
                                      "groupings": ["model"], "lrs": [0.05], "weight_decays": [0.0]}}}
+    external = tmp_path / "external" / "checkpoint.safetensors"  # one imported member beside the fine-tunes
+    external.parent.mkdir()
+    save_file(classifier_from_spec(classifier_spec("soup-tiny-vit", 10)).state_dict(), str(external))
+    values["imports"] = {**values["imports"], "sources": [str(external.parent)]}
     params_file.write_text(yaml.safe_dump(values))
     reads = run_recorded(load_params(params_file), tmp_path)
     soup_reads = set()

@@ -1,6 +1,6 @@
 """The soup pipeline as one Prefect flow, calling the same stage functions as `dvc repro`.
 
-prepare -> pretrain -> sweep (one task per member, fanned out on the task runner) -> one soup per
+prepare -> pretrain -> import (external checkpoints, when `imports.sources` names any) -> sweep (one task per member, fanned out on the task runner) -> one soup per
 method (one after another, so each is timed and measured alone) -> evaluate -> ablate ->
 `dvc commit` (+ `dvc push`) -> MLflow tables, soup runs and the registered soup.
 
@@ -32,8 +32,8 @@ from soup_pipeline.soups import SoupResult
 from soup_pipeline.layout import member_ids, with_members
 from soup_pipeline.lock import file_lock, root_lock
 from soup_pipeline.stage_code import CODE_DIGESTS, write_code_digests
-from soup_pipeline.stages import ablate, evaluate, prepare, pretrain, soup
-from soup_pipeline.tracking import flow as track
+from soup_pipeline.stages import ablate, evaluate, importer, prepare, pretrain, soup
+from soup_pipeline.tracking import flow as track, tracking_uri
 
 MIN_MEMBERS = 2  # a soup of fewer ingredients is not a soup
 
@@ -56,6 +56,11 @@ def task_runner() -> TaskRunner:
 @stage_task
 def prepare_task(params: Params, root: str) -> dict:
     return prepare.run(params, root)
+
+
+@stage_task(retries=1, retry_delay_seconds=5)  # reads MLflow sources: a retry only for I/O
+def import_task(params: Params, root: str) -> list[Ingredient]:
+    return importer.run_params(params, root, tracking_uri=tracking_uri(root))
 
 
 @stage_task
@@ -162,6 +167,7 @@ def soup_pipeline_flow(params_path: str = "params.yaml", root: str = ".", overri
                             tags={"prefect_flow_run_id": flow_run.id}) as tracker:
             prepare_task(params, root)
             pretrain_task(params, root)
+            import_task(params, root)
             kept = run_sweep(params, root, tracker)
             complete = kept == member_ids(params)
             params = with_members(params, kept)

@@ -1,38 +1,124 @@
-"""`soup-pipeline import`: an external checkpoint (e.g. one of the public model-soups fine-tunes) as a sweep member.
+"""`soup-pipeline import`: external checkpoints (e.g. the public model-soups fine-tunes) as sweep members.
 
-The file is read by the restricted loader (safetensors or `torch.load(weights_only=True)`), its keys
-are checked against the classifier of `model.arch`, and its fit and select accuracy are measured, so the
-imported ingredient is souped like any fine-tune of the sweep.
+Each file is read by the restricted loader (safetensors or `torch.load(weights_only=True)`), its keys and shapes
+are checked against the classifier of `model.arch` and its tensors for NaN and Inf, and its fit and select
+accuracy are measured, so the imported ingredient is souped like any fine-tune of the sweep. `run_many` takes
+the sources `soup_pipeline.sources` resolves (folders, globs, MLflow runs, models and experiments), checks
+every checkpoint before it writes any ingredient, and records each one's lineage in its sidecar.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
+from typing import Sequence
 
+import torch
+
+from ..atomic import write_json
 from ..config import Params
+from ..data import DataSplits
 from ..errors import IngredientError
 from ..evaluate import predictor, split_accuracies
-from ..ingredients import Ingredient, read_state_file, save_ingredient
-from ..models import classifier_from_spec, classifier_spec
+from ..ingredients import Ingredient, check_finite, file_sha256, read_state_file, save_ingredient
+from ..models import base_model_id, classifier_from_spec, classifier_spec
 from ..soups.base import resolve_device
-from ..layout import Layout, load_splits
+from ..layout import Layout, base_reference, load_splits
+from ..sources import Checkpoint, resolve
 
 
 def run(params: Params, root: str | Path, source: str | Path, member: int, *, strip_prefix: str = "",
         base_model: str = "external") -> Ingredient:
-    """Write runs/ingredients/member-MEMBER.safetensors from `source`, with its measured fit and select accuracy."""
+    """Write runs/imported/member-MEMBER.safetensors from the file `source`, with its measured fit and select
+    accuracy and its lineage."""
     splits = load_splits(params)
-    spec = classifier_spec(params.model.arch, len(splits.classnames))
-    model = classifier_from_spec(spec)
-    state = read_state_file(source, strip_prefix=strip_prefix)
-    missing, extra = sorted(set(model.state_dict()) - set(state)), sorted(set(state) - set(model.state_dict()))
+    checkpoint = Checkpoint(uri=str(Path(source).resolve()), path=Path(source))
+    return _import(params, root, splits, _classifier(params, splits), checkpoint, member, strip_prefix=strip_prefix,
+                   base_model=base_model)
+
+
+def run_many(params: Params, root: str | Path, sources: Sequence[str], *, first_member: int, strip_prefix: str = "",
+             base_model: str = "external", tracking_uri: str | None = None) -> list[Ingredient]:
+    """Import every checkpoint the sources name (`soup_pipeline.sources`) as members first_member, first_member + 1, ...
+
+    All are resolved and checked before the first ingredient is written; MLflow downloads go to a temporary
+    folder under runs/.downloads/, removed afterwards."""
+    downloads = Layout(Path(root)).runs / ".downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="import-", dir=downloads) as folder:
+        checkpoints = resolve(sources, folder, tracking_uri=tracking_uri)
+        splits = load_splits(params)
+        model = _classifier(params, splits)
+        for checkpoint in checkpoints:
+            checked_state(params, splits, model, checkpoint.path, strip_prefix)
+        return [_import(params, root, splits, model, checkpoint, first_member + offset, strip_prefix=strip_prefix,
+                        base_model=base_model) for offset, checkpoint in enumerate(checkpoints)]
+
+
+def _classifier(params: Params, splits: DataSplits) -> torch.nn.Module:
+    """The classifier of `model.arch` for the data's classes, which checkpoints must fit."""
+    return classifier_from_spec(classifier_spec(params.model.arch, len(splits.classnames)))
+
+
+def checked_state(params: Params, splits: DataSplits, model: torch.nn.Module, path: Path,
+                  strip_prefix: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's state dict, read without pickle; its keys and shapes must fit `model` and its floating
+    tensors be finite."""
+    expected = model.state_dict()
+    state = read_state_file(path, strip_prefix=strip_prefix)
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
-        raise IngredientError(f"{source} does not fit {params.model.arch} with {len(splits.classnames)} classes: "
+        raise IngredientError(f"{path} does not fit {params.model.arch} with {len(splits.classnames)} classes: "
                               f"missing {missing[:5]}, unexpected {extra[:5]}; map its keys (--strip-prefix) or fix model.arch")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise IngredientError(f"{path}: tensor '{key}' has shape {list(tensor.shape)}, but {params.model.arch} with "
+                                  f"{len(splits.classnames)} classes needs {list(expected[key].shape)}; fix model.arch "
+                                  "or the number of classes")
+    check_finite(state, str(path))
+    return state
+
+
+def _import(params: Params, root: str | Path, splits: DataSplits, model: torch.nn.Module, checkpoint: Checkpoint,
+            member: int, *, strip_prefix: str, base_model: str) -> Ingredient:
+    """Write member `member` from one checkpoint, checked, with its accuracies and its lineage."""
+    state = checked_state(params, splits, model, checkpoint.path, strip_prefix)
+    source_sha256 = file_sha256(checkpoint.path)
     model.load_state_dict(state)
     device = resolve_device(params.soup.device)
     accuracies = split_accuracies(predictor(model.to(device), params.evaluate.batch_size, device), splits,
                                   roles=("fit", "select"))
+    lineage = {"imported_from": checkpoint.uri, "source_uri": checkpoint.uri, "source_sha256": source_sha256,
+               **({"run_id": checkpoint.run_id} if checkpoint.run_id else {})}
     meta = {"hparams": {}, **accuracies, "base_model": base_model, "member": member,
-            "classifier_spec": spec, "imported_from": str(source)}
-    return save_ingredient(state, Layout(Path(root)).ingredient(member), meta=meta)
+            "classifier_spec": classifier_spec(params.model.arch, len(splits.classnames)), **lineage}
+    return save_ingredient(state, Layout(Path(root)).imported(member), meta=meta)
+
+
+def pipeline_base(params: Params, root: str | Path) -> str:
+    """The id of the pipeline's base (`model.pretrained`, or the base it pre-trains), which imported checkpoints are
+    declared to be fine-tuned from, so that they soup with the sweep's fine-tunes."""
+    base = base_reference(params, Layout(Path(root)))
+    if params.model.pretrained is None and not Path(base).is_file():
+        raise IngredientError(f"the pipeline's base {base} is missing; pre-train it first (`dvc repro pretrain`)")
+    return base_model_id(params.model.arch, base)
+
+
+def run_params(params: Params, root: str | Path, *, tracking_uri: str | None = None) -> list[Ingredient]:
+    """Stage `import`: runs/imported/ holds exactly the checkpoints `imports.sources` name (members
+    imports.first_member, ...), declared fine-tunes of the pipeline's base, and runs/imported/lineage.json where
+    each came from; an empty list imports nothing."""
+    layout = Layout(Path(root))
+    settings = params.imports
+    ingredients = run_many(params, root, settings.sources, first_member=settings.first_member,
+                           strip_prefix=settings.strip_prefix, base_model=pipeline_base(params, root),
+                           tracking_uri=tracking_uri)
+    kept = {i.path for i in ingredients}
+    for stale in layout.imported_ingredients():  # a source dropped from the list leaves no member behind
+        if stale not in kept:
+            stale.unlink()
+            stale.with_suffix(".json").unlink(missing_ok=True)
+    write_json(layout.imported_dir / "lineage.json",
+               [{key: i.meta.get(key) for key in ("member", "source_uri", "run_id", "source_sha256", "sha256")}
+                for i in ingredients])
+    return ingredients
