@@ -120,6 +120,9 @@ def test_flow_registers_the_soup_with_its_provenance_and_promotes_it(tracked):
     assert version.tags["dvc_lock_hash"] == file_sha256(tracked.repo / "dvc.lock")
     assert len(version.tags["params_hash"]) == 64
     assert str(MlflowClient().get_registered_model(MODEL).aliases["champion"]) == "1"
+    lineage = json.loads(Path(mlflow.artifacts.download_artifacts(version.tags["lineage"])).read_text())
+    assert [(row["source_uri"], row["sha256"]) for row in lineage] == [  # traced back to the stages that made them
+        (f"finetune@{k}", file_sha256(tracked.repo / "runs" / "ingredients" / f"member-{k}.safetensors")) for k in (0, 1, 2)]
 
 
 def test_the_registered_soup_loads_through_pyfunc_as_the_torch_soup_with_nothing_pickled(tracked):
