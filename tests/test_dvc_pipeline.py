@@ -122,11 +122,10 @@ def test_imported_checkpoints_are_souped_beside_the_fine_tunes_without_touching_
     write_params(built, {"imports": {"sources": [str(external)], "first_member": 100}})
     try:
         assert changed_stages(built) == {"import"}  # the soups are stale only once the import changed its output
-        log = sh("dvc", "repro", cwd=built)
-        ran = set(re.findall(r"Running stage '([^']+)'", log))
-        assert ran == {"import", "soup@uniform", "soup@greedy", "soup@learned_soup", "soup@mehl_soup_plus",
-                       "evaluate", "ablate"}, log
+        log = sh("dvc", "repro", "soup@uniform", cwd=built)  # the import and one soup of it, to keep the test short
+        assert set(re.findall(r"Running stage '([^']+)'", log)) == {"import", "soup@uniform"}, log
         assert {path.name: path.read_bytes() for path in (built / "runs/ingredients").iterdir()} == fine_tunes
+        assert changed_stages(built) == {"soup@greedy", "soup@learned_soup", "soup@mehl_soup_plus", "evaluate", "ablate"}
         lineage = json.loads((built / "runs/imported/lineage.json").read_text())
         assert [(row["member"], row["source_uri"]) for row in lineage] == [(100, str(external / "a.safetensors")),
                                                                             (101, str(external / "b.safetensors"))]

@@ -191,14 +191,17 @@ def test_a_tracking_server_lost_mid_run_does_not_stop_it_and_track_replays_it_fr
     quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}  # a lost server fails fast
     with contextlib.ExitStack() as server:
         uri = server.enter_context(serve_mlflow(tmp_path / "mlflow"))
-        flow = subprocess.Popen([str(Path(sys.executable).with_name("soup-pipeline")), "run"], cwd=repo, text=True,
-                                env={**tool_env(), **quick, "MLFLOW_TRACKING_URI": uri},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        with open(tmp_path / "flow.out", "w") as out, open(tmp_path / "flow.err", "w") as errors:  # files: no pipe fills
+            flow = subprocess.Popen([str(Path(sys.executable).with_name("soup-pipeline")), "run"], cwd=repo, text=True,
+                                    env={**tool_env(), **quick, "MLFLOW_TRACKING_URI": uri}, stdout=out, stderr=errors)
         marker = repo / "runs" / "soups" / "greedy" / "metrics.json"  # the sweep is logged; the soups are not yet
+        deadline = time.monotonic() + 300
         while not marker.is_file() and flow.poll() is None:
+            assert time.monotonic() < deadline, "the flow built no greedy soup in 300 s"
             time.sleep(0.1)
-    out, err = flow.communicate(timeout=600)  # the server stopped with the block above
-    assert flow.returncode == 0, err
+    flow.wait(timeout=600)  # the server stopped with the block above
+    err = (tmp_path / "flow.err").read_text()
+    assert flow.returncode == 0, err[-3000:]
     assert "MLflow failed mid-run; not logged: " in err and "soup mehl_soup_plus" in err and "`soup-pipeline track`" in err
     files = {path: (path.stat().st_mtime_ns, file_sha256(path)) for path in (repo / "runs").rglob("*")
              if path.is_file() and path.suffix in (".safetensors", ".json")}
@@ -241,17 +244,18 @@ def test_a_dask_worker_lost_mid_sweep_leaves_its_member_to_the_other_worker(tmp_
             for name in ("doomed", "survivor")}
         client = cluster.enter_context(Client(address, timeout=60))
         client.wait_for_workers(2, timeout=60)
-        flow = subprocess.Popen([str(Path(sys.executable).with_name("soup-pipeline")), "run"], cwd=repo, text=True,
-                                env={**env, "SOUP_TASK_RUNNER": "dask", "SOUP_DASK_ADDRESS": address},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        with open(tmp_path / "flow.log", "w") as log:  # a file, not an unread pipe that could fill and stall the flow
+            flow = subprocess.Popen([str(Path(sys.executable).with_name("soup-pipeline")), "run"], cwd=repo, text=True,
+                                    env={**env, "SOUP_TASK_RUNNER": "dask", "SOUP_DASK_ADDRESS": address},
+                                    stdout=log, stderr=subprocess.STDOUT)
         doomed = next(w for w, info in client.scheduler_info()["workers"].items() if info["name"] == "doomed")
         deadline = time.monotonic() + 240
         while not client.processing().get(doomed) and flow.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert client.processing().get(doomed), "the doomed worker never got a fine-tune"
         os.killpg(workers["doomed"].pid, signal.SIGKILL)  # mid fine-tune
-        log = flow.communicate(timeout=600)[0]
-    assert flow.returncode == 0, log[-3000:]
+        flow.wait(timeout=600)
+    assert flow.returncode == 0, (tmp_path / "flow.log").read_text()[-3000:]
     made = {k: file_sha256(Layout(repo).ingredient(k)) for k in (0, 1, 2)}
 
     alone = tmp_path / "alone"  # the same members, fine-tuned undisturbed, one thread each as on a Dask worker

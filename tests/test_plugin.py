@@ -91,19 +91,18 @@ def test_the_wheel_installs_one_package_and_init_repro_and_run_work_outside_the_
     params = yaml.safe_load((project / "params.yaml").read_text())
     for section, changes in {**TINY, **FAST}.items():
         params[section] = {**params[section], **changes}
-    params["soup"]["methods"] = {"uniform": {}, "greedy": {}, "mehl_soup_plus": {"passes": 0.5}}
+    params["sweep"]["members"] = [0, 1]
+    params["soup"]["methods"] = {"greedy": {}, "mehl_soup_plus": {"passes": 0.5}}
     params["tracking"]["register_method"] = "mehl_soup_plus"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "add", "-A", cwd=project)
     sh("git", "commit", "-qm", "scaffolded soup pipeline", cwd=project)
     ran = sh(str(python), "-m", "dvc", "repro", cwd=project, env=env)
     assert "Running stage 'soup@mehl_soup_plus'" in ran and (project / "runs" / "eval" / "metrics.json").is_file()
-    again = sh(str(python), "-m", "dvc", "repro", cwd=project, env=env)
-    assert "Running stage 'prepare'" not in again and "Running stage 'finetune@0'" not in again  # digests unchanged
     table = sh(str(bin_dir / "soup-pipeline"), "run", cwd=project, env=env)
     assert "| mehl_soup_plus |" in table
     status = json.loads(sh(str(python), "-m", "dvc", "status", "--json", cwd=project, env=env) or "{}")
-    assert set(status) <= {"code"}  # the code stage is always changed; nothing else is stale after the flow
+    assert set(status) <= {"code"}  # the code stage always runs; its digests unchanged, nothing else is stale
 
 
 @pytest.mark.slow

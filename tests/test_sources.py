@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -66,6 +67,9 @@ def test_the_cli_takes_several_sources_and_prints_a_line_per_member(tmp_path, ca
     single = write(weights(0), tmp_path / "single.pt")
     write(weights(1), tmp_path / "more/a.safetensors")
     write(weights(2), tmp_path / "more/b.safetensors")
+    code = main(["--params", str(params), "--root", str(tmp_path), "import", "--source", single])
+    assert code == 2 and "pre-train it first" in capsys.readouterr().err  # imported members are fine-tunes of the base
+    write(weights(3), tmp_path / "runs/base/clip.safetensors")  # the pipeline's base, as `pretrain` writes it
     code = main(["--params", str(params), "--root", str(tmp_path), "import", "--source", single,
                  "--source", str(tmp_path / "more"), "--member", "2"])
     lines = capsys.readouterr().out.strip().splitlines()
@@ -73,6 +77,8 @@ def test_the_cli_takes_several_sources_and_prints_a_line_per_member(tmp_path, ca
         f"member 2 <- {(tmp_path / 'single.pt').resolve()}", f"member 3 <- {(tmp_path / 'more/a.safetensors').resolve()}",
         f"member 4 <- {(tmp_path / 'more/b.safetensors').resolve()}"]
     assert all("fit accuracy" in line for line in lines)
+    sidecar = json.loads((tmp_path / "runs/imported/member-2.json").read_text())
+    assert sidecar["base_model"].startswith("soup-tiny-vit@sha256:")
 
 
 class _Payload:
