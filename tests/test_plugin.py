@@ -136,3 +136,18 @@ def test_a_teams_own_flow_calls_the_soup_subflow_on_a_real_prefect_server(tmp_pa
     assert sorted(row["source_uri"] for row in lineage) == [str(path) for path in checkpoints]
     assert {row["source_uri"]: row["source_sha256"] for row in lineage} == {str(p): file_sha256(p) for p in checkpoints}
     assert all(len(row["sha256"]) == 64 for row in lineage)  # each ingredient as souped
+
+
+def test_the_subflows_ingredient_task_refuses_a_checkpoint_that_does_not_fit_and_writes_nothing(tmp_path):
+    from safetensors.torch import save_file
+
+    from soup_pipeline.errors import IngredientError
+    from soup_pipeline.models import classifier_from_spec, classifier_spec
+    from soup_pipeline.prefect import ingredient_task
+
+    spec = classifier_spec("soup-tiny-vit", 10)
+    state = classifier_from_spec(classifier_spec("soup-tiny-vit", 7)).state_dict()  # a head for 7 classes, not 10
+    save_file(state, str(tmp_path / "seven.safetensors"))
+    with pytest.raises(IngredientError, match=r"head\.weight' has shape \[7, .*soup-tiny-vit with 10 classes needs \[10, "):
+        ingredient_task.fn(str(tmp_path / "seven.safetensors"), 0, spec, None, None, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -24,10 +24,11 @@ from torch.utils.data import Dataset
 
 from ..data import DataSplits
 from ..evaluate import accuracies, compare_to_reference, predictor, split_correctness
-from ..ingredients import Ingredient, IngredientStore, file_sha256, read_state_file, save_ingredient
+from ..ingredients import Ingredient, IngredientStore, file_sha256, save_ingredient
 from ..models import classifier_from_spec, classifier_spec
 from ..soups import Objective, SoupResult, method_params, run_method
 from ..soups.base import model_at, resolve_device
+from ..stages.importer import checked_state
 from ..tracking import flow as track
 
 REFERENCE = "greedy"
@@ -40,11 +41,12 @@ def _splits(fit: Dataset, select: Dataset, test: Dataset | None) -> DataSplits:
 @task(persist_result=False, cache_policy=NONE)  # inputs are data sets and models: nothing to cache on
 def ingredient_task(checkpoint: str, member: int, spec: dict, fit: Dataset, select: Dataset, folder: str,
                     batch_size: int = 256, device: str = "cpu") -> Ingredient:
-    """A checkpoint as ingredient `member` under `folder`: read without pickle, keys and shapes checked against the
-    classifier, fit and select accuracy measured; its sidecar records the checkpoint's path and SHA-256."""
+    """A checkpoint as ingredient `member` under `folder`: read without pickle, keys, shapes and finiteness checked
+    as `soup-pipeline import` checks them, fit and select accuracy measured; its sidecar records the checkpoint's
+    path and SHA-256."""
     model = classifier_from_spec(spec)
-    state = read_state_file(checkpoint)
-    model.load_state_dict(state)  # a missing or unexpected key, or a wrong shape, is an error naming it
+    state = checked_state(model, checkpoint, fits=f"{spec['arch']} with {spec['num_classes']} classes")
+    model.load_state_dict(state)
     target = resolve_device(device)
     scores = accuracies(split_correctness(predictor(model.to(target), batch_size, target), _splits(fit, select, None),
                                           roles=("fit", "select")))

@@ -50,9 +50,13 @@ def run_many(params: Params, root: str | Path, sources: Sequence[str], *, first_
         splits = load_splits(params)
         model = _classifier(params, splits)
         for checkpoint in checkpoints:
-            checked_state(params, splits, model, checkpoint.path, strip_prefix)
+            checked_state(model, checkpoint.path, strip_prefix=strip_prefix, fits=_fits(params, splits))
         return [_import(params, root, splits, model, checkpoint, first_member + offset, strip_prefix=strip_prefix,
                         base_model=base_model) for offset, checkpoint in enumerate(checkpoints)]
+
+
+def _fits(params: Params, splits: DataSplits) -> str:
+    return f"{params.model.arch} with {len(splits.classnames)} classes"
 
 
 def _classifier(params: Params, splits: DataSplits) -> torch.nn.Module:
@@ -60,21 +64,19 @@ def _classifier(params: Params, splits: DataSplits) -> torch.nn.Module:
     return classifier_from_spec(classifier_spec(params.model.arch, len(splits.classnames)))
 
 
-def checked_state(params: Params, splits: DataSplits, model: torch.nn.Module, path: Path,
-                  strip_prefix: str) -> dict[str, torch.Tensor]:
-    """The checkpoint's state dict, read without pickle; its keys and shapes must fit `model` and its floating
-    tensors be finite."""
+def checked_state(model: torch.nn.Module, path: str | Path, *, strip_prefix: str = "", fits: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's state dict, read without pickle; its keys and shapes must fit `model` (described as `fits`,
+    e.g. "ViT-B-32 with 10 classes") and its floating tensors be finite."""
     expected = model.state_dict()
     state = read_state_file(path, strip_prefix=strip_prefix)
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
-        raise IngredientError(f"{path} does not fit {params.model.arch} with {len(splits.classnames)} classes: "
-                              f"missing {missing[:5]}, unexpected {extra[:5]}; map its keys (--strip-prefix) or fix model.arch")
+        raise IngredientError(f"{path} does not fit {fits}: missing {missing[:5]}, unexpected {extra[:5]}; "
+                              "map its keys (--strip-prefix) or fix model.arch")
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
-            raise IngredientError(f"{path}: tensor '{key}' has shape {list(tensor.shape)}, but {params.model.arch} with "
-                                  f"{len(splits.classnames)} classes needs {list(expected[key].shape)}; fix model.arch "
-                                  "or the number of classes")
+            raise IngredientError(f"{path}: tensor '{key}' has shape {list(tensor.shape)}, but {fits} needs "
+                                  f"{list(expected[key].shape)}; fix model.arch or the number of classes")
     check_finite(state, str(path))
     return state
 
@@ -82,7 +84,7 @@ def checked_state(params: Params, splits: DataSplits, model: torch.nn.Module, pa
 def _import(params: Params, root: str | Path, splits: DataSplits, model: torch.nn.Module, checkpoint: Checkpoint,
             member: int, *, strip_prefix: str, base_model: str) -> Ingredient:
     """Write member `member` from one checkpoint, checked, with its accuracies and its lineage."""
-    state = checked_state(params, splits, model, checkpoint.path, strip_prefix)
+    state = checked_state(model, checkpoint.path, strip_prefix=strip_prefix, fits=_fits(params, splits))
     source_sha256 = file_sha256(checkpoint.path)
     model.load_state_dict(state)
     device = resolve_device(params.soup.device)
