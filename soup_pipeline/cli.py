@@ -135,13 +135,15 @@ def _soup(params: Params, root: Path, args: argparse.Namespace) -> str:
 def _import(params: Params, root: Path, args: argparse.Namespace) -> str:
     from .stages import importer
     from .tracking import tracking_uri
+    from .tracking.sources import mlflow_sources
 
+    remote = mlflow_sources(tracking_uri(root))  # MLflow sources are read through the tracking glue
     if args.source is None:
-        ingredients = importer.run_params(params, root, tracking_uri=tracking_uri(root))
+        ingredients = importer.run_params(params, root, remote=remote)
     else:
         first = params.imports.first_member if args.member is None else args.member
         ingredients = importer.run_many(params, root, args.source, first_member=first, strip_prefix=args.strip_prefix,
-                                        base_model=importer.pipeline_base(params, root), tracking_uri=tracking_uri(root))
+                                        base_model=importer.pipeline_base(params, root), remote=remote)
     return "\n".join(f"member {i.meta['member']} <- {i.meta['source_uri']}: {i.path}, fit accuracy {i.fit_acc:.4f}, "
                      f"select accuracy {i.meta['select_acc']:.4f}" for i in ingredients) or "no checkpoints to import"
 

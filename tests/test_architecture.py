@@ -11,7 +11,8 @@ import pytest
 CORE = ["soup_pipeline.config", "soup_pipeline.ingredients", "soup_pipeline.soups", "soup_pipeline.models",
         "soup_pipeline.data", "soup_pipeline.pretrain", "soup_pipeline.finetune", "soup_pipeline.sweep",
         "soup_pipeline.evaluate", "soup_pipeline.meters", "soup_pipeline.plots", "soup_pipeline.statistics",
-        "soup_pipeline.layout", "soup_pipeline.tables", "soup_pipeline.cli",
+        "soup_pipeline.layout", "soup_pipeline.tables", "soup_pipeline.cli", "soup_pipeline.sources",
+        "soup_pipeline.stage_code", "soup_pipeline.scaffold",
         *(f"soup_pipeline.stages.{stage}" for stage in ("prepare", "pretrain", "finetune", "soup", "evaluate", "ablate",
                                                          "importer"))]
 

@@ -18,6 +18,7 @@ from soup_pipeline.errors import IngredientError
 from soup_pipeline.ingredients import IngredientStore, file_sha256
 from soup_pipeline.models import classifier_from_spec, classifier_spec
 from soup_pipeline.stages import importer
+from soup_pipeline.tracking.sources import mlflow_sources
 
 PARAMS = Params(data=DataParams(pretrain_size=10, train_size=10, heldout_size=50, test_size=10),
                 soup=SoupParams(device="cpu"))
@@ -111,9 +112,12 @@ def test_bad_sources_and_checkpoints_are_one_clear_error_and_write_nothing(tmp_p
     }
     for source, message in cases.items():
         with pytest.raises(IngredientError, match=message):
-            importer.run_many(PARAMS, tmp_path, [good, source], first_member=0)
+            importer.run_many(PARAMS, tmp_path, [good, source], first_member=0, remote=mlflow_sources())
         assert ingredient_files(tmp_path) == [], source  # the good one before it is not written either
     assert not (tmp_path / "executed").exists()
+    with pytest.raises(IngredientError, match="is in MLflow, and no MLflow resolver was given"):  # the stage alone
+        importer.run_many(PARAMS, tmp_path, [good, "models:/soup/1"], first_member=0)
+    assert ingredient_files(tmp_path) == []
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +151,7 @@ def test_mlflow_runs_models_and_experiments_become_members_with_their_run_ids(tm
     uri, runs = sweep
     sources = [f"runs:/{runs[0]}/ckpt/model.safetensors", "models:/soup-member/1", "models:/soup-member@best",
                "experiment:sweep/ckpt/model.safetensors?top=2&metric=fit_acc"]
-    ingredients = importer.run_many(PARAMS, tmp_path, sources, first_member=10, tracking_uri=uri)
+    ingredients = importer.run_many(PARAMS, tmp_path, sources, first_member=10, remote=mlflow_sources(uri))
     assert [i.meta["member"] for i in ingredients] == [10, 11, 12, 13, 14]
     chosen = [0, 1, 1, 1, 2]  # top 2 FINISHED runs by fit_acc: 0.9 (run 1) then 0.7 (run 2); the FAILED run 3 is out
     assert [i.meta["run_id"] for i in ingredients] == [runs[k] for k in chosen]
@@ -164,9 +168,9 @@ def test_mlflow_runs_models_and_experiments_become_members_with_their_run_ids(tm
 def test_experiment_order_asc_and_every_finished_run(tmp_path, sweep):
     uri, runs = sweep
     every = importer.run_many(PARAMS, tmp_path, ["experiment:sweep/ckpt/model.safetensors"], first_member=0,
-                              tracking_uri=uri)
+                              remote=mlflow_sources(uri))
     lowest = importer.run_many(PARAMS, tmp_path, ["experiment:sweep/ckpt?metric=fit_acc&order=asc&top=1"],
-                               first_member=3, tracking_uri=uri)
+                               first_member=3, remote=mlflow_sources(uri))
     assert [i.meta["run_id"] for i in every + lowest] == [runs[0], runs[1], runs[2], runs[0]]
 
 
@@ -186,5 +190,5 @@ def test_a_missing_run_model_alias_or_artifact_is_one_clear_error(tmp_path, swee
     uri, runs = sweep
     names = {"run": runs[0], "failed": runs[3]}
     with pytest.raises(IngredientError, match=message.format(**names)):
-        importer.run_many(PARAMS, tmp_path, [source.format(**names)], first_member=0, tracking_uri=uri)
+        importer.run_many(PARAMS, tmp_path, [source.format(**names)], first_member=0, remote=mlflow_sources(uri))
     assert ingredient_files(tmp_path) == []

@@ -34,6 +34,7 @@ from soup_pipeline.lock import file_lock, root_lock
 from soup_pipeline.stage_code import CODE_DIGESTS, write_code_digests
 from soup_pipeline.stages import ablate, evaluate, importer, prepare, pretrain, soup
 from soup_pipeline.tracking import flow as track, tracking_uri
+from soup_pipeline.tracking.sources import mlflow_sources
 
 MIN_MEMBERS = 2  # a soup of fewer ingredients is not a soup
 
@@ -60,7 +61,7 @@ def prepare_task(params: Params, root: str) -> dict:
 
 @stage_task(retries=1, retry_delay_seconds=5)  # reads MLflow sources: a retry only for I/O
 def import_task(params: Params, root: str) -> list[Ingredient]:
-    return importer.run_params(params, root, tracking_uri=tracking_uri(root))
+    return importer.run_params(params, root, remote=mlflow_sources(tracking_uri(root)))
 
 
 @stage_task

@@ -24,7 +24,7 @@ from ..ingredients import Ingredient, check_finite, file_sha256, read_state_file
 from ..models import base_model_id, classifier_from_spec, classifier_spec
 from ..soups.base import resolve_device
 from ..layout import Layout, base_reference, load_splits
-from ..sources import Checkpoint, resolve
+from ..sources import Checkpoint, Remote, resolve
 
 
 def run(params: Params, root: str | Path, source: str | Path, member: int, *, strip_prefix: str = "",
@@ -38,7 +38,7 @@ def run(params: Params, root: str | Path, source: str | Path, member: int, *, st
 
 
 def run_many(params: Params, root: str | Path, sources: Sequence[str], *, first_member: int, strip_prefix: str = "",
-             base_model: str = "external", tracking_uri: str | None = None) -> list[Ingredient]:
+             base_model: str = "external", remote: Remote | None = None) -> list[Ingredient]:
     """Import every checkpoint the sources name (`soup_pipeline.sources`) as members first_member, first_member + 1, ...
 
     All are resolved and checked before the first ingredient is written; MLflow downloads go to a temporary
@@ -46,7 +46,7 @@ def run_many(params: Params, root: str | Path, sources: Sequence[str], *, first_
     downloads = Layout(Path(root)).runs / ".downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="import-", dir=downloads) as folder:
-        checkpoints = resolve(sources, folder, tracking_uri=tracking_uri)
+        checkpoints = resolve(sources, folder, remote=remote)
         splits = load_splits(params)
         model = _classifier(params, splits)
         for checkpoint in checkpoints:
@@ -106,7 +106,7 @@ def pipeline_base(params: Params, root: str | Path) -> str:
     return base_model_id(params.model.arch, base)
 
 
-def run_params(params: Params, root: str | Path, *, tracking_uri: str | None = None) -> list[Ingredient]:
+def run_params(params: Params, root: str | Path, *, remote: Remote | None = None) -> list[Ingredient]:
     """Stage `import`: runs/imported/ holds exactly the checkpoints `imports.sources` name (members
     imports.first_member, ...), declared fine-tunes of the pipeline's base, and runs/imported/lineage.json where
     each came from; an empty list imports nothing."""
@@ -114,7 +114,7 @@ def run_params(params: Params, root: str | Path, *, tracking_uri: str | None = N
     settings = params.imports
     ingredients = run_many(params, root, settings.sources, first_member=settings.first_member,
                            strip_prefix=settings.strip_prefix, base_model=pipeline_base(params, root),
-                           tracking_uri=tracking_uri)
+                           remote=remote)
     kept = {i.path for i in ingredients}
     for stale in layout.imported_ingredients():  # a source dropped from the list leaves no member behind
         if stale not in kept:
