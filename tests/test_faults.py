@@ -88,6 +88,11 @@ def members_written(repo: Path) -> list[int]:
     return sorted(int(p.stem.split("-")[1]) for p in (repo / "runs" / "ingredients").glob("member-*.safetensors"))
 
 
+def files_under(folder: Path) -> list[str]:
+    """The names of the files in `folder` (hidden ones too): a file left behind is named when a test fails."""
+    return sorted(path.name for path in folder.iterdir() if path.is_file())
+
+
 def assert_nothing_half_written(repo: Path) -> None:
     assert not [p for p in repo.rglob("*.tmp") if ".git" not in p.parts], "a temporary file was left"
 
@@ -116,6 +121,7 @@ def test_a_run_killed_at_every_stage_in_turn_ends_as_the_uninterrupted_flow_and_
     killed_at(RUN, repo, "registered")
     finished(RUN, repo)
 
+    assert files_under(repo / "runs" / "ingredients") == files_under(pipeline.repo / "runs" / "ingredients")
     assert lock_file(repo) == pipeline.lock  # every output bit-identical to the uninterrupted flow's
     assert_nothing_half_written(repo)
     assert json.loads(sh("dvc", "status", "--json", cwd=repo) or "{}") == {}

@@ -71,7 +71,7 @@ def fresh_venv(folder: Path, wheel: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_the_wheel_installs_one_package_and_init_repro_and_run_work_outside_the_repository(tmp_path):
+def test_the_wheel_installs_one_package_and_init_repro_run_import_and_the_subflow_work_outside_the_repository(tmp_path):
     sh(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
        str(PROJECT), cwd=tmp_path)
     (wheel,) = (tmp_path / "dist").glob("soup_pipeline-*.whl")
@@ -103,6 +103,12 @@ def test_the_wheel_installs_one_package_and_init_repro_and_run_work_outside_the_
     assert "| mehl_soup_plus |" in table
     status = json.loads(sh(str(python), "-m", "dvc", "status", "--json", cwd=project, env=env) or "{}")
     assert set(status) <= {"code"}  # the code stage always runs; its digests unchanged, nothing else is stale
+
+    imported = sh(str(bin_dir / "soup-pipeline"), "import", "--source", str(project / "runs" / "ingredients"),
+                  "--member", "50", cwd=project, env=env).splitlines()  # a folder of checkpoints, from the wheel's CLI
+    assert [line.split(" <- ")[0] for line in imported] == ["member 50", "member 51"]
+    own = sh(str(python), str(PROJECT / "examples" / "own_flow.py"), str(tmp_path / "own"), cwd=tmp_path, env=env)
+    assert json.loads(own.strip().splitlines()[-1])["registered_version"] == "1"  # the subflow, from the wheel
 
 
 @pytest.mark.slow
