@@ -50,7 +50,7 @@ class Checkpoint:
     run_id: str | None = None
 
 
-Remote = Callable[[str, Path], list["Checkpoint"]]  # (MLflow source, download folder) -> its checkpoints
+Remote = Callable[[str, Path], list[Checkpoint]]  # (MLflow source, download folder) -> its checkpoints
 
 
 def resolve(sources: Sequence[str], download_dir: str | Path, *, remote: Remote | None = None) -> list[Checkpoint]:

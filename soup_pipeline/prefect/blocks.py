@@ -28,6 +28,7 @@ from ..ingredients import Ingredient, IngredientStore, file_sha256, save_ingredi
 from ..models import classifier_from_spec, classifier_spec
 from ..soups import Objective, SoupResult, method_params, run_method
 from ..soups.base import model_at, resolve_device
+from ..stages.evaluate import best_individual
 from ..stages.importer import checked_state
 from ..tracking import flow as track
 
@@ -72,7 +73,7 @@ def evaluate_task(results: Mapping[str, SoupResult], ingredients: Sequence[str],
     paired comparison against greedy soup on the test set when greedy soup was built."""
     target = resolve_device(device)
     store = IngredientStore(list(ingredients))
-    best = max(range(len(store)), key=lambda k: store.ingredients[k].fit_acc or 0.0)
+    best = best_individual(store)
     states = {"best_individual": store.load(best), **{m: r.state_dict for m, r in results.items()}}
     correct = {name: split_correctness(predictor(model_at(objective, state, target), batch_size, target), splits)
                for name, state in states.items()}
