@@ -40,6 +40,11 @@ class Layout:
         return self.base_dir / "clip.safetensors"
 
     @property
+    def zero_shot_weights(self) -> Path:
+        """The base's zero-shot classifier: theta_0, the anchor of the merge methods."""
+        return self.base_dir / "zero_shot.safetensors"
+
+    @property
     def base_info(self) -> Path:
         return self.base_dir / "base.json"
 
@@ -116,6 +121,20 @@ def open_store(params: Params, layout: Layout, members: list[int] | None = None,
                         "run `dvc repro` or `soup-pipeline finetune --member K` first")
     dtype = (settings or params.soup).storage_dtype
     return IngredientStore(paths + layout.imported_ingredients(), storage_dtype=getattr(torch, dtype) if dtype else None)
+
+
+def open_anchor(layout: Layout, store: IngredientStore) -> dict[str, torch.Tensor]:
+    """theta_0 of the merge methods: the base's zero-shot classifier, refused when the ingredients name another base."""
+    path = layout.zero_shot_weights
+    if not path.is_file():
+        raise SoupError(f"{path} is missing; run `soup-pipeline pretrain` (or `dvc repro`) first")
+    anchor = IngredientStore([path])
+    base = anchor.ingredients[0].meta.get("base_model")
+    others = sorted({i.meta.get("base_model") for i in store.ingredients} - {None, base})
+    if others:
+        raise SoupError(f"the ingredients were fine-tuned from {others}, not from this pipeline's base {base}; "
+                        "the merge methods measure them from the model they were fine-tuned from")
+    return anchor.load(0)
 
 
 def soup_objective(params: Params, store: IngredientStore, splits: DataSplits,

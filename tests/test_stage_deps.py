@@ -80,7 +80,9 @@ def test_each_stage_declares_exactly_the_params_keys_it_reads(tmp_path):
         values[section] = {**values[section], **changes}
     values["soup"]["methods"] = {"uniform": {}, "greedy": {}, "learned_soup": {"epochs": 1},
                                  "mehl_soup_plus": {"passes": 0.5}, "mehl_soup_auto": {"passes": 0.5, "search": {
-                                     "groupings": ["model"], "lrs": [0.05], "weight_decays": [0.0]}}}
+                                     "groupings": ["model"], "lrs": [0.05], "weight_decays": [0.0]}},
+                                 "dare": {"search": {"scales": [0.3], "drops": [0.5]}},  # a merge method: theta_0, soup.seed
+                                 "model_stock": {"search": {"groupings": ["model"]}}}
     external = tmp_path / "external" / "checkpoint.safetensors"  # one imported member beside the fine-tunes
     external.parent.mkdir()
     save_file(classifier_from_spec(classifier_spec("soup-tiny-vit", 10)).state_dict(), str(external))

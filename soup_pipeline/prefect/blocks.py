@@ -27,8 +27,7 @@ from ..evaluate import accuracies, compare_to_reference, predictor, split_correc
 from ..ingredients import Ingredient, IngredientStore, file_sha256, save_ingredient
 from ..models import classifier_from_spec, classifier_spec
 from ..soups import Objective, SoupResult, method_params, run_method
-from ..soups.base import model_at, resolve_device
-from ..stages.evaluate import best_individual
+from ..soups.base import best_individual, model_at, resolve_device
 from ..stages.importer import checked_state
 from ..tracking import flow as track
 

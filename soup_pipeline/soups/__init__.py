@@ -11,12 +11,13 @@ from ..config import SoupSettings, format_validation_error
 from ..errors import SoupError
 from ..ingredients import IngredientStore
 from ..meters import measure
-from . import ensemble, greedy, hyperplane, learned, search, uniform
+from . import dare, ensemble, greedy, hyperplane, learned, model_stock, search, task_arithmetic, ties, uniform, wise_ft
 from .base import Method, MethodSpec, Objective, SoupResult, resolve_device
 from .distributed import rank_device
 from .layers import SearchableParams
 
-SPECS: dict[str, MethodSpec] = {spec.name: spec for module in (uniform, greedy, learned, hyperplane, search, ensemble)
+SPECS: dict[str, MethodSpec] = {spec.name: spec for module in (uniform, greedy, learned, hyperplane, search, task_arithmetic,
+                                                              ties, dare, model_stock, wise_ft, ensemble)
                                 for spec in module.SPECS}
 SOUPS = [name for name, spec in SPECS.items() if spec.kind == "soup"]  # what can be built (one stage each)
 
@@ -44,12 +45,12 @@ def params_from(name: str, settings: Mapping[str, Any]) -> SoupSettings:
 
 
 def get_method(name: str, params: SoupSettings) -> Method:
-    """The method registered under `name`, made to search its grid when its grouping is auto."""
+    """The method registered under `name`, made to search its grid when it always does or its grouping is auto."""
     spec = get_spec(name)
     if not isinstance(params, spec.params):
         raise SoupError(f"{name} takes {spec.params.__name__}, not {type(params).__name__}; "
                         f"build them with method_params({name!r}, ...)")
-    if isinstance(params, SearchableParams) and params.grouping == "auto":
+    if spec.searched or (isinstance(params, SearchableParams) and params.grouping == "auto"):
         return search.with_search(spec.run)
     return spec.run
 

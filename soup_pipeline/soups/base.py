@@ -65,6 +65,8 @@ class MethodSpec:
     kind: str = "soup"  # "soup" (a state dict) or "ensemble" (predictions only: evaluated, never built as a stage)
     resumable: bool = False  # takes resume_dir= and continues after its last finished block
     distributed: bool = False  # runs across torch.distributed ranks, each holding its share of a block (soup.nproc)
+    anchored: bool = False  # takes anchor= (the pre-trained model theta_0 its task vectors are measured from)
+    searched: bool = False  # always chooses its setting from its grid `search` on select data (soups/search.py)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -125,6 +127,11 @@ def check_ingredient_count(store: IngredientStore) -> None:
     """Warn for K = 1 (the soup is that model)."""
     if len(store) == 1:
         warnings.warn("only one ingredient (K = 1): the soup is that model", stacklevel=3)
+
+
+def best_individual(store: IngredientStore) -> int:
+    """The ingredient with the highest fit accuracy in its sidecar (first on ties): chosen on fit data, judged on the rest."""
+    return max(range(len(store)), key=lambda k: store.ingredients[k].fit_acc or 0.0)
 
 
 def mixable_keys(model: nn.Module, store: IngredientStore) -> tuple[list[str], list[str]]:

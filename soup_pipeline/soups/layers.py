@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import model_validator
 
@@ -84,19 +84,31 @@ class LayerwiseParams(Strict):
         return self
 
 
-class SearchParams(Strict):
-    """A grid of candidate settings, each fitted on fit data; the lowest select loss is kept."""
+class Grid(Strict):
+    """Candidate settings of a method: one list per parameter, every combination a candidate, each fitted on fit
+    data; the lowest select loss is kept (soups/search.py). `SETS` names the parameter each list sets."""
 
+    SETS: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "Grid":
+        for name in self.SETS:
+            if not getattr(self, name):
+                raise ValueError(f"search.{name}: empty; list at least one candidate")
+        return self
+
+
+class SearchParams(Grid):
+    """The grid of a hyperplane soup: layer groupings x coefficient learning rates x weight decays."""
+
+    SETS: ClassVar[dict[str, str]] = {"groupings": "grouping", "lrs": "lr", "weight_decays": "weight_decay"}
     groupings: list[GroupingName] = ["tensor", "block", "model"]  # candidate layer groupings
     lrs: list[float] = [0.05, 0.1]  # candidate coefficient learning rates
     weight_decays: list[float] = [0.0]  # candidate coefficient weight decays (towards the uniform soup)
 
     @model_validator(mode="after")
-    def _not_empty(self) -> "SearchParams":
-        for name in ("groupings", "lrs", "weight_decays"):
-            if not getattr(self, name):
-                raise ValueError(f"search.{name}: empty; list at least one candidate")
-        if min(self.lrs) <= 0 or min(self.weight_decays) < 0:
+    def _positive(self) -> "SearchParams":
+        if any(lr <= 0 for lr in self.lrs) or any(decay < 0 for decay in self.weight_decays):
             raise ValueError(f"search: lrs {self.lrs} must be > 0 and weight_decays {self.weight_decays} >= 0")
         return self
 

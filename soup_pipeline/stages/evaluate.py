@@ -18,7 +18,7 @@ from ..evaluate import accuracies, compare_to_reference, predictor, split_correc
 from ..ingredients import IngredientStore
 from ..kill_points import reached
 from ..plots import plot_methods, plot_mixing_weights
-from ..soups.base import model_at, resolve_device
+from ..soups.base import best_individual, model_at, resolve_device
 from ..soups.ensemble import ensemble_logits
 from ..tables import markdown_table
 from ..layout import Layout, load_splits, open_store, read_json, soup_objective
@@ -28,11 +28,6 @@ RESULT_COLUMNS = ["method", "fit_acc", "select_acc", "test_acc", "shifted_test_a
                   "test_ci_high", "test_mcnemar_p"]
 COST_COLUMNS = ["seconds", "peak_cpu_mib", "peak_cuda_mib"]  # kept apart, under runs/costs/: they vary between runs
 TABLE_COLUMNS = RESULT_COLUMNS + COST_COLUMNS
-
-
-def best_individual(store: IngredientStore) -> int:
-    """The ingredient with the highest fit accuracy (first on ties): chosen on fit data, judged on the rest."""
-    return max(range(len(store)), key=lambda k: store.ingredients[k].fit_acc or 0.0)
 
 
 def evaluate_rows(params: Params, layout: Layout, store: IngredientStore, splits: DataSplits) -> list[dict]:

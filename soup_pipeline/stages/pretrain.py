@@ -1,4 +1,4 @@
-"""Stage `pretrain`: the base model every fine-tune starts from, and its zero-shot accuracy.
+"""Stage `pretrain`: the base model every fine-tune starts from, its zero-shot classifier and its accuracy.
 
 With `model.pretrained` unset (the embedded default), the tiny CLIP is pre-trained here on the
 pre-training split; otherwise the given weights (a file or a cached open_clip tag) are the base.
@@ -13,7 +13,8 @@ from ..atomic import write_json
 from ..config import Params
 from ..evaluate import predictor, split_accuracies
 from ..kill_points import reached
-from ..models import base_model_id, classifier_from_clip, load_clip, zero_shot_head
+from ..ingredients import save_ingredient
+from ..models import base_model_id, classifier_from_clip, classifier_spec, load_clip, zero_shot_head
 from ..pretrain import pretrain
 from ..soups.base import resolve_device
 from ..stage_inputs import stage_inputs_sha256
@@ -34,11 +35,13 @@ def reusable(params: Params, root: str | Path) -> dict | None:
     info = read_json(layout.base_info)
     same = (info.get("settings") == json.loads(json.dumps(settings(params)))
             and info.get("inputs_sha256") == stage_inputs_sha256(root, "pretrain", params))
-    return info if same and (params.model.pretrained is not None or layout.base_weights.is_file()) else None
+    made = layout.zero_shot_weights.is_file() and (params.model.pretrained is not None or layout.base_weights.is_file())
+    return info if same and made else None
 
 
 def run(params: Params, root: str | Path, *, reuse: bool = False) -> dict:
-    """Pre-train when needed; write runs/base/base.json with the base id and zero-shot accuracies.
+    """Pre-train when needed; write runs/base/base.json with the base id and zero-shot accuracies, and the
+    zero-shot classifier (theta_0 of the merge methods) as runs/base/zero_shot.safetensors.
 
     With `reuse`, a base that is `reusable` is returned, not pre-trained again.
     """
@@ -56,7 +59,10 @@ def run(params: Params, root: str | Path, *, reuse: bool = False) -> dict:
     device = resolve_device(params.pretrain.device)
     model = classifier_from_clip(clip.model, head).to(device)
     zero_shot = split_accuracies(predictor(model, params.evaluate.batch_size, device), splits)
-    info = {"base": base_model_id(params.model.arch, base), "arch": params.model.arch,
+    base_id = base_model_id(params.model.arch, base)
+    save_ingredient(model.state_dict(), layout.zero_shot_weights,
+                    meta={"base_model": base_id, "classifier_spec": classifier_spec(params.model.arch, len(splits.classnames))})
+    info = {"base": base_id, "arch": params.model.arch,
             "chance_acc": 1.0 / len(splits.classnames), "zero_shot": zero_shot, "settings": settings(params), "inputs_sha256": inputs}
     write_json(layout.base_info, info)
     return info

@@ -16,7 +16,7 @@ from ..config import Params
 from ..errors import SoupError
 from ..ingredients import IngredientStore, save_ingredient
 from ..kill_points import armed, reached
-from ..layout import Layout, load_splits, open_store, read_json, soup_objective
+from ..layout import Layout, load_splits, open_anchor, open_store, read_json, soup_objective
 from ..lock import LOCK_HELD_ENV
 from ..soups import SoupResult, get_spec, run_method
 from ..soups.base import Objective, model_at, resolve_device, role_metrics
@@ -66,6 +66,8 @@ def run(params: Params, root: str | Path, method: str) -> SoupResult:
     store = open_store(params, layout, settings=settings)
     objective = soup_objective(params, store, load_splits(params), settings)
     options = {"resume_dir": layout.runs / "resume" / method} if spec.resumable else {}
+    if spec.anchored:
+        options["anchor"] = open_anchor(layout, store)
     if spec.resumable and armed("mehl-block"):
         options["on_step"] = lambda event: reached("mehl-block") if event.position > 0 else None
     device = rank_device(resolve_device(settings.device))

@@ -1,0 +1,71 @@
+"""DARE (Yu et al., 2024): drop each entry of each task vector with probability p, rescale the rest by 1/(1-p).
+
+`dare` then adds the rescaled vectors as task arithmetic does; `dare_ties` merges them as TIES does
+(sign election and the mean of the agreeing entries), the drop taking the place of TIES's trim.
+The drop masks are seeded by `seed` and the ingredient's index, tensor by tensor in key order, so
+a pass that recomputes them (TIES's second) draws the same ones.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Mapping
+
+import torch
+
+from ..ingredients import IngredientStore
+from .base import MethodSpec, Objective, SoupResult
+from .layers import Grid
+from .task_vectors import (DropRate, Prune, Scale, ScaledParams, anchored_result, checked_anchor, model_dtype, moved,
+                           summed)
+from .ties import disjoint_merge
+
+
+class DareGrid(Grid):
+    SETS: ClassVar[dict[str, str]] = {"scales": "scale", "drops": "drop"}
+    scales: list[Scale] = [0.05, 0.1, 0.2, 0.5, 1.0]
+    drops: list[DropRate] = [0.5, 0.9]
+
+
+class DareTiesGrid(DareGrid):
+    scales: list[Scale] = [0.5, 1.0, 1.5]
+
+
+class DareParams(ScaledParams):
+    drop: DropRate = 0.5  # p
+    search: DareGrid = DareGrid()
+
+
+class DareTiesParams(DareParams):
+    search: DareTiesGrid = DareTiesGrid()
+
+
+def dropper(drop: float, seed: int) -> Prune:
+    """Prune: tau_k with each entry dropped with probability `drop` and the rest scaled by 1 / (1 - drop)."""
+    def prune(index: int, tau: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        return {key: torch.where(torch.rand(value.shape, generator=generator, dtype=torch.float64) >= drop,
+                                 value / (1 - drop), 0.0) for key, value in tau.items()}
+    return prune
+
+
+def dare(store: IngredientStore, objective: Objective, params: DareParams, *,
+         anchor: Mapping[str, torch.Tensor] | None = None, name: str = "dare") -> SoupResult:
+    """theta_0 + scale * sum_k (tau_k dropped and rescaled)."""
+    theta0 = checked_anchor(store, anchor, name)
+    total = summed(store, theta0, dropper(params.drop, params.seed))
+    state = moved(theta0, {key: params.scale * value for key, value in total.items()}, model_dtype(objective))
+    return anchored_result(store, name, state, torch.full((len(store), 1), params.scale, dtype=torch.float64), ["model"], {})
+
+
+def dare_ties(store: IngredientStore, objective: Objective, params: DareTiesParams, *,
+              anchor: Mapping[str, torch.Tensor] | None = None, name: str = "dare_ties") -> SoupResult:
+    """theta_0 + scale * (the TIES merge of the dropped and rescaled task vectors)."""
+    theta0 = checked_anchor(store, anchor, name)
+    merged = disjoint_merge(store, theta0, dropper(params.drop, params.seed))
+    state = moved(theta0, {key: params.scale * value for key, value in merged.items()}, model_dtype(objective))
+    beta = torch.full((len(store), 1), params.scale / len(store), dtype=torch.float64)  # nominal: where all agree
+    return anchored_result(store, name, state, beta, ["model"], {})
+
+
+SPECS = (MethodSpec("dare", dare, DareParams, anchored=True, searched=True),
+         MethodSpec("dare_ties", dare_ties, DareTiesParams, anchored=True, searched=True))

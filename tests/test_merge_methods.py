@@ -1,0 +1,245 @@
+"""The merge methods against direct implementations of their formulas, all ingredients at once, in float64."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from soup_pipeline.errors import SoupError
+from soup_pipeline.ingredients import IngredientStore, save_ingredient
+from soup_pipeline.soups import SPECS, Objective, get_spec, method_params, run_method
+from soup_pipeline.soups.dare import DareParams, DareTiesParams, dare, dare_ties
+from soup_pipeline.soups.layers import group_layers
+from soup_pipeline.soups.model_stock import ModelStockParams, model_stock
+from soup_pipeline.soups.task_arithmetic import TaskArithmeticParams, task_arithmetic
+from soup_pipeline.soups.ties import TiesParams, ties
+from soup_pipeline.soups.wise_ft import WiseFTParams, wise_ft
+from test_soup_search import Counted
+from toys import Blocks, Toy, toy_data, toy_ingredients
+
+MERGES = ["task_arithmetic", "ties", "dare", "dare_ties", "model_stock", "wise_ft"]
+
+
+def anchor_of(model=Toy, seed: int = 0) -> dict[str, torch.Tensor]:
+    """theta_0 of `toy_ingredients(..., seed=seed, model=model)`: the random model they perturb."""
+    torch.manual_seed(seed)
+    return model(torch.float64).state_dict()
+
+
+def objective(model=Toy) -> Objective:
+    return Objective(model_factory=lambda: model(torch.float64), fit=toy_data(80), select=toy_data(80, seed=1),
+                     batch_size=40)
+
+
+def stacked(store: IngredientStore) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([store.load(k)[key] for k in range(len(store))]) for key in store.keys}
+
+
+def floating(anchor):
+    return [key for key, value in anchor.items() if value.is_floating_point()]
+
+
+def assert_states_close(got, expected):
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype, key
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-12, atol=1e-12, msg=key)
+
+
+def reference_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the entries at least as large in magnitude as the ceil(density * n)-th largest."""
+    magnitudes = tau.abs().flatten().sort(descending=True).values
+    threshold = magnitudes[math.ceil(density * tau.numel()) - 1]
+    return tau * (tau.abs() >= threshold)
+
+
+def reference_disjoint_mean(taus: torch.Tensor) -> torch.Tensor:
+    """[K, ...] pruned task vectors -> per entry, the mean of those whose sign is the sign of the sum."""
+    elected = taus.sum(0).sign()
+    agree = (taus.sign() == elected) & (taus != 0)
+    return (taus * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def reference_ties(store, anchor, scale, density):
+    every = stacked(store)
+    out = dict(anchor)
+    for key in floating(anchor):
+        taus = torch.stack([reference_trim(t, density) for t in every[key] - anchor[key]])
+        out[key] = anchor[key] + scale * reference_disjoint_mean(taus)
+    return out
+
+
+def reference_model_stock(store, anchor, grouping):
+    every = stacked(store)
+    keys = floating(anchor)
+    K = len(store)
+    groups = group_layers(keys, grouping)
+    out = dict(anchor)
+    for group in range(groups.size):
+        members = [key for key in keys if groups.group_of[key] == group]
+        vectors = torch.cat([(every[key] - anchor[key]).reshape(K, -1) for key in members], dim=1)
+        cosines = [0.0 if min(vectors[i].norm(), vectors[j].norm()) == 0
+                   else float(vectors[i] @ vectors[j] / (vectors[i].norm() * vectors[j].norm()))
+                   for i, j in itertools.combinations(range(K), 2)]
+        cos = min(max(sum(cosines) / len(cosines), 0.0), 1.0)
+        t = K * cos / (1 + (K - 1) * cos)
+        for key in members:
+            out[key] = t * every[key].mean(0) + (1 - t) * anchor[key]
+    return out
+
+
+@pytest.fixture
+def toys(tmp_path):
+    return toy_ingredients(tmp_path, 4, spread=0.3), anchor_of()
+
+
+@pytest.mark.parametrize("scale", [0.1, 0.7])
+def test_task_arithmetic_adds_scale_times_the_summed_task_vectors(toys, scale):
+    store, anchor = toys
+    every = stacked(store)
+    expected = {key: anchor[key] + scale * (every[key] - anchor[key]).sum(0) if key in floating(anchor) else anchor[key]
+                for key in anchor}
+    got = task_arithmetic(store, objective(), TaskArithmeticParams(scale=scale), anchor=anchor).state_dict
+    assert_states_close(got, expected)
+
+
+@pytest.mark.parametrize("scale, density", [(1.0, 0.2), (0.6, 0.5), (1.3, 1.0)])
+def test_ties_trims_per_tensor_elects_signs_and_averages_the_agreeing_entries(toys, scale, density):
+    store, anchor = toys
+    got = ties(store, objective(), TiesParams(scale=scale, density=density), anchor=anchor).state_dict
+    assert_states_close(got, reference_ties(store, anchor, scale, density))
+
+
+def shifted_ingredients(folder, anchor, deltas) -> IngredientStore:
+    """Ingredients theta_0 + delta_k (deltas: one dict of floating tensors per ingredient; absent keys stay theta_0)."""
+    paths = [save_ingredient({key: value + delta.get(key, torch.zeros_like(value)) if value.is_floating_point() else value
+                              for key, value in anchor.items()}, folder / f"shifted{k}.safetensors", meta={"fit_acc": 0.5})
+             for k, delta in enumerate(deltas)]
+    return IngredientStore(paths)
+
+
+def test_with_every_sign_agreeing_ties_at_density_one_is_task_arithmetic_of_the_mean(tmp_path):
+    anchor = anchor_of()
+    keys = floating(anchor)
+    torch.manual_seed(3)
+    deltas = [{key: torch.rand_like(anchor[key]) + 0.1 for key in keys} for _ in range(3)]  # every entry positive
+    store = shifted_ingredients(tmp_path, anchor, deltas)
+    got = ties(store, objective(), TiesParams(scale=0.9, density=1.0), anchor=anchor).state_dict
+    expected = task_arithmetic(store, objective(), TaskArithmeticParams(scale=0.9 / 3), anchor=anchor).state_dict
+    assert_states_close(got, expected)
+
+
+def test_a_tensor_no_ingredient_moved_stays_theta_0_in_every_method(tmp_path):
+    anchor = anchor_of()
+    still = "net.0.bias"
+    torch.manual_seed(4)
+    deltas = [{key: 0.2 * torch.randn_like(anchor[key]) for key in floating(anchor) if key != still} for _ in range(3)]
+    store = shifted_ingredients(tmp_path, anchor, deltas)
+    for name in MERGES:
+        spec = get_spec(name)
+        result = spec.run(store, objective(), method_params(name, grouping="tensor") if name == "model_stock"
+                          else spec.params(), anchor=anchor, name=name)
+        assert torch.equal(result.state_dict[still], anchor[still]), name  # no 0/0, no NaN
+        assert all(torch.isfinite(value).all() for value in result.state_dict.values() if value.is_floating_point())
+
+
+def test_dare_at_p_0_is_task_arithmetic_and_dare_ties_at_p_0_is_ties_at_density_1(toys):
+    store, anchor = toys
+    assert_states_close(dare(store, objective(), DareParams(scale=0.4, drop=0.0), anchor=anchor).state_dict,
+                        task_arithmetic(store, objective(), TaskArithmeticParams(scale=0.4), anchor=anchor).state_dict)
+    assert_states_close(dare_ties(store, objective(), DareTiesParams(scale=1.2, drop=0.0), anchor=anchor).state_dict,
+                        reference_ties(store, anchor, 1.2, 1.0))
+
+
+def test_dare_keeps_each_entry_whole_and_rescaled_or_drops_it_at_rate_p_with_seeded_masks(tmp_path):
+    store, anchor = toy_ingredients(tmp_path, 1, spread=0.3), anchor_of()  # K = 1: the sum is the one dropped vector
+    tau = {key: stacked(store)[key][0] - anchor[key] for key in floating(anchor)}
+    p = 0.6
+    got = dare(store, objective(), DareParams(scale=1.0, drop=p, seed=5), anchor=anchor).state_dict
+    kept = total = 0
+    for key, value in tau.items():
+        delta = got[key] - anchor[key]
+        is_kept = torch.isclose(delta, value / (1 - p), rtol=1e-12, atol=1e-15)
+        assert (is_kept | (delta == 0)).all(), key  # whole and rescaled, or dropped
+        kept, total = kept + int(is_kept.sum()), total + value.numel()
+    assert abs(kept / total - (1 - p)) < 4 * math.sqrt(p * (1 - p) / total)  # at rate p
+    again = dare(store, objective(), DareParams(scale=1.0, drop=p, seed=5), anchor=anchor).state_dict
+    other = dare(store, objective(), DareParams(scale=1.0, drop=p, seed=6), anchor=anchor).state_dict
+    assert all(torch.equal(got[key], again[key]) for key in got)
+    assert any(not torch.equal(got[key], other[key]) for key in tau)
+
+
+@pytest.mark.parametrize("K, grouping", [(2, "tensor"), (4, "tensor"), (4, "block"), (4, "model")])
+def test_model_stock_moves_each_group_by_the_ratio_its_mean_pairwise_cosine_gives(tmp_path, K, grouping):
+    torch.manual_seed(7)
+    store = toy_ingredients(tmp_path, K, spread=0.3, model=Blocks, seed=2)
+    anchor = anchor_of(Blocks, seed=2)
+    shared = {key: torch.randn_like(value) for key, value in anchor.items()}  # a common direction: cosines > 0
+    store = shifted_ingredients(tmp_path, anchor, [{key: 0.5 * shared[key] + store.load(k)[key] - anchor[key]
+                                                    for key in anchor} for k in range(K)])
+    params = ModelStockParams(grouping=grouping)
+    result = model_stock(store, objective(Blocks), params, anchor=anchor)
+    assert_states_close(result.state_dict, reference_model_stock(store, anchor, grouping))
+    assert 0 < float(result.beta.sum(0).min()) and float(result.beta.sum(0).max()) < 1  # t in (0, 1) here
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.35, 1.0])
+def test_wise_ft_interpolates_theta_0_and_the_fittest_ingredient(toys, alpha):
+    store, anchor = toys
+    best = max(range(len(store)), key=lambda k: store.ingredients[k].fit_acc)
+    theta = store.load(best)
+    expected = {key: (1 - alpha) * anchor[key] + alpha * theta[key] if key in floating(anchor) else anchor[key]
+                for key in anchor}
+    got = wise_ft(store, objective(), WiseFTParams(alpha=alpha), anchor=anchor).state_dict
+    assert_states_close(got, expected)
+    if alpha == 0.0:
+        assert_states_close(got, anchor)
+    if alpha == 1.0:
+        assert_states_close(got, dict(theta))
+
+
+@pytest.mark.parametrize("name", MERGES)
+def test_each_merge_method_chooses_its_setting_on_select_data_from_its_whole_grid(toys, name):
+    store, anchor = toys
+    params = method_params(name)
+    grid = params.search
+    result = run_method(name, store, objective(), params, anchor=anchor)
+    table = result.info["search"]
+    assert len(table) == math.prod(len(getattr(grid, field)) for field in grid.SETS)
+    best = min(range(len(table)), key=lambda i: (table[i]["select_loss"], i))
+    assert [row["chosen"] for row in table] == [i == best for i in range(len(table))]
+    assert result.info["chosen"] == {key: table[best][key] for key in grid.SETS.values()}
+
+
+@pytest.mark.parametrize("name", MERGES)
+def test_a_merge_method_reads_select_data_only_to_score_each_candidate_once(toys, name):
+    store, anchor = toys
+    chosen_on = objective()
+    chosen_on.select = Counted(toy_data(30, seed=5))
+    params = method_params(name)
+    run_method(name, store, chosen_on, params, anchor=anchor)
+    assert chosen_on.select.reads == 30 * math.prod(len(getattr(params.search, field)) for field in params.search.SETS)
+
+
+@pytest.mark.parametrize("name", MERGES)
+def test_a_merge_method_without_theta_0_or_with_another_model_says_so(toys, name):
+    store, _ = toys
+    spec = get_spec(name)
+    with pytest.raises(SoupError, match="pre-trained model theta_0"):
+        spec.run(store, objective(), spec.params(), anchor=None, name=name)
+    with pytest.raises(SoupError, match="does not match the ingredients"):
+        spec.run(store, objective(), spec.params(), anchor=anchor_of(Blocks), name=name)
+
+
+def test_every_merge_method_is_registered_anchored_and_searched():
+    assert all(SPECS[name].anchored and SPECS[name].searched for name in MERGES)
+
+
+@pytest.mark.parametrize("name, bad", [("ties", {"density": 0.0}), ("dare", {"drop": 1.0}), ("wise_ft", {"alpha": 1.5}),
+                                       ("task_arithmetic", {"search": {"scales": []}}), ("ties", {"search": {"densities": [2]}})])
+def test_an_impossible_setting_or_grid_is_refused_naming_the_key(name, bad):
+    with pytest.raises(SoupError, match=f"soup.methods.{name}"):
+        method_params(name, **bad)
