@@ -1,4 +1,6 @@
-"""The evaluation table over several sweep seeds: mean, spread, and paired differences against greedy soup.
+"""The evaluation table over several sweep seeds: mean, spread, and paired differences against greedy soup,
+then the same against the best merge method (task arithmetic, TIES, DARE, Model Stock, WiSE-FT: the one
+with the highest mean select accuracy over the seeds; test data choose nothing).
 
 Each seed is a full pipeline (sweep of K fine-tunes from one shared pre-trained base, every soup
 method, evaluation) in its own root; finished members are reused. Example (the README's table):
@@ -16,15 +18,25 @@ from pathlib import Path
 from soup_pipeline.config import load_params
 from soup_pipeline.stages import evaluate, finetune, prepare, pretrain, soup
 from soup_pipeline.layout import Layout, member_ids
+from soup_pipeline.soups import SPECS
 from soup_pipeline.statistics import mean_interval
 from soup_pipeline.tables import markdown_table
 
 REFERENCE = "greedy"
-COLUMNS = ("fit_acc", "select_acc", "test_acc", "shifted_test_acc", "seconds")
-# (accuracy compared with the reference's of the same seed, header of the difference, header of the seeds it is higher)
-PAIRED_COLUMNS = (("test_acc", "test_acc - greedy", "wins/seeds"),
-                  ("shifted_test_acc", "shifted_test_acc - greedy", "shifted wins/seeds"))
-SUMMARY_COLUMNS = ["method", *COLUMNS, *(header for _, *headers in PAIRED_COLUMNS for header in headers)]
+COLUMNS = ("fit_acc", "select_acc", "test_acc", "shifted_test_acc", "seconds", "peak_cpu_mib")
+PAIRED = (("test_acc", "wins/seeds"), ("shifted_test_acc", "shifted wins/seeds"))  # (accuracy, header of its wins)
+
+
+def paired_columns(reference: str) -> list[tuple[str, str, str]]:
+    """(accuracy compared with the reference's of the same seed, header of the difference, header of the wins)."""
+    return [(column, f"{column} - {reference}", wins) for column, wins in PAIRED]
+
+
+def summary_columns(reference: str) -> list[str]:
+    return ["method", *COLUMNS, *(header for _, *headers in paired_columns(reference) for header in headers)]
+
+
+SUMMARY_COLUMNS = summary_columns(REFERENCE)
 
 
 def run_seed(params_path: str, root: Path, seed: int, base: Path | None) -> list[dict]:
@@ -61,16 +73,27 @@ def _interval_cell(differences: list[float]) -> str | None:
     return f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
-def _paired_differences(per_seed_by_method: list[dict[str, dict]], method: str, column: str) -> list[float]:
-    """`column` of `method` minus that of the reference, for every seed where both rows have it."""
-    return [seed_rows[method][column] - seed_rows[REFERENCE][column] for seed_rows in per_seed_by_method
+def _paired_differences(per_seed_by_method: list[dict[str, dict]], method: str, column: str,
+                        reference: str) -> list[float]:
+    """`column` of `method` minus that of `reference`, for every seed where both rows have it."""
+    return [seed_rows[method][column] - seed_rows[reference][column] for seed_rows in per_seed_by_method
             if seed_rows.get(method, {}).get(column) is not None
-            and seed_rows.get(REFERENCE, {}).get(column) is not None]
+            and seed_rows.get(reference, {}).get(column) is not None]
 
 
-def summarise(per_seed: list[list[dict]]) -> list[dict]:
-    """One row per method: mean ± standard deviation of each of COLUMNS across seeds, and for each of PAIRED_COLUMNS
-    the mean paired difference against the reference method of the same seed, its 95% t interval and wins/seeds.
+def best_merge(per_seed: list[list[dict]]) -> str | None:
+    """The merge method with the highest mean select accuracy over the seeds (None when no seed has one)."""
+    scores: dict[str, list[float]] = {}
+    for seed_rows in per_seed:
+        for row in seed_rows:
+            if row["method"] in SPECS and SPECS[row["method"]].anchored and row.get("select_acc") is not None:
+                scores.setdefault(row["method"], []).append(row["select_acc"])
+    return max(scores, key=lambda method: statistics.mean(scores[method]), default=None)
+
+
+def summarise(per_seed: list[list[dict]], reference: str = REFERENCE) -> list[dict]:
+    """One row per method: mean ± standard deviation of each of COLUMNS across seeds, and for each paired column
+    the mean paired difference against `reference` of the same seed, its 95% t interval and wins/seeds.
 
     Missing (None or absent) values are left out: a seed counts for a difference only where both rows have it.
     """
@@ -82,8 +105,8 @@ def summarise(per_seed: list[list[dict]]) -> list[dict]:
         summary = {"method": method}
         for column in COLUMNS:
             summary[column] = _spread_cell([row[column] for row in rows if row.get(column) is not None])
-        for column, difference_header, wins_header in PAIRED_COLUMNS:
-            differences = _paired_differences(per_seed_by_method, method, column)
+        for column, difference_header, wins_header in paired_columns(reference):
+            differences = _paired_differences(per_seed_by_method, method, column, reference)
             summary[difference_header] = _interval_cell(differences)
             summary[wins_header] = f"{sum(d > 0 for d in differences)}/{len(differences)}" if differences else None
         table.append(summary)
@@ -109,9 +132,10 @@ def main(argv: list[str] | None = None) -> None:
             per_seed.append(run_seed(args.params, root, seed, base))
         base = base or Layout(root).base_weights
         print(f"seed {seed}:\n{markdown_table(per_seed[-1], evaluate.TABLE_COLUMNS)}\n", flush=True)
-    print(f"over seeds {args.seeds}: mean ± standard deviation; differences against {REFERENCE} of the same seed: "
-          "mean [95% t interval across seeds]")
-    print(markdown_table(summarise(per_seed), SUMMARY_COLUMNS))
+    for reference in dict.fromkeys([REFERENCE, best_merge(per_seed) or REFERENCE]):
+        print(f"over seeds {args.seeds}: mean ± standard deviation; differences against {reference} of the same seed: "
+              "mean [95% t interval across seeds]")
+        print(markdown_table(summarise(per_seed, reference), summary_columns(reference)) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Peak memory and time per inner step of Learned-Soup+, HL-Soup+ and MEHL-Soup+ against a fine-tuning step.
+"""Peak memory and time per inner step of Learned-Soup+, HL-Soup+ and MEHL-Soup+ against a fine-tuning step,
+and the peak memory and time of the merge methods (task arithmetic, TIES, DARE, DARE-TIES, Model Stock, WiSE-FT).
 
 Ingredients are one random open_clip image tower perturbed K times (memory and time need no
 trained weights). Every configuration runs in a fresh process (or, with --worlds, in fresh
@@ -9,6 +10,10 @@ Examples (the README's tables):
 
     python benchmarks/soup_memory.py --arch ViT-B-32 --ks 4 8 16 32 --bs 1 2 4 --device cuda
     python benchmarks/soup_memory.py --arch ViT-B-32 --ks 8 --bs 4 --worlds 1 2 --device cpu --batch 8 --steps 3
+    python benchmarks/soup_memory.py --arch ViT-B-32 --ks 4 32 --bs 2 --device cpu --batch 8 --steps 3 --merges
+
+A merge method is timed over one point of its grid (the construction and the select-data score of
+one candidate; a grid of n points costs about n times that), from theta_0 = the unperturbed init.
 """
 
 from __future__ import annotations
@@ -34,6 +39,16 @@ from soup_pipeline.soups.base import resolve_device
 from soup_pipeline.soups.distributed import process_group, rank_device
 
 NUM_CLASSES = 10
+MERGES = ("task_arithmetic", "ties", "dare", "dare_ties", "model_stock", "wise_ft")
+ONE_POINT = {"task_arithmetic": {"scales": [0.3]}, "ties": {"scales": [1.0], "densities": [0.2]},
+             "dare": {"scales": [0.3], "drops": [0.5]}, "dare_ties": {"scales": [1.0], "drops": [0.5]},
+             "model_stock": {"groupings": ["tensor"]}, "wise_ft": {"alphas": [0.5]}}
+
+
+def init_state(arch: str) -> dict[str, torch.Tensor]:
+    """The seeded random init every benchmark ingredient perturbs (theta_0 of the merge methods)."""
+    torch.manual_seed(0)
+    return classifier_from_spec(classifier_spec(arch, NUM_CLASSES)).state_dict()
 
 
 def make_ingredients(folder: Path, arch: str, K: int, image_size: int, dtype: str | None) -> list[Path]:
@@ -43,8 +58,7 @@ def make_ingredients(folder: Path, arch: str, K: int, image_size: int, dtype: st
     paths = [folder / f"{arch}-{dtype or 'float32'}-{k:03d}.safetensors" for k in range(K)]
     missing = [p for p in paths if not p.exists()]
     if missing:
-        torch.manual_seed(0)
-        base = classifier_from_spec(classifier_spec(arch, NUM_CLASSES)).state_dict()
+        base = init_state(arch)
         file_dtype = getattr(torch, dtype or "float32")
         for path in missing:
             k = int(path.stem.rsplit("-", 1)[1])
@@ -108,25 +122,30 @@ def run_one(args) -> dict:
     store = IngredientStore(paths, storage_dtype=getattr(torch, args.storage_dtype) if args.storage_dtype else None)
     clock = StepClock(device)
     objective = Objective(lambda: classifier_from_spec(classifier_spec(args.arch, NUM_CLASSES)),
-                          heldout(args.image_size, args.batch, args.steps), batch_size=args.batch, loss_fn=clock)
+                          heldout(args.image_size, args.batch, args.steps), select=heldout(args.image_size, args.batch, 1),
+                          batch_size=args.batch, loss_fn=clock)
     settings = dict(device=args.device, model_batch=args.b, passes=1.0, epochs=1, batch_size=args.batch,
-                    prefetch=not args.no_prefetch, storage_dtype=args.storage_dtype, fused_step=not args.per_tensor)
-    params = params_from(args.method, settings)
+                    prefetch=not args.no_prefetch, storage_dtype=args.storage_dtype, fused_step=not args.per_tensor,
+                    search=ONE_POINT.get(args.method))
+    params = params_from(args.method, {key: value for key, value in settings.items() if value is not None})
+    options = {"anchor": init_state(args.arch)} if args.method in MERGES else {}
     with process_group(device) as ranks:
-        result = run_method(args.method, store, objective, params)
+        result = run_method(args.method, store, objective, params, **options)
     steps_per_block = result.info.get("steps_per_block", result.info.get("steps"))
-    return {"step_s": clock.step_seconds(steps_per_block), "peak_bytes": result.peak_bytes, "seconds": result.seconds,
+    return {"step_s": clock.step_seconds(steps_per_block) if steps_per_block else float("nan"), "peak_bytes": result.peak_bytes, "seconds": result.seconds,
             "resident_peak": store.peak_resident_count, "resident_peak_bytes": store.peak_resident_bytes,
             "ingredient_bytes": store.ingredient_bytes(), "rank": ranks.rank}
 
 
 def configurations(args) -> list[tuple[str, int, int, int]]:
-    """(method, K, b, ranks): the fine-tuning floor, then per K Learned-Soup+, HL-Soup+ and MEHL-Soup+ per b and world size."""
+    """(method, K, b, ranks): the fine-tuning floor, then per K Learned-Soup+, HL-Soup+ and MEHL-Soup+ per b and world
+    size (and, with --merges, each merge method)."""
     rows = [("finetune", 0, 0, 1)]
     for K in args.ks:
         rows.append(("learned_soup_plus", K, K, 1))
         rows.append(("hl_soup_plus", K, K, 1))
         rows += [("mehl_soup_plus", K, b, world) for b in args.bs if b <= K for world in args.worlds]
+        rows += [(method, K, 0, 1) for method in MERGES] if args.merges else []
     return rows
 
 
@@ -143,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-prefetch", action="store_true")
     parser.add_argument("--per-tensor", action="store_true", help="the per-tensor inner step instead of the fused one")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1], help="MEHL-Soup+ on this many ranks (torchrun)")
+    parser.add_argument("--merges", action="store_true", help="also the merge methods, one grid point each")
     parser.add_argument("--skip", nargs="*", default=[], help="methods to leave out, e.g. learned_soup_plus")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "soup-bench-ingredients"))
     parser.add_argument("--one", nargs=4, metavar=("METHOD", "K", "B", "REPORT_DIR"), help=argparse.SUPPRESS)
@@ -160,8 +180,8 @@ def main(argv: list[str] | None = None) -> None:
           f"storage {args.storage_dtype or 'file dtype'}, prefetch {not args.no_prefetch}, "
           f"inner step {'per tensor' if args.per_tensor else 'fused'}")
     print("| method | K | b | ranks | peak memory per rank (GiB) | peak / model size | ingredients held per rank (GiB) "
-          "| time per inner step (s) | step / fine-tune step |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| time per inner step (s) | step / fine-tune step | construction (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     passthrough = [f"--arch={args.arch}", f"--image-size={args.image_size}", f"--batch={args.batch}",
                    f"--steps={args.steps}", f"--device={args.device}", f"--workdir={args.workdir}"]
     passthrough += [f"--storage-dtype={args.storage_dtype}"] if args.storage_dtype else []
@@ -176,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
                                   *passthrough], capture_output=True, text=True)
             ranks = [json.loads(path.read_text()) for path in sorted(Path(reports).glob("rank-*.json"))]
         if out.returncode != 0 or not ranks:
-            print(f"| {method} | {K} | {b} | {world} | failed: {out.stderr.strip().splitlines()[-1][:80]} | | | | |", flush=True)
+            print(f"| {method} | {K} | {b} | {world} | failed: {out.stderr.strip().splitlines()[-1][:80]} | | | | | |",
+                  flush=True)
             continue
         row = min(ranks, key=lambda r: r.get("rank", 0))  # rank 0's clock
         peak = max(r["peak_bytes"].get("cuda", r["peak_bytes"]["cpu_rss"]) for r in ranks)
@@ -185,9 +206,10 @@ def main(argv: list[str] | None = None) -> None:
             floor = row["step_s"]
         model_bytes = row.get("ingredient_bytes", model_bytes)
         ratio = f"{peak / model_bytes:.1f}" if model_bytes else ""
-        speed = f"{row['step_s'] / floor:.2f}" if floor else ""
+        speed = f"{row['step_s'] / floor:.2f}" if floor and row["step_s"] == row["step_s"] else ""
+        step = f"{row['step_s']:.3f}" if row["step_s"] == row["step_s"] else ""  # NaN: a merge method has no steps
         print(f"| {method} | {K or ''} | {b or ''} | {world} | {peak / 2**30:.2f} | {ratio} | {held / 2**30:.2f} "
-              f"| {row['step_s']:.3f} | {speed} |", flush=True)
+              f"| {step} | {speed} | {row.get('seconds', 0):.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -243,3 +243,10 @@ def test_every_merge_method_is_registered_anchored_and_searched():
 def test_an_impossible_setting_or_grid_is_refused_naming_the_key(name, bad):
     with pytest.raises(SoupError, match=f"soup.methods.{name}"):
         method_params(name, **bad)
+
+
+@pytest.mark.parametrize("name", MERGES)
+def test_a_merge_method_holds_one_ingredient_at_a_time_whatever_k(tmp_path, name):
+    store, anchor = toy_ingredients(tmp_path, 6, spread=0.3), anchor_of()
+    run_method(name, store, objective(), method_params(name), anchor=anchor)
+    assert store.peak_resident_count == 1 and store.resident_count == 0

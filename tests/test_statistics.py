@@ -223,3 +223,15 @@ def test_seeds_summary_skips_missing_values_and_methods():
     assert summary["ensemble"]["test_acc"] == "0.9000"
     assert summary["ensemble"]["test_acc - greedy"] == "+0.2000" and summary["ensemble"]["wins/seeds"] == "1/1"
     assert summary["ensemble"]["shifted_test_acc - greedy"] == "+0.3000"
+
+
+def test_seeds_best_merge_is_chosen_by_select_accuracy_and_becomes_the_reference():
+    per_seed = [[{**_row("greedy", 0.80, 0.60), "select_acc": 0.90}, {**_row("ties", 0.70, 0.50), "select_acc": 0.72},
+                 {**_row("task_arithmetic", 0.95, 0.70), "select_acc": 0.80}],
+                [{**_row("greedy", 0.82, 0.62), "select_acc": 0.91}, {**_row("ties", 0.74, 0.52), "select_acc": 0.70},
+                 {**_row("task_arithmetic", 0.96, 0.71), "select_acc": 0.60}]]
+    assert seeds_benchmark.best_merge(per_seed) == "ties"  # mean select 0.71 > 0.70, whatever the test accuracies
+    summary = {row["method"]: row for row in seeds_benchmark.summarise(per_seed, "ties")}
+    assert summary["greedy"]["test_acc - ties"].startswith("+0.0900") and summary["greedy"]["wins/seeds"] == "2/2"
+    assert "test_acc - ties" in seeds_benchmark.summary_columns("ties")
+    assert seeds_benchmark.best_merge([[_row("greedy", 0.8, 0.6)]]) is None  # no merge method was run
