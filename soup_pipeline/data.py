@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
-from sklearn.datasets import load_digits
 from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -137,6 +136,8 @@ def digits_splits(params: DataParams, mean: Sequence[float] = CLIP_MEAN, std: Se
     views the test sources with a stronger rotation and noise. Held-out views of one source
     stay together in one role (fit or select).
     """
+    from sklearn.datasets import load_digits  # here: scikit-learn's import costs every stage a second otherwise
+
     digits = load_digits()
     pixels = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     pixels = F.interpolate(pixels, size=(params.image_size, params.image_size), mode="bilinear", align_corners=False)

@@ -250,3 +250,17 @@ def test_a_merge_method_holds_one_ingredient_at_a_time_whatever_k(tmp_path, name
     store, anchor = toy_ingredients(tmp_path, 6, spread=0.3), anchor_of()
     run_method(name, store, objective(), method_params(name), anchor=anchor)
     assert store.peak_resident_count == 1 and store.resident_count == 0
+
+
+def test_the_soup_stage_anchors_on_the_bases_zero_shot_model_and_refuses_another_base(tmp_path):
+    from soup_pipeline.layout import Layout, open_anchor
+
+    store, anchor = toy_ingredients(tmp_path, 2), anchor_of()
+    layout = Layout(tmp_path / "root")
+    with pytest.raises(SoupError, match="zero_shot.safetensors is missing; run `soup-pipeline pretrain`"):
+        open_anchor(layout, store)
+    save_ingredient(anchor, layout.zero_shot_weights, meta={"base_model": "toy"})
+    assert all(torch.equal(open_anchor(layout, store)[key], anchor[key]) for key in anchor)
+    save_ingredient(anchor, layout.zero_shot_weights, meta={"base_model": "another-base"})
+    with pytest.raises(SoupError, match=r"fine-tuned from \['toy'\], not from this pipeline's base another-base"):
+        open_anchor(layout, store)

@@ -22,12 +22,12 @@ from .ties import disjoint_merge
 
 class DareGrid(Grid):
     SETS: ClassVar[dict[str, str]] = {"scales": "scale", "drops": "drop"}
-    scales: list[Scale] = [0.05, 0.1, 0.2, 0.5, 1.0]
+    scales: list[Scale] = [0.05, 0.075, 0.1, 0.15, 0.2, 0.5, 1.0]
     drops: list[DropRate] = [0.5, 0.9]
 
 
 class DareTiesGrid(DareGrid):
-    scales: list[Scale] = [0.5, 1.0, 1.5]
+    scales: list[Scale] = [0.25, 0.5, 1.0, 1.5]
 
 
 class DareParams(ScaledParams):

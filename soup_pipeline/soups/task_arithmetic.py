@@ -16,7 +16,7 @@ class ScaleGrid(Grid):
     """Candidate lambdas (with K fine-tunes of one task, lambda = 1/K is the uniform soup)."""
 
     SETS: ClassVar[dict[str, str]] = {"scales": "scale"}
-    scales: list[Scale] = [0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
+    scales: list[Scale] = [0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0]
 
 
 class TaskArithmeticParams(ScaledParams):

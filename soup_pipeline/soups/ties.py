@@ -24,7 +24,7 @@ from .task_vectors import (Prune, Scale, ScaledParams, Share, State, anchored_re
 class TiesGrid(Grid):
     SETS: ClassVar[dict[str, str]] = {"scales": "scale", "densities": "density"}
     scales: list[Scale] = [0.5, 1.0, 1.5]
-    densities: list[Share] = [0.2, 0.5, 1.0]
+    densities: list[Share] = [0.1, 0.2, 0.5, 1.0]
 
 
 class TiesParams(ScaledParams):

@@ -20,7 +20,7 @@ from .task_vectors import Mix, anchored_result, checked_anchor, model_dtype, mov
 
 class AlphaGrid(Grid):
     SETS: ClassVar[dict[str, str]] = {"alphas": "alpha"}
-    alphas: list[Mix] = [0.2, 0.4, 0.5, 0.6, 0.8, 1.0]
+    alphas: list[Mix] = [0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
 
 class WiseFTParams(SoupSettings):
