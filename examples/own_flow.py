@@ -20,11 +20,16 @@ from soup_pipeline.prefect import soup_subflow
 ARCH, CLASSES = "soup-tiny-vit", 10
 
 
+def pretrained_model() -> torch.nn.Module:
+    """The weights every fine-tune starts from, as a sweep's members do (here a seeded init)."""
+    torch.manual_seed(0)
+    return classifier_from_spec(classifier_spec(ARCH, CLASSES))
+
+
 @task
 def my_finetune(lr: float, train, out: Path) -> str:
     """The team's own training code: any loop that ends in a state dict of the classifier."""
-    torch.manual_seed(0)  # every fine-tune starts from the same weights, as a sweep's members do
-    model = classifier_from_spec(classifier_spec(ARCH, CLASSES))
+    model = pretrained_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     images, labels = train.tensors
     for step in range(30):
@@ -42,10 +47,12 @@ def my_sweep(out_dir: str) -> dict:
     splits = digits_splits(DataParams(pretrain_size=10, train_size=64, heldout_size=60, test_size=60, heldout_views=1))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    save_file(pretrained_model().state_dict(), out / "pretrained.safetensors")  # what the merge methods start from
     checkpoints = [my_finetune(lr, splits.train, out / f"lr-{lr}.safetensors") for lr in (3e-4, 1e-3, 2e-3)]
     return soup_subflow(checkpoints, arch=ARCH, num_classes=CLASSES, fit=splits.fit, select=splits.select,
-                        test=splits.test, methods={"uniform": {}, "greedy": {}, "mehl_soup": {"passes": 1.0}},
-                        register="mehl_soup", registered_model="my-team-soup", workdir=str(out / "soup"))
+                        test=splits.test, methods={"uniform": {}, "greedy": {}, "mehl_soup": {"passes": 1.0}, "ties": {}},
+                        register="mehl_soup", registered_model="my-team-soup", workdir=str(out / "soup"),
+                        pretrained=str(out / "pretrained.safetensors"))
 
 
 if __name__ == "__main__":

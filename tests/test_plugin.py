@@ -124,7 +124,7 @@ def test_a_teams_own_flow_calls_the_soup_subflow_on_a_real_prefect_server(tmp_pa
         with urllib.request.urlopen(request, timeout=10) as response:
             runs = json.loads(response.read())
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert [row["method"] for row in summary["rows"]] == ["best_individual", "uniform", "greedy", "mehl_soup"]
+    assert [row["method"] for row in summary["rows"]] == ["best_individual", "uniform", "greedy", "mehl_soup", "ties"]
     assert summary["registered_version"] == "1" and Path(summary["soups"]["mehl_soup"]).is_file()
     by_parent = {run["parent_task_run_id"] is not None: run for run in runs}
     assert len(runs) == 2 and all(run["state_type"] == "COMPLETED" for run in runs)  # the user's flow and the subflow

@@ -26,7 +26,7 @@ from ..data import DataSplits
 from ..evaluate import accuracies, compare_to_reference, predictor, split_correctness
 from ..ingredients import Ingredient, IngredientStore, file_sha256, save_ingredient
 from ..models import classifier_from_spec, classifier_spec
-from ..soups import Objective, SoupResult, method_params, run_method
+from ..soups import Objective, SoupResult, get_spec, method_params, run_method
 from ..soups.base import best_individual, model_at, resolve_device
 from ..stages.importer import checked_state
 from ..tracking import flow as track
@@ -57,9 +57,12 @@ def ingredient_task(checkpoint: str, member: int, spec: dict, fit: Dataset, sele
 
 @task(persist_result=False, cache_policy=NONE)  # inputs are data sets and models: nothing to cache on
 def soup_task(method: str, settings: Mapping[str, Any], ingredients: Sequence[str], objective: Objective,
-              folder: str) -> SoupResult:
-    """Build one soup (a method of `soup_pipeline.soups` with its own parameters) and write its weights."""
-    result = run_method(method, IngredientStore(list(ingredients)), objective, method_params(method, **settings))
+              folder: str, anchor: Mapping[str, torch.Tensor] | None = None) -> SoupResult:
+    """Build one soup (a method of `soup_pipeline.soups` with its own parameters) and write its weights; a merge
+    method measures the ingredients from `anchor`, the pre-trained model's state dict."""
+    options = {"anchor": anchor} if get_spec(method).anchored else {}
+    result = run_method(method, IngredientStore(list(ingredients)), objective, method_params(method, **settings),
+                        **options)
     save_ingredient(result.state_dict, Path(folder) / method / "soup.safetensors", meta={"method": method})
     return result
 
@@ -89,21 +92,28 @@ def evaluate_task(results: Mapping[str, SoupResult], ingredients: Sequence[str],
 def soup_subflow(checkpoints: Sequence[str], *, arch: str, num_classes: int, fit: Dataset, select: Dataset,
                  test: Dataset, methods: Mapping[str, Mapping[str, Any]] | None = None, workdir: str = "soup-work",
                  register: str | None = None, registered_model: str = "soup", experiment: str = "soup-pipeline",
-                 batch_size: int = 128, device: str = "cpu") -> dict:
+                 batch_size: int = 128, device: str = "cpu", pretrained: str | None = None) -> dict:
     """Soup `checkpoints` with each of `methods` (name -> its parameters; default uniform, greedy and
     mehl_soup_auto), evaluate them, and with `register` (a method name) register that soup in the MLflow registry
     (MLFLOW_TRACKING_URI) with its ingredients' sources and hashes; return the rows, the registered version and
-    the soups' files."""
+    the soups' files. The merge methods (task arithmetic, TIES, DARE, Model Stock, WiSE-FT) measure the
+    checkpoints from `pretrained`: a checkpoint of the model they were fine-tuned from, with their keys."""
     methods = dict(methods or {"uniform": {}, "greedy": {}, "mehl_soup_auto": {}})
     if register is not None and register not in methods:
         raise ValueError(f"register={register!r} is not among the methods {list(methods)}; add it to `methods`")
+    anchored = [method for method in methods if get_spec(method).anchored]
+    if anchored and pretrained is None:
+        raise ValueError(f"{anchored} measure the checkpoints from the pre-trained model: give pretrained= (a "
+                         "checkpoint of the model they were fine-tuned from, with its classification head)")
     spec = classifier_spec(arch, num_classes)
+    anchor = (checked_state(classifier_from_spec(spec), pretrained, fits=f"{arch} with {num_classes} classes")
+              if anchored else None)
     work = Path(workdir).resolve()
     ingredients = [ingredient_task(str(c), k, spec, fit, select, str(work / "ingredients"), device=device).path
                    for k, c in enumerate(checkpoints)]
     objective = Objective(model_factory=lambda: classifier_from_spec(spec), fit=fit, select=select, batch_size=batch_size)
     results = {m: soup_task(m, {"device": device, "batch_size": batch_size, **settings}, ingredients, objective,
-                            str(work / "soups")) for m, settings in methods.items()}
+                            str(work / "soups"), anchor) for m, settings in methods.items()}
     rows = evaluate_task(results, ingredients, objective, _splits(fit, select, test), device=device)
     version = None
     if register is not None:
