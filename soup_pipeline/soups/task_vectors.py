@@ -58,9 +58,11 @@ def summed(store: IngredientStore, anchor: State, prune: Prune | None = None) ->
     """sum_k tau_k (each pruned by `prune` first, when given), one pass."""
     total: State = {}
     for index, tau in task_vectors(store, anchor):
-        tau = prune(index, tau) if prune else tau
-        for key, value in tau.items():
-            total[key] = total[key] + value if key in total else value
+        for key, value in (prune(index, tau) if prune else tau).items():
+            if key in total:
+                total[key] += value
+            else:
+                total[key] = value.clone()
     return total
 
 
