@@ -113,7 +113,8 @@ def test_flow_registers_the_soup_with_its_provenance_and_promotes_it(tracked):
     assert version.tags["chosen_grouping"] in {"tensor", "block", "model"}
     assert "| mehl_soup_auto |" in version.description and "mixing_weights/beta.png" in version.description
     search = json.loads((tracked.repo / "runs" / "soups" / "mehl_soup_auto" / "search.json").read_text())
-    assert [(r["grouping"], r["lr"]) for r in search] == [(g, lr) for g in ("tensor", "block", "model") for lr in (0.05, 0.1)]
+    grid = FAST["soup"]["methods"]["mehl_soup_auto"]["search"]
+    assert [(r["grouping"], r["lr"]) for r in search] == [(g, lr) for g in grid["groupings"] for lr in grid["lrs"]]
     assert sum(r["chosen"] for r in search) == 1
     assert float(version.tags["test_acc"]) == pytest.approx(row["test_acc"])
     assert version.tags["git_commit"] == sh("git", "rev-parse", "HEAD", cwd=tracked.repo).strip()
