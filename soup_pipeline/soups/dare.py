@@ -53,7 +53,7 @@ def dare(store: IngredientStore, objective: Objective, params: DareParams, *,
     """theta_0 + scale * sum_k (tau_k dropped and rescaled)."""
     theta0 = checked_anchor(store, anchor, name)
     total = summed(store, theta0, dropper(params.drop, params.seed))
-    state = moved(theta0, {key: params.scale * value for key, value in total.items()}, model_dtype(objective))
+    state = moved(theta0, total, model_dtype(objective), params.scale)
     return anchored_result(store, name, state, torch.full((len(store), 1), params.scale, dtype=torch.float64), ["model"], {})
 
 
@@ -62,7 +62,7 @@ def dare_ties(store: IngredientStore, objective: Objective, params: DareTiesPara
     """theta_0 + scale * (the TIES merge of the dropped and rescaled task vectors)."""
     theta0 = checked_anchor(store, anchor, name)
     merged = disjoint_merge(store, theta0, dropper(params.drop, params.seed))
-    state = moved(theta0, {key: params.scale * value for key, value in merged.items()}, model_dtype(objective))
+    state = moved(theta0, merged, model_dtype(objective), params.scale)
     beta = torch.full((len(store), 1), params.scale / len(store), dtype=torch.float64)  # nominal: where all agree
     return anchored_result(store, name, state, beta, ["model"], {})
 

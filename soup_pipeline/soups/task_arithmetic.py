@@ -28,7 +28,7 @@ def task_arithmetic(store: IngredientStore, objective: Objective, params: TaskAr
     """theta_0 + scale * sum_k (theta_k - theta_0), one streaming pass in float64."""
     theta0 = checked_anchor(store, anchor, name)
     total = summed(store, theta0)
-    state = moved(theta0, {key: params.scale * value for key, value in total.items()}, model_dtype(objective))
+    state = moved(theta0, total, model_dtype(objective), params.scale)
     beta = torch.full((len(store), 1), params.scale, dtype=torch.float64)
     return anchored_result(store, name, state, beta, ["model"], {})
 

@@ -66,9 +66,10 @@ def summed(store: IngredientStore, anchor: State, prune: Prune | None = None) ->
     return total
 
 
-def moved(anchor: State, delta: Mapping[str, torch.Tensor], dtype: torch.dtype) -> State:
-    """theta_0 + delta in `dtype`, one tensor at a time; entries delta lacks (non-floating) are theta_0's."""
-    return {key: (value + delta[key]).to(dtype) if key in delta else value.clone() for key, value in anchor.items()}
+def moved(anchor: State, delta: Mapping[str, torch.Tensor], dtype: torch.dtype, scale: float = 1.0) -> State:
+    """theta_0 + scale * delta in `dtype`, one tensor at a time; entries delta lacks (non-floating) are theta_0's."""
+    return {key: (value + scale * delta[key]).to(dtype) if key in delta else value.clone()
+            for key, value in anchor.items()}
 
 
 def model_dtype(objective: Objective) -> torch.dtype:

@@ -62,7 +62,7 @@ def ties(store: IngredientStore, objective: Objective, params: TiesParams, *,
     """theta_0 + scale * (the disjoint mean of the task vectors trimmed to `density`)."""
     theta0 = checked_anchor(store, anchor, name)
     merged = disjoint_merge(store, theta0, lambda _, tau: {k: trimmed(v, params.density) for k, v in tau.items()})
-    state = moved(theta0, {key: params.scale * value for key, value in merged.items()}, model_dtype(objective))
+    state = moved(theta0, merged, model_dtype(objective), params.scale)
     beta = torch.full((len(store), 1), params.scale / len(store), dtype=torch.float64)  # nominal: where all agree
     return anchored_result(store, name, state, beta, ["model"], {})
 
