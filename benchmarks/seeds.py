@@ -49,7 +49,7 @@ def run_seed(params_path: str, root: Path, seed: int, base: Path | None) -> list
     pretrain.run(params, root)
     for member in member_ids(params):
         finetune.run(params, root, member, reuse=True)
-    for method in params.soup.methods:
+    for method in params.soup.built:
         soup.run(params, root, method)
     return evaluate.run(params, root)
 
@@ -82,11 +82,13 @@ def _paired_differences(per_seed_by_method: list[dict[str, dict]], method: str, 
 
 
 def best_merge(per_seed: list[list[dict]]) -> str | None:
-    """The merge method with the highest mean select accuracy over the seeds (None when no seed has one)."""
+    """The merge method with the highest mean select accuracy over the seeds (None when no seed has one); a
+    refinement of a built soup (wise_ft_soup) is that soup's variant, not a merge method of its own."""
     scores: dict[str, list[float]] = {}
     for seed_rows in per_seed:
         for row in seed_rows:
-            if row["method"] in SPECS and SPECS[row["method"]].anchored and row.get("select_acc") is not None:
+            spec = SPECS.get(row["method"])
+            if spec is not None and spec.anchored and not spec.refines and row.get("select_acc") is not None:
                 scores.setdefault(row["method"], []).append(row["select_acc"])
     return max(scores, key=lambda method: statistics.mean(scores[method]), default=None)
 

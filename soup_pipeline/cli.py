@@ -26,8 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     finetune = commands.add_parser("finetune", help="fine-tune one sweep member into an ingredient")
     finetune.add_argument("--member", type=int, required=True)
     soup = commands.add_parser("soup", help="build one soup")
-    soup.add_argument("--method", required=True, choices=soup_methods(),
+    soup.add_argument("--method", required=True, choices=soup_methods(refining=False),
                       help="the soup to build (the ensemble is not a soup: `evaluate` reports it)")
+    refine = commands.add_parser("refine", help="build one soup on a built soup (params soup.refine)")
+    refine.add_argument("--method", required=True, choices=soup_methods(refining=True),
+                        help="the refinement to build, e.g. wise_ft_soup (its `soup` parameter names the soup)")
     imported = commands.add_parser("import", help="make external checkpoints members under runs/imported/ (no pickle): "
                                                   "those of params `imports` (the DVC stage), or the --source given")
     imported.add_argument("--source", action="append", default=None,
@@ -132,6 +135,13 @@ def _soup(params: Params, root: Path, args: argparse.Namespace) -> str:
     return f"{args.method}: built in {result.seconds:.1f} s"
 
 
+def _refine(params: Params, root: Path, args: argparse.Namespace) -> str:
+    from .stages import soup
+
+    result = soup.run(params, root, args.method)
+    return f"{args.method} of {params.soup.method(args.method).soup}: built in {result.seconds:.1f} s"
+
+
 def _import(params: Params, root: Path, args: argparse.Namespace) -> str:
     from .stages import importer
     from .tracking import tracking_uri
@@ -192,7 +202,7 @@ def _registry(params: Params, root: Path, args: argparse.Namespace) -> str:
     return registry_compare_main(args.name or params.tracking.registered_model, tracking_uri(root))
 
 
-COMMANDS = {"prepare": _prepare, "pretrain": _pretrain, "finetune": _finetune, "soup": _soup, "import": _import,
+COMMANDS = {"prepare": _prepare, "pretrain": _pretrain, "finetune": _finetune, "soup": _soup, "refine": _refine, "import": _import,
             "evaluate": _evaluate, "ablate": _ablate, "run": _run, "track": _track, "registry": _registry}
 
 

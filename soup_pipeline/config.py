@@ -187,11 +187,12 @@ class SweepParams(Strict):
         return self
 
 
-def soup_methods() -> list[str]:
-    """Every soup the registry can build (from the method specs in soup_pipeline.soups)."""
-    from .soups import SOUPS  # imported here: the methods import this module
+def soup_methods(*, refining: bool | None = None) -> list[str]:
+    """Every soup the registry can build (from the method specs in soup_pipeline.soups); with `refining`, only
+    those that refine a built soup (True: listed under soup.refine) or only the others (False: soup.methods)."""
+    from .soups import SPECS  # imported here: the methods import this module
 
-    return list(SOUPS)
+    return [name for name, spec in SPECS.items() if spec.kind == "soup" and refining in (None, spec.refines)]
 
 
 def method_params_type(name: str) -> type[SoupSettings]:
@@ -201,11 +202,14 @@ def method_params_type(name: str) -> type[SoupSettings]:
     return get_spec(name).params
 
 
-def _check_soups(names: list[str]) -> None:
-    known = soup_methods()
+def _check_soups(names: list[str], *, refining: bool | None = None, section: str = "methods") -> None:
+    known = soup_methods(refining=refining)
     unknown = [name for name in names if name not in known]
     if unknown:
-        raise ValueError(f"unknown soup methods {unknown}; choose from {known} "
+        elsewhere = [name for name in unknown if name in soup_methods()]
+        where = (f" ({elsewhere} belong under soup.{'methods' if refining else 'refine'}: soup.refine holds the soups "
+                 "built on another soup, soup.methods the others)") if elsewhere else ""
+        raise ValueError(f"{section}: unknown soup methods {unknown}; choose from {known}{where} "
                          "(best individual and the ensemble are always evaluated, never built)")
 
 
@@ -227,25 +231,36 @@ class SoupParams(SoupSettings):
     a key given there overrides the shared one for that method only.
     """
 
-    methods: dict[str, dict | None] = Field(default_factory=lambda: {name: {} for name in soup_methods()})
+    methods: dict[str, dict | None] = Field(default_factory=lambda: {name: {} for name in soup_methods(refining=False)})
+    refine: dict[str, dict | None] = {}  # soups built on a soup of `methods` (named by their `soup` key), after it
 
     @model_validator(mode="after")
     def _methods(self) -> "SoupParams":
         if not self.methods:
             raise ValueError("methods: empty; list at least one soup to build")
-        _check_soups(list(self.methods))
-        for name in self.methods:
-            self.method(name)
+        _check_soups(list(self.methods), refining=False)
+        _check_soups(list(self.refine), refining=True, section="refine")
+        for name in self.built:
+            settings = self.method(name)
+            if name in self.refine and settings.soup not in self.methods:
+                raise ValueError(f"refine.{name}.soup: {settings.soup!r} is not built; name one of soup.methods "
+                                 f"{list(self.methods)}")
         return self
+
+    @property
+    def built(self) -> list[str]:
+        """Every soup to build, in an order that builds each refined soup before its refinement."""
+        return [*self.methods, *self.refine]
 
     def method(self, name: str) -> SoupSettings:
         """The typed parameters of `name`: the shared settings with its own section on top (its
         declared defaults when it is not listed)."""
-        values = {**self.model_dump(exclude={"methods"}), **(self.methods.get(name) or {})}
+        section = "refine" if name in self.refine else "methods"
+        values = {**self.model_dump(exclude={"methods", "refine"}), **(getattr(self, section).get(name) or {})}
         try:
             return method_params_type(name).model_validate(values)
         except ValidationError as exc:
-            raise ValueError("\n  ".join(error_lines(exc, prefix=f"methods.{name}."))) from None
+            raise ValueError("\n  ".join(error_lines(exc, prefix=f"{section}.{name}."))) from None
 
 
 class TrackingParams(Strict):
@@ -293,9 +308,9 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _registered_soup_is_built(self) -> "Params":
-        if self.tracking.enabled and self.tracking.register_method not in self.soup.methods:
+        if self.tracking.enabled and self.tracking.register_method not in self.soup.built:
             raise ValueError(f"tracking.register_method: {self.tracking.register_method!r} is not built; "
-                             f"add it to soup.methods or register one of {list(self.soup.methods)}")
+                             f"add it to soup.methods (or soup.refine) or register one of {self.soup.built}")
         return self
 
 

@@ -17,7 +17,7 @@ from .atomic import write_text
 PACKAGE = Path(__file__).resolve().parent
 NAME = PACKAGE.name
 CLI = "cli.py"  # every stage runs as `soup-pipeline <stage>`: the CLI's module-level imports and the stage's handler
-DVC_STAGES = ("prepare", "pretrain", "import", "finetune", "soup", "evaluate", "ablate")
+DVC_STAGES = ("prepare", "pretrain", "import", "finetune", "soup", "refine", "evaluate", "ablate")
 PACKAGE_DATA = {"models.py": ["configs"]}  # module -> package data folders it reads
 CODE_DIGESTS = Path(".soup-pipeline") / "code"  # a scaffolded project's per-stage code digests, under its root
 

@@ -16,7 +16,8 @@ TINY = {
     "pretrain": {"epochs": 2},
     "sweep": {"members": [0, 1, 2], "epochs_range": [1, 2]},
     "soup": {"device": "cpu", "batch_size": 32,
-             "methods": {"uniform": {}, "greedy": {}, "learned_soup": {"epochs": 1}, "mehl_soup_plus": {"passes": 0.5}}},
+             "methods": {"uniform": {}, "greedy": {}, "learned_soup": {"epochs": 1}, "mehl_soup_plus": {"passes": 0.5}},
+             "refine": {"wise_ft_soup": {"soup": "mehl_soup_plus", "search": {"alphas": [0.5, 1.0]}}}},
     "evaluate": {"ingredient_counts": [2], "remove_top": [1]},
     "tracking": {"system_metrics": False, "register_method": "mehl_soup_plus"},
 }

@@ -1,6 +1,6 @@
 """Which params keys a stage really reads: every field read of the `Params` tree is recorded, by dotted key,
 while the stage runs (a `model_dump` reads every field under it; a method's settings record a key it takes
-from its own section as `soup.methods.<method>.<key>`, one it inherits as `soup.<key>`)."""
+from its own section as `soup.methods.<method>.<key>` (`soup.refine.<method>.<key>`), one it inherits as `soup.<key>`)."""
 
 from __future__ import annotations
 
@@ -88,12 +88,13 @@ def recording(params: Params) -> Iterator[ReadRecorder]:
     def method(self, name):
         with recorder.muted():
             settings = original["method"](self, name)
-            own = set(self.methods.get(name) or {})
+            section = "refine" if name in self.refine else "methods"
+            own = set(getattr(self, section).get(name) or {})
         shared = set(SoupSettings.model_fields)
         prefix = recorder._paths.get(id(self))
         if isinstance(prefix, str):
             recorder.map(settings, lambda key: f"{prefix}{key}" if key in shared and key not in own
-                         else f"{prefix}methods.{name}.{key}")
+                         else f"{prefix}{section}.{name}.{key}")
         return settings
 
     had_own = "__getattribute__" in Strict.__dict__

@@ -8,6 +8,9 @@ import sys
 
 import pytest
 
+from soup_pipeline.config import load_params
+from soup_pipeline.errors import SoupError
+
 CORE = ["soup_pipeline.config", "soup_pipeline.ingredients", "soup_pipeline.soups", "soup_pipeline.models",
         "soup_pipeline.data", "soup_pipeline.pretrain", "soup_pipeline.finetune", "soup_pipeline.sweep",
         "soup_pipeline.evaluate", "soup_pipeline.meters", "soup_pipeline.plots", "soup_pipeline.statistics",
@@ -66,6 +69,25 @@ def test_a_bad_method_section_names_the_method_and_key(tmp_path, methods, messag
     done = subprocess.run([sys.executable, "-m", "soup_pipeline.cli", "--params", str(bad), "prepare"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("soup, message", [
+    ("methods: {greedy: {}, wise_ft_soup: {}}", "methods: unknown soup methods ['wise_ft_soup']; choose from "),
+    ("methods: {greedy: {}}\n  refine: {ties: {}}", "['ties'] belong under soup.methods"),
+    ("methods: {greedy: {}}\n  refine: {wise_ft_soup: {}}", "refine.wise_ft_soup.soup: 'mehl_soup_auto' is not built; "
+                                                           "name one of soup.methods ['greedy']"),
+    ("methods: {greedy: {}}\n  refine: {wise_ft_soup: {soup: greedy, alpha: 2}}",
+     "refine.wise_ft_soup.alpha: Input should be less than or equal to 1 (got 2)"),
+])
+def test_a_refinement_is_listed_under_refine_and_names_a_soup_that_is_built(tmp_path, soup, message):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(f"soup:\n  {soup}\ntracking:\n  register_method: greedy\n")
+    with pytest.raises(SoupError) as error:
+        load_params(bad)
+    assert message in str(error.value)
+    bad.write_text("soup:\n  methods: {greedy: {}}\n  refine: {wise_ft_soup: {soup: greedy}}\n"
+                   "tracking:\n  register_method: wise_ft_soup\n")
+    assert load_params(bad).soup.built == ["greedy", "wise_ft_soup"]  # a refinement can be the registered soup
 
 
 def test_a_method_that_is_not_a_soup_is_refused_before_any_work(tmp_path):

@@ -88,19 +88,22 @@ def zero_shot(pretrained_base, tiny_splits) -> dict[str, torch.Tensor]:
 
 ONE_CANDIDATE = {"task_arithmetic": {"scales": [0.3]}, "ties": {"scales": [1.0], "densities": [0.2]},
                  "dare": {"scales": [0.3], "drops": [0.5]}, "dare_ties": {"scales": [1.0], "drops": [0.5]},
-                 "model_stock": {"groupings": ["block"]}, "wise_ft": {"alphas": [0.5]}}  # the grids: test_merge_methods.py
+                 "model_stock": {"groupings": ["block"]}, "wise_ft": {"alphas": [0.5]},
+                 "wise_ft_soup": {"alphas": [0.5]}}  # the grids: test_merge_methods.py
 
 
 @pytest.mark.parametrize("method", sorted(name for name, spec in SPECS.items() if spec.anchored))
 def test_every_merge_method_on_open_clip_ingredients_and_their_zero_shot_model(clip_store, tiny_splits, zero_shot, method):
     spec = clip_store.ingredients[0].meta["classifier_spec"]
     objective = Objective(lambda: classifier_from_spec(spec), tiny_splits.fit, tiny_splits.select, batch_size=64)
-    params = params_for(method, device="cpu", batch_size=64, search=ONE_CANDIDATE[method])
-    result = run_method(method, clip_store, objective, params, anchor=zero_shot)
+    params = params_for(method, device="cpu", batch_size=64, search=ONE_CANDIDATE[method],
+                        **({"soup": "uniform"} if SPECS[method].refines else {}))
+    refined = {"soup": run_method("uniform", clip_store, objective, params_for("uniform"))} if SPECS[method].refines else {}
+    result = run_method(method, clip_store, objective, params, anchor=zero_shot, **refined)
     assert set(result.state_dict) == set(clip_store.keys)
     assert all(torch.isfinite(v).all() for v in result.state_dict.values() if v.is_floating_point())
     assert accuracy(result_logits(result, objective, tiny_splits.test), dataset_targets(tiny_splits.test)) > 0.3
-    if method in ("task_arithmetic", "model_stock", "wise_ft"):  # theta_0 + sum_k beta_kl tau_k, group by group
+    if method in ("task_arithmetic", "model_stock", "wise_ft", "wise_ft_soup"):  # theta_0 + sum_k beta_kl tau_k, by group
         grouping = result.info["chosen"].get("grouping", "model")
         keys = [key for key, _ in classifier_from_spec(spec).named_parameters()]
         groups = group_layers(keys, grouping)

@@ -57,7 +57,7 @@ KILL = {  # on top of TINY: a short run (the tracking-server and Dask-worker tes
     "data": {"pretrain_size": 60, "train_size": 40, "heldout_size": 40, "test_size": 40},
     "pretrain": {"epochs": 1},
     "sweep": {"epochs_range": [1, 1]},
-    "soup": {"device": "cpu", "batch_size": 16, "methods": {"greedy": {}, "mehl_soup_auto": {"passes": 1.0}}},
+    "soup": {"device": "cpu", "batch_size": 16, "methods": {"greedy": {}, "mehl_soup_auto": {"passes": 1.0}}, "refine": {}},
     "evaluate": {"ingredient_counts": [], "remove_top": [], "bootstrap_resamples": 200},
     "tracking": {"system_metrics": False, "register_method": "mehl_soup_auto"},
 }

@@ -42,7 +42,7 @@ MODEL = "soup-pipeline-soup"
 
 
 SOUPS_WITHOUT_LEARNING = {  # for tests of the orchestration only: the two soups that learn nothing
-    "soup": {"methods": {"uniform": {}, "greedy": {}}}, "tracking": {"register_method": "greedy"}}
+    "soup": {"methods": {"uniform": {}, "greedy": {}}, "refine": {}}, "tracking": {"register_method": "greedy"}}
 
 
 def params_root(folder: Path, *more: dict) -> Path:

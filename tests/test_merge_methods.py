@@ -16,11 +16,11 @@ from soup_pipeline.soups.layers import group_layers
 from soup_pipeline.soups.model_stock import ModelStockParams, model_stock
 from soup_pipeline.soups.task_arithmetic import TaskArithmeticParams, task_arithmetic
 from soup_pipeline.soups.ties import TiesParams, ties
-from soup_pipeline.soups.wise_ft import WiseFTParams, wise_ft
+from soup_pipeline.soups.wise_ft import WiseFTParams, WiseFTSoupParams, wise_ft, wise_ft_soup
 from test_soup_search import Counted
 from toys import Blocks, Toy, toy_data, toy_ingredients
 
-MERGES = ["task_arithmetic", "ties", "dare", "dare_ties", "model_stock", "wise_ft"]
+MERGES = ["task_arithmetic", "ties", "dare", "dare_ties", "model_stock", "wise_ft", "wise_ft_soup"]
 
 
 def anchor_of(model=Toy, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -32,6 +32,14 @@ def anchor_of(model=Toy, seed: int = 0) -> dict[str, torch.Tensor]:
 def objective(model=Toy) -> Objective:
     return Objective(model_factory=lambda: model(torch.float64), fit=toy_data(80), select=toy_data(80, seed=1),
                      batch_size=40)
+
+
+def options(name: str, store: IngredientStore, anchor) -> dict:
+    """What method `name` is given beside the ingredients: theta_0, and for a refinement the soup it refines."""
+    if not get_spec(name).refines:
+        return {"anchor": anchor}
+    same_files = IngredientStore([ingredient.path for ingredient in store.ingredients])  # store's counters untouched
+    return {"anchor": anchor, "soup": run_method("mehl_soup", same_files, objective(), method_params("mehl_soup", passes=1.0))}
 
 
 def stacked(store: IngredientStore) -> dict[str, torch.Tensor]:
@@ -141,7 +149,7 @@ def test_a_tensor_no_ingredient_moved_stays_theta_0_in_every_method(tmp_path):
     for name in MERGES:
         spec = get_spec(name)
         result = spec.run(store, objective(), method_params(name, grouping="tensor") if name == "model_stock"
-                          else spec.params(), anchor=anchor, name=name)
+                          else spec.params(), **options(name, store, anchor), name=name)
         assert torch.equal(result.state_dict[still], anchor[still]), name  # no 0/0, no NaN
         assert all(torch.isfinite(value).all() for value in result.state_dict.values() if value.is_floating_point())
 
@@ -201,12 +209,36 @@ def test_wise_ft_interpolates_theta_0_and_the_fittest_ingredient(toys, alpha):
         assert_states_close(got, dict(theta))
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.35, 1.0])
+def test_wise_ft_of_a_soup_interpolates_theta_0_and_that_soup_with_its_weights_scaled_by_alpha(toys, alpha):
+    store, anchor = toys
+    soup = options("wise_ft_soup", store, anchor)["soup"]
+    expected = {key: (1 - alpha) * anchor[key] + alpha * soup.state_dict[key] if key in floating(anchor) else anchor[key]
+                for key in anchor}
+    result = wise_ft_soup(store, objective(), WiseFTSoupParams(alpha=alpha, soup="mehl_soup"), anchor=anchor, soup=soup)
+    assert_states_close(result.state_dict, expected)
+    torch.testing.assert_close(result.beta, alpha * soup.beta, rtol=0, atol=0)
+    assert result.layer_names == soup.layer_names and result.info["soup"] == "mehl_soup"
+    if alpha == 1.0:
+        assert_states_close(result.state_dict, soup.state_dict)
+
+
+def test_wise_ft_of_a_soup_refuses_a_missing_soup_or_one_built_from_other_ingredients(tmp_path, toys):
+    store, anchor = toys
+    with pytest.raises(SoupError, match="build mehl_soup_auto first"):
+        wise_ft_soup(store, objective(), WiseFTSoupParams(), anchor=anchor, soup=None)
+    others = toy_ingredients(tmp_path / "others", 2)
+    soup = run_method("uniform", others, objective(), method_params("uniform"))
+    with pytest.raises(SoupError, match="was built from .* not from these ingredients"):
+        wise_ft_soup(store, objective(), WiseFTSoupParams(), anchor=anchor, soup=soup)
+
+
 @pytest.mark.parametrize("name", MERGES)
 def test_each_merge_method_chooses_its_setting_on_select_data_from_its_whole_grid(toys, name):
     store, anchor = toys
     params = method_params(name)
     grid = params.search
-    result = run_method(name, store, objective(), params, anchor=anchor)
+    result = run_method(name, store, objective(), params, **options(name, store, anchor))
     table = result.info["search"]
     assert len(table) == math.prod(len(getattr(grid, field)) for field in grid.SETS)
     best = min(range(len(table)), key=lambda i: (table[i]["select_loss"], i))
@@ -219,19 +251,19 @@ def test_a_merge_method_reads_select_data_only_to_score_each_candidate_once(toys
     store, anchor = toys
     chosen_on = objective()
     chosen_on.select = Counted(toy_data(30, seed=5))
-    params = method_params(name)
-    run_method(name, store, chosen_on, params, anchor=anchor)
+    params, given = method_params(name), options(name, store, anchor)
+    run_method(name, store, chosen_on, params, **given)
     assert chosen_on.select.reads == 30 * math.prod(len(getattr(params.search, field)) for field in params.search.SETS)
 
 
 @pytest.mark.parametrize("name", MERGES)
 def test_a_merge_method_without_theta_0_or_with_another_model_says_so(toys, name):
-    store, _ = toys
-    spec = get_spec(name)
+    store, anchor = toys
+    spec, given = get_spec(name), options(name, store, anchor)
     with pytest.raises(SoupError, match="pre-trained model theta_0"):
-        spec.run(store, objective(), spec.params(), anchor=None, name=name)
+        spec.run(store, objective(), spec.params(), **{**given, "anchor": None}, name=name)
     with pytest.raises(SoupError, match="does not match the ingredients"):
-        spec.run(store, objective(), spec.params(), anchor=anchor_of(Blocks), name=name)
+        spec.run(store, objective(), spec.params(), **{**given, "anchor": anchor_of(Blocks)}, name=name)
 
 
 def test_every_merge_method_is_registered_anchored_and_searched():
@@ -239,17 +271,21 @@ def test_every_merge_method_is_registered_anchored_and_searched():
 
 
 @pytest.mark.parametrize("name, bad", [("ties", {"density": 0.0}), ("dare", {"drop": 1.0}), ("wise_ft", {"alpha": 1.5}),
+                                       ("wise_ft_soup", {"alpha": -0.1}),
                                        ("task_arithmetic", {"search": {"scales": []}}), ("ties", {"search": {"densities": [2]}})])
 def test_an_impossible_setting_or_grid_is_refused_naming_the_key(name, bad):
-    with pytest.raises(SoupError, match=f"soup.methods.{name}"):
+    section = "refine" if get_spec(name).refines else "methods"
+    with pytest.raises(SoupError, match=f"soup.{section}.{name}"):
         method_params(name, **bad)
 
 
 @pytest.mark.parametrize("name", MERGES)
 def test_a_merge_method_holds_one_ingredient_at_a_time_whatever_k(tmp_path, name):
     store, anchor = toy_ingredients(tmp_path, 6, spread=0.3), anchor_of()
-    run_method(name, store, objective(), method_params(name), anchor=anchor)
-    assert store.peak_resident_count == 1 and store.resident_count == 0
+    given = options(name, store, anchor)
+    run_method(name, store, objective(), method_params(name), **given)
+    held = 0 if get_spec(name).refines else 1  # a refinement reads the soup it refines, no ingredient
+    assert store.peak_resident_count == held and store.resident_count == 0
 
 
 def test_the_soup_stage_anchors_on_the_bases_zero_shot_model_and_refuses_another_base(tmp_path):

@@ -93,6 +93,7 @@ def test_the_wheel_installs_one_package_and_init_repro_run_import_and_the_subflo
         params[section] = {**params[section], **changes}
     params["sweep"]["members"] = [0, 1]
     params["soup"]["methods"] = {"greedy": {}, "mehl_soup_plus": {"passes": 0.5}}
+    params["soup"]["refine"] = {}
     params["tracking"]["register_method"] = "mehl_soup_plus"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "add", "-A", cwd=project)

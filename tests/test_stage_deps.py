@@ -63,6 +63,7 @@ def run_recorded(params, root: Path) -> dict[str, set[str]]:
              "import": lambda: importer.run_params(params, root),
              "finetune": lambda: [finetune.run(params, root, k) for k in members],
              **{f"soup@{m}": (lambda m=m: soup.run(params, root, m)) for m in methods},
+             **{f"refine@{m}": (lambda m=m: soup.run(params, root, m)) for m in params.soup.refine},
              "evaluate": lambda: evaluate.run(params, root), "ablate": lambda: ablate.run(params, root)}
     reads = {}
     for name, step in steps.items():
@@ -83,6 +84,7 @@ def test_each_stage_declares_exactly_the_params_keys_it_reads(tmp_path):
                                      "groupings": ["model"], "lrs": [0.05], "weight_decays": [0.0]}},
                                  "dare": {"search": {"scales": [0.3], "drops": [0.5]}},  # a merge method: theta_0, soup.seed
                                  "model_stock": {"search": {"groupings": ["model"]}}}
+    values["soup"]["refine"] = {"wise_ft_soup": {"soup": "mehl_soup_auto", "search": {"alphas": [0.5]}}}
     external = tmp_path / "external" / "checkpoint.safetensors"  # one imported member beside the fine-tunes
     external.parent.mkdir()
     save_file(classifier_from_spec(classifier_spec("soup-tiny-vit", 10)).state_dict(), str(external))

@@ -235,3 +235,5 @@ def test_seeds_best_merge_is_chosen_by_select_accuracy_and_becomes_the_reference
     assert summary["greedy"]["test_acc - ties"].startswith("+0.0900") and summary["greedy"]["wins/seeds"] == "2/2"
     assert "test_acc - ties" in seeds_benchmark.summary_columns("ties")
     assert seeds_benchmark.best_merge([[_row("greedy", 0.8, 0.6)]]) is None  # no merge method was run
+    refined = [rows + [{**_row("wise_ft_soup", 0.9, 0.7), "select_acc": 0.95}] for rows in per_seed]
+    assert seeds_benchmark.best_merge(refined) == "ties"  # a refinement of a built soup is not a merge method

@@ -57,12 +57,16 @@ def ingredient_task(checkpoint: str, member: int, spec: dict, fit: Dataset, sele
 
 @task(persist_result=False, cache_policy=NONE)  # inputs are data sets and models: nothing to cache on
 def soup_task(method: str, settings: Mapping[str, Any], ingredients: Sequence[str], objective: Objective,
-              folder: str, anchor: Mapping[str, torch.Tensor] | None = None) -> SoupResult:
+              folder: str, anchor: Mapping[str, torch.Tensor] | None = None,
+              built: Mapping[str, SoupResult] | None = None) -> SoupResult:
     """Build one soup (a method of `soup_pipeline.soups` with its own parameters) and write its weights; a merge
-    method measures the ingredients from `anchor`, the pre-trained model's state dict."""
-    options = {"anchor": anchor} if get_spec(method).anchored else {}
-    result = run_method(method, IngredientStore(list(ingredients)), objective, method_params(method, **settings),
-                        **options)
+    method measures the ingredients from `anchor`, the pre-trained model's state dict, and a refining one
+    (wise_ft_soup) takes the soup its `soup` parameter names from `built`."""
+    spec, params = get_spec(method), method_params(method, **settings)
+    options = {"anchor": anchor} if spec.anchored else {}
+    if spec.refines:
+        options["soup"] = (built or {}).get(params.soup)
+    result = run_method(method, IngredientStore(list(ingredients)), objective, params, **options)
     save_ingredient(result.state_dict, Path(folder) / method / "soup.safetensors", meta={"method": method})
     return result
 
@@ -97,7 +101,8 @@ def soup_subflow(checkpoints: Sequence[str], *, arch: str, num_classes: int, fit
     mehl_soup_auto), evaluate them, and with `register` (a method name) register that soup in the MLflow registry
     (MLFLOW_TRACKING_URI) with its ingredients' sources and hashes; return the rows, the registered version and
     the soups' files. The merge methods (task arithmetic, TIES, DARE, Model Stock, WiSE-FT) measure the
-    checkpoints from `pretrained`: a checkpoint of the model they were fine-tuned from, with their keys."""
+    checkpoints from `pretrained`: a checkpoint of the model they were fine-tuned from, with their keys;
+    `wise_ft_soup` interpolates a soup listed before it in `methods` with that model."""
     methods = dict(methods or {"uniform": {}, "greedy": {}, "mehl_soup_auto": {}})
     if register is not None and register not in methods:
         raise ValueError(f"register={register!r} is not among the methods {list(methods)}; add it to `methods`")
@@ -112,8 +117,10 @@ def soup_subflow(checkpoints: Sequence[str], *, arch: str, num_classes: int, fit
     ingredients = [ingredient_task(str(c), k, spec, fit, select, str(work / "ingredients"), device=device).path
                    for k, c in enumerate(checkpoints)]
     objective = Objective(model_factory=lambda: classifier_from_spec(spec), fit=fit, select=select, batch_size=batch_size)
-    results = {m: soup_task(m, {"device": device, "batch_size": batch_size, **settings}, ingredients, objective,
-                            str(work / "soups"), anchor) for m, settings in methods.items()}
+    results: dict[str, SoupResult] = {}
+    for m, settings in methods.items():  # in order: a refined soup (wise_ft_soup's `soup`) is listed before it
+        results[m] = soup_task(m, {"device": device, "batch_size": batch_size, **settings}, ingredients, objective,
+                               str(work / "soups"), anchor, results)
     rows = evaluate_task(results, ingredients, objective, _splits(fit, select, test), device=device)
     version = None
     if register is not None:

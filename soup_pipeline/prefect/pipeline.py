@@ -172,7 +172,7 @@ def soup_pipeline_flow(params_path: str = "params.yaml", root: str = ".", overri
             kept = run_sweep(params, root, tracker)
             complete = kept == member_ids(params)
             params = with_members(params, kept)
-            results = {method: soup_task(params, root, method) for method in params.soup.methods}
+            results = {method: soup_task(params, root, method) for method in params.soup.built}
             rows = evaluate_task(params, root)
             ablate_task(params, root)
             dvc_locked.close()  # DVC's lock is released for the flow's own `dvc commit` and `dvc push`

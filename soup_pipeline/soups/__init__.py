@@ -34,7 +34,8 @@ def method_params(name: str, **values) -> SoupSettings:
     try:
         return get_spec(name).params.model_validate(values)
     except ValidationError as exc:
-        raise SoupError(format_validation_error(exc, f"soup.methods.{name}")) from None
+        section = "refine" if get_spec(name).refines else "methods"
+        raise SoupError(format_validation_error(exc, f"soup.{section}.{name}")) from None
 
 
 def params_from(name: str, settings: Mapping[str, Any]) -> SoupSettings:

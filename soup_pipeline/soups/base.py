@@ -67,6 +67,7 @@ class MethodSpec:
     distributed: bool = False  # runs across torch.distributed ranks, each holding its share of a block (soup.nproc)
     anchored: bool = False  # takes anchor= (the pre-trained model theta_0 its task vectors are measured from)
     searched: bool = False  # always chooses its setting from its grid `search` on select data (soups/search.py)
+    refines: bool = False  # takes soup= (the built soup its `soup` parameter names); listed under soup.refine
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,8 +1,10 @@
-"""WiSE-FT (Wortsman et al., 2022): interpolate the best fine-tune with the zero-shot model,
-(1 - alpha) * theta_0 + alpha * theta_best, alpha chosen on select data.
+"""WiSE-FT (Wortsman et al., 2022): interpolate a fine-tuned model with the zero-shot model,
+(1 - alpha) * theta_0 + alpha * theta, alpha chosen on select data.
 
-The best fine-tune is the ingredient with the highest fit accuracy (its sidecar's), as the
-evaluation's best individual; only it and theta_0 are read.
+`wise_ft` takes theta to be the best fine-tune (the paper's setting): the ingredient with the highest
+fit accuracy (its sidecar's), as the evaluation's best individual; only it and theta_0 are read.
+`wise_ft_soup` takes theta to be a soup already built (its `soup` parameter, default the registered
+`mehl_soup_auto`): it refines that soup, so its stage runs after the soup's (`soup.refine` in params.yaml).
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from typing import ClassVar, Mapping
 import torch
 
 from ..config import SoupSettings
+from ..errors import SoupError
 from ..ingredients import IngredientStore
 from .base import MethodSpec, Objective, SoupResult, best_individual
 from .layers import Grid
-from .task_vectors import Mix, anchored_result, checked_anchor, model_dtype, moved
+from .task_vectors import Mix, State, anchored_result, checked_anchor, model_dtype, moved
 
 
 class AlphaGrid(Grid):
@@ -28,18 +31,42 @@ class WiseFTParams(SoupSettings):
     search: AlphaGrid = AlphaGrid()
 
 
+class WiseFTSoupParams(WiseFTParams):
+    soup: str = "mehl_soup_auto"  # the built soup interpolated with theta_0 (one of soup.methods)
+
+
+def interpolated(theta0: State, theta: Mapping[str, torch.Tensor], alpha: float, dtype: torch.dtype) -> State:
+    """theta_0 + alpha * (theta - theta_0) in `dtype`, from float64 theta_0."""
+    delta = {key: theta[key].to(torch.float64) - value for key, value in theta0.items() if value.is_floating_point()}
+    return moved(theta0, delta, dtype, scale=alpha)
+
+
 def wise_ft(store: IngredientStore, objective: Objective, params: WiseFTParams, *,
             anchor: Mapping[str, torch.Tensor] | None = None, name: str = "wise_ft") -> SoupResult:
     """theta_0 + alpha * (theta_best - theta_0)."""
     theta0 = checked_anchor(store, anchor, name)
     best = best_individual(store)
-    theta = store.load(best)
-    delta = {key: params.alpha * (theta[key].to(torch.float64) - value) for key, value in theta0.items()
-             if value.is_floating_point()}
     beta = torch.zeros(len(store), 1, dtype=torch.float64)
     beta[best] = params.alpha
-    return anchored_result(store, name, moved(theta0, delta, model_dtype(objective)), beta, ["model"],
-                           {"members": [store.ingredients[best].name]})
+    return anchored_result(store, name, interpolated(theta0, store.load(best), params.alpha, model_dtype(objective)),
+                           beta, ["model"], {"members": [store.ingredients[best].name]})
 
 
-SPECS = (MethodSpec("wise_ft", wise_ft, WiseFTParams, anchored=True, searched=True),)
+def wise_ft_soup(store: IngredientStore, objective: Objective, params: WiseFTSoupParams, *,
+                 anchor: Mapping[str, torch.Tensor] | None = None, soup: SoupResult | None = None,
+                 name: str = "wise_ft_soup") -> SoupResult:
+    """theta_0 + alpha * (theta_soup - theta_0); the soup's mixing weights scaled by alpha (theta_0 holds the rest)."""
+    theta0 = checked_anchor(store, anchor, name)
+    names = [i.name for i in store.ingredients]
+    if soup is None or soup.state_dict is None:
+        raise SoupError(f"{name} interpolates the built soup {params.soup!r} with theta_0, and none was given; "
+                        f"build {params.soup} first (its stage runs before this one) or pass soup=")
+    if soup.ingredient_names != names:
+        raise SoupError(f"{name}: the soup {soup.method!r} was built from {soup.ingredient_names}, not from these "
+                        f"ingredients {names}; rebuild it first")
+    return anchored_result(store, name, interpolated(theta0, soup.state_dict, params.alpha, model_dtype(objective)),
+                           params.alpha * soup.beta, soup.layer_names, {"soup": soup.method})
+
+
+SPECS = (MethodSpec("wise_ft", wise_ft, WiseFTParams, anchored=True, searched=True),
+         MethodSpec("wise_ft_soup", wise_ft_soup, WiseFTSoupParams, anchored=True, searched=True, refines=True))

@@ -31,7 +31,7 @@ TABLE_COLUMNS = RESULT_COLUMNS + COST_COLUMNS
 
 
 def evaluate_rows(params: Params, layout: Layout, store: IngredientStore, splits: DataSplits) -> list[dict]:
-    """Rows: zero-shot, best individual, each soup of `soup.methods`, and the ensemble, each with its
+    """Rows: zero-shot, best individual, each soup built (`soup.methods`, then `soup.refine`), and the ensemble, each with its
     accuracies and, where greedy soup is built, its paired comparison against it on the test sets."""
     objective = soup_objective(params, store, splits)
     device = resolve_device(params.soup.device)
@@ -41,7 +41,7 @@ def evaluate_rows(params: Params, layout: Layout, store: IngredientStore, splits
     correct = {"best_individual": split_correctness(predictor(model_at(objective, store.load(best), device), batch, device),
                                                    splits)}
     extra = {"best_individual": {"member": store.ingredients[best].name}}
-    for method in tqdm(params.soup.methods, desc="evaluate", unit="soup", disable=None):
+    for method in tqdm(params.soup.built, desc="evaluate", unit="soup", disable=None):
         folder = layout.soup_dir(method)
         state = IngredientStore([folder / "soup.safetensors"]).load(0)
         correct[method] = split_correctness(predictor(model_at(objective, state, device), batch, device), splits)
@@ -87,7 +87,7 @@ def run(params: Params, root: str | Path) -> list[dict]:
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     plot_methods(rows, plots / "methods.png")
-    for method in params.soup.methods:
+    for method in params.soup.built:
         beta = read_json(layout.soup_dir(method) / "beta.json")
         if len(beta["layers"]) > 1:
             plot_mixing_weights(torch.tensor(beta["beta"]).numpy(), beta["ingredients"], beta["layers"],

@@ -1,4 +1,5 @@
-"""Stage `soup@METHOD`: build one soup from the sweep's ingredients and write it with its mixing weights."""
+"""Stage `soup@METHOD` (and `refine@METHOD`, a soup built on another): build one soup from the sweep's ingredients
+and write it with its mixing weights."""
 
 from __future__ import annotations
 
@@ -68,6 +69,8 @@ def run(params: Params, root: str | Path, method: str) -> SoupResult:
     options = {"resume_dir": layout.runs / "resume" / method} if spec.resumable else {}
     if spec.anchored:
         options["anchor"] = open_anchor(layout, store)
+    if spec.refines:
+        options["soup"] = read_result(layout, settings.soup)
     if spec.resumable and armed("mehl-block"):
         options["on_step"] = lambda event: reached("mehl-block") if event.position > 0 else None
     device = rank_device(resolve_device(settings.device))
@@ -97,6 +100,9 @@ def write_result(result: SoupResult, layout: Layout, metrics: dict, ingredient_m
 def read_result(layout: Layout, method: str) -> SoupResult:
     """The soup stage's files of `method` as a SoupResult (as `run` returned it, less the in-memory extras)."""
     out = layout.soup_dir(method)
+    if not (out / "soup.safetensors").is_file():
+        raise SoupError(f"the soup {method} is not built (no {out / 'soup.safetensors'}); build it first: "
+                        f"soup-pipeline soup --method {method}")
     beta, metrics = read_json(out / "beta.json"), read_json(out / "metrics.json")
     info = {key: metrics[key] for key in ("K", "L", *INFO_KEYS) if key in metrics}
     if (out / "search.json").is_file():

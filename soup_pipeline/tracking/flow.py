@@ -325,6 +325,6 @@ def replay(params: Params, root: str | Path) -> dict:
             attempt(tracker, f"fine-tune {member}", lambda: replay_finetune(tracker, member, ingredient))  # noqa: B023
         log_tables(tracker, params, root, rows)
         versions = [record_soup(tracker, params, root, soup.read_result(layout, method), by_method[method],
-                                register=method == params.tracking.register_method) for method in params.soup.methods]
+                                register=method == params.tracking.register_method) for method in params.soup.built]
     return {"mlflow_run_id": tracker.parent_run_id, "registered_version": next(filter(None, versions), None),
             "missed": missed(tracker)}
