@@ -13,12 +13,14 @@ Training augmentation lives in `augment.py`, which only the training code import
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -125,6 +127,21 @@ def canvas_views(pixels: torch.Tensor, views: int, *, rotation: float, scale: tu
     return (out + noise * torch.randn(out.shape, generator=generator)).clamp(0, 1)
 
 
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1797 handwritten digits: 8 x 8 images (values 0-16) and their labels, read from the file
+    scikit-learn ships without importing it (its import would cost every stage about a second); through its
+    loader where that file is not found."""
+    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    bundled = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if bundled is not None and bundled.is_file():
+        table = np.loadtxt(bundled, delimiter=",")
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images, digits.target
+
+
 def digits_splits(params: DataParams, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> DataSplits:
     """The embedded default: scikit-learn digits as TensorDatasets (float32 images, int64 labels).
 
@@ -136,12 +153,10 @@ def digits_splits(params: DataParams, mean: Sequence[float] = CLIP_MEAN, std: Se
     views the test sources with a stronger rotation and noise. Held-out views of one source
     stay together in one role (fit or select).
     """
-    from sklearn.datasets import load_digits  # here: scikit-learn's import costs every stage a second otherwise
-
-    digits = load_digits()
-    pixels = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    images, targets = digits_arrays()
+    pixels = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
     pixels = F.interpolate(pixels, size=(params.image_size, params.image_size), mode="bilinear", align_corners=False)
-    labels = torch.tensor(digits.target, dtype=torch.int64)
+    labels = torch.tensor(targets, dtype=torch.int64)
     pool_size = len(labels) - params.heldout_size - params.test_size
     if pool_size < max(params.train_size, params.pretrain_size):
         raise SoupError(f"data: heldout_size {params.heldout_size} + test_size {params.test_size} leave {pool_size} of "

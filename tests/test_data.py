@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import shutil
+import subprocess
+import sys
 from typing import get_args
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,7 +19,7 @@ from torchvision.transforms import ToTensor
 from soup_pipeline.config import Augmentation, DataParams, Params, SweepParams, load_params, parse_section
 from soup_pipeline.augment import AUGMENTATIONS, augment
 from soup_pipeline.data import (
-    DIGIT_CLASSNAMES, IMAGE_TEMPLATES, build_datasets, digits_splits, select_split, stratified_indices,
+    DIGIT_CLASSNAMES, IMAGE_TEMPLATES, build_datasets, digits_arrays, digits_splits, select_split, stratified_indices,
     torchvision_dataset,
 )
 from soup_pipeline.errors import SoupError
@@ -48,6 +52,17 @@ def test_select_split_is_stratified_seeded_and_refuses_an_empty_role():
     assert not torch.equal(select, select_split(labels, 0.4, seed=1)[1])
     with pytest.raises(SoupError, match="select_fraction"):
         select_split(labels[:2], 0.1, seed=0)
+
+
+def test_the_digits_are_scikit_learns_read_without_importing_it(monkeypatch):
+    images, labels = digits_arrays()
+    assert np.array_equal(images, load_digits().images) and np.array_equal(labels, load_digits().target)
+    done = subprocess.run([sys.executable, "-c", "import sys; from soup_pipeline.data import digits_arrays; "
+                           "digits_arrays(); print('sklearn' in sys.modules)"], capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # the file not found: scikit-learn's loader
+    fallback_images, fallback_labels = digits_arrays()
+    assert np.array_equal(fallback_images, images) and np.array_equal(fallback_labels, labels)
 
 
 def test_digits_default_splits_sizes_and_source_disjointness():

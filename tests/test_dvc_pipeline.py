@@ -52,7 +52,7 @@ def test_a_shared_soup_key_reruns_every_soup_and_evaluation(built):
     write_params(built, {"soup": {"batch_size": 16}})
     try:
         assert changed_stages(built) == {"soup@uniform", "soup@greedy", "soup@learned_soup", "soup@mehl_soup_plus",
-                                         "evaluate", "ablate"}
+                                         "refine@wise_ft_soup", "evaluate", "ablate"}
     finally:
         sh("git", "checkout", "params.yaml", cwd=built)
 
@@ -125,7 +125,8 @@ def test_imported_checkpoints_are_souped_beside_the_fine_tunes_without_touching_
         log = sh("dvc", "repro", "soup@uniform", cwd=built)  # the import and one soup of it, to keep the test short
         assert set(re.findall(r"Running stage '([^']+)'", log)) == {"import", "soup@uniform"}, log
         assert {path.name: path.read_bytes() for path in (built / "runs/ingredients").iterdir()} == fine_tunes
-        assert changed_stages(built) == {"soup@greedy", "soup@learned_soup", "soup@mehl_soup_plus", "evaluate", "ablate"}
+        assert changed_stages(built) == {"soup@greedy", "soup@learned_soup", "soup@mehl_soup_plus", "refine@wise_ft_soup",
+                                         "evaluate", "ablate"}
         lineage = json.loads((built / "runs/imported/lineage.json").read_text())
         assert [(row["member"], row["source_uri"]) for row in lineage] == [(100, str(external / "a.safetensors")),
                                                                             (101, str(external / "b.safetensors"))]
@@ -135,3 +136,26 @@ def test_imported_checkpoints_are_souped_beside_the_fine_tunes_without_touching_
         sh("git", "checkout", "params.yaml", "dvc.lock", cwd=built)
         sh("dvc", "checkout", "--force", cwd=built)
     assert changed_stages(built) == set()
+
+
+def test_a_refinement_reruns_after_the_soup_it_refines_and_alone_when_its_own_section_changes(built):
+    soup = yaml.safe_load((built / "params.yaml").read_text())["soup"]
+    soup["refine"]["wise_ft_soup"]["search"]["alphas"] = [0.7]
+    write_params(built, {"soup": soup})
+    try:
+        assert changed_stages(built) == {"refine@wise_ft_soup", "evaluate"}  # the ablation reads no refinement
+    finally:
+        sh("git", "checkout", "params.yaml", cwd=built)
+    soup = yaml.safe_load((built / "params.yaml").read_text())["soup"]
+    soup["methods"]["mehl_soup_plus"]["passes"] = 0.25
+    write_params(built, {"soup": soup})
+    try:
+        log = sh("dvc", "repro", cwd=built)
+        ran = re.findall(r"Running stage '([^']+)'", log)
+        assert set(ran) == {"soup@mehl_soup_plus", "refine@wise_ft_soup", "evaluate", "ablate"}, log
+        assert ran.index("soup@mehl_soup_plus") < ran.index("refine@wise_ft_soup")  # the refined soup first
+        refined = json.loads((built / "runs/soups/wise_ft_soup/metrics.json").read_text())
+        assert refined["soup"] == "mehl_soup_plus" and refined["chosen"]["alpha"] in (0.5, 1.0)
+    finally:
+        sh("git", "checkout", "params.yaml", "dvc.lock", cwd=built)
+        sh("dvc", "checkout", cwd=built)

@@ -89,7 +89,8 @@ def test_flow_tracks_a_parent_run_with_nested_fine_tunes_and_soups(tracked):
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "tables")} >= {
         "tables/ingredients.json", "tables/evaluation.json"}
     runs = children(parent.info.run_id)
-    assert set(runs) == {"finetune-0", "finetune-1", "finetune-2", "uniform", "greedy", "mehl_soup_plus", "mehl_soup_auto"}
+    assert set(runs) == {"finetune-0", "finetune-1", "finetune-2", "uniform", "greedy", "mehl_soup_plus", "mehl_soup_auto",
+                         "wise_ft_soup"}
     for k in range(3):
         (run,) = runs[f"finetune-{k}"]
         assert 0 <= run.data.metrics["fit_acc"] <= 1 and run.data.params["hparams.epochs"] == "1"
@@ -101,6 +102,8 @@ def test_flow_tracks_a_parent_run_with_nested_fine_tunes_and_soups(tracked):
     (auto,) = runs["mehl_soup_auto"]  # the grouping chosen on select data, with the whole candidate table
     assert auto.data.params["chosen.grouping"] in {"tensor", "block", "model"}
     assert "tables/search-mehl_soup_auto.json" in {a.path for a in client.list_artifacts(auto.info.run_id, "tables")}
+    (refined,) = runs["wise_ft_soup"]  # built after the soup it refines, with its alpha chosen on select data
+    assert refined.data.params["chosen.alpha"] in {"0.5", "1.0"} and "test_acc" in refined.data.metrics
 
 
 def test_flow_registers_the_soup_with_its_provenance_and_promotes_it(tracked):

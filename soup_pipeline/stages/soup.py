@@ -24,7 +24,7 @@ from ..soups.base import Objective, model_at, resolve_device, role_metrics
 from ..soups.distributed import launched_world, process_group, rank_device
 
 MIB = 2**20
-INFO_KEYS = ("b", "model_epochs", "steps_per_block", "steps", "members", "chosen")  # of result.info, in metrics.json
+INFO_KEYS = ("b", "model_epochs", "steps_per_block", "steps", "members", "chosen", "soup")  # of result.info, in metrics.json
 
 
 def soup_cost(result: SoupResult) -> dict:
