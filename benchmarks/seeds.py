@@ -1,6 +1,8 @@
 """The evaluation table over several sweep seeds: mean, spread, and paired differences against greedy soup,
 then the same against the best merge method (task arithmetic, TIES, DARE, Model Stock, WiSE-FT: the one
-with the highest mean select accuracy over the seeds; test data choose nothing).
+with the highest mean select accuracy over the seeds; test data choose nothing), then against always
+registering `mehl_soup_auto`. The row `auto` is the model `register_method: auto` registers in each seed
+(runs/eval/registration.json), so its differences measure the registration rule against both fixed choices.
 
 Each seed is a full pipeline (sweep of K fine-tunes from one shared pre-trained base, every soup
 method, evaluation) in its own root; finished members are reused. Example (the README's table):
@@ -14,6 +16,8 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+
+import yaml
 
 from soup_pipeline.config import load_params
 from soup_pipeline.stages import evaluate, finetune, prepare, pretrain, soup
@@ -39,11 +43,26 @@ def summary_columns(reference: str) -> list[str]:
 SUMMARY_COLUMNS = summary_columns(REFERENCE)
 
 
-def run_seed(params_path: str, root: Path, seed: int, base: Path | None) -> list[dict]:
-    """One full pipeline with sweep and soup seeds = `seed`, from `base` when given (else pre-trained here)."""
-    overrides = {"sweep": {"seed": seed}, "soup": {"seed": seed}}
+def parse_settings(settings: list[str]) -> dict[str, dict]:
+    """`SECTION.KEY=VALUE` strings (VALUE in YAML) as nested overrides of params.yaml, {section: {key: value}}."""
+    out: dict[str, dict] = {}
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        section, _, key = name.partition(".")
+        if not key or not value:
+            raise SystemExit(f"--set {setting!r}: write SECTION.KEY=VALUE, e.g. sweep.lr_range=[0.001,0.003]")
+        out.setdefault(section, {})[key] = yaml.safe_load(value)
+    return out
+
+
+def run_seed(params_path: str, root: Path, seed: int, base: Path | None, settings: dict[str, dict] | None = None) -> list[dict]:
+    """One full pipeline with sweep and soup seeds = `seed` (on top of `settings`), from `base` when given (else
+    pre-trained here)."""
+    overrides = {section: dict(values) for section, values in (settings or {}).items()}
+    overrides.setdefault("sweep", {})["seed"] = seed
+    overrides.setdefault("soup", {})["seed"] = seed
     if base is not None:
-        overrides["model"] = {"pretrained": str(base)}
+        overrides.setdefault("model", {})["pretrained"] = str(base)
     params = load_params(params_path, overrides)
     prepare.run(params, root)
     pretrain.run(params, root)
@@ -79,6 +98,19 @@ def _paired_differences(per_seed_by_method: list[dict[str, dict]], method: str, 
     return [seed_rows[method][column] - seed_rows[reference][column] for seed_rows in per_seed_by_method
             if seed_rows.get(method, {}).get(column) is not None
             and seed_rows.get(reference, {}).get(column) is not None]
+
+
+AUTO_ROW = "auto"
+FIXED_CHOICE = "mehl_soup_auto"  # the registered soup before `auto` became the default
+
+
+def with_registered(rows: list[dict], root: Path) -> list[dict]:
+    """The seed's rows plus the row `auto`: the row of the model `register_method: auto` registered there."""
+    path = Layout(root).eval_dir / "registration.json"
+    if not path.is_file():
+        return rows
+    chosen = json.loads(path.read_text())["method"]
+    return rows + [{**next(row for row in rows if row["method"] == chosen), "method": AUTO_ROW, "registered": chosen}]
 
 
 def best_merge(per_seed: list[list[dict]]) -> str | None:
@@ -123,18 +155,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", type=Path, default=None, help="pre-trained weights shared by all seeds "
                         "(default: pre-train in the first seed's root)")
     parser.add_argument("--collect", action="store_true", help="only read each seed's finished evaluation")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a params key for every seed (VALUE in YAML); repeat for more")
     args = parser.parse_args(argv)
     per_seed, base = [], args.base
     for seed in args.seeds:
         root = args.workdir / f"seed-{seed}"
         if args.collect:
-            per_seed.append(evaluate.with_costs(json.loads((Layout(root).eval_dir / "methods.json").read_text()),
-                                                Layout(root)))
+            rows = evaluate.with_costs(json.loads((Layout(root).eval_dir / "methods.json").read_text()), Layout(root))
         else:
-            per_seed.append(run_seed(args.params, root, seed, base))
+            rows = run_seed(args.params, root, seed, base, parse_settings(args.set))
+        per_seed.append(with_registered(rows, root))
+        print(f"seed {seed}: auto registered {per_seed[-1][-1].get('registered')}", flush=True)
         base = base or Layout(root).base_weights
         print(f"seed {seed}:\n{markdown_table(per_seed[-1], evaluate.TABLE_COLUMNS)}\n", flush=True)
-    for reference in dict.fromkeys([REFERENCE, best_merge(per_seed) or REFERENCE]):
+    for reference in dict.fromkeys([REFERENCE, best_merge(per_seed) or REFERENCE, FIXED_CHOICE]):
         print(f"over seeds {args.seeds}: mean ± standard deviation; differences against {reference} of the same seed: "
               "mean [95% t interval across seeds]")
         print(markdown_table(summarise(per_seed, reference), summary_columns(reference)) + "\n")

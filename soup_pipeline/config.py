@@ -221,6 +221,7 @@ class EvaluateParams(Strict):
     remove_top: list[int] = [1, 3]  # Table 3: soups after removing the n best ingredients (by fit accuracy)
     bootstrap_seed: int = 0  # seeds the paired-bootstrap intervals of each method against greedy soup
     bootstrap_resamples: int = Field(2000, gt=0)  # paired-bootstrap resamples
+    basin_gap: float = Field(0.1, ge=0, le=1)  # warn when the uniform soup's fit accuracy is this far below the best member's
 
 
 class SoupParams(SoupSettings):
@@ -263,19 +264,23 @@ class SoupParams(SoupSettings):
             raise ValueError("\n  ".join(error_lines(exc, prefix=f"{section}.{name}."))) from None
 
 
+AUTO = "auto"  # tracking.register_method: register the model select data prefer (soup_pipeline.selection)
+
+
 class TrackingParams(Strict):
     """MLflow: where runs go (MLFLOW_TRACKING_URI wins) and which soup is registered."""
 
     enabled: bool = True  # log runs to MLflow (a local SQLite file when no URI is set)
     experiment: str = "soup-pipeline"  # MLflow experiment name
     registered_model: str = "soup-pipeline-soup"  # registry name of the soup
-    register_method: str = "mehl_soup_auto"  # the soup registered at the end of a pipeline run
+    register_method: str = "auto"  # registered at the end of a run: auto (the model select data prefer) or a soup
     system_metrics: bool = True  # log CPU / memory / GPU usage while the pipeline runs
 
     @field_validator("register_method")
     @classmethod
     def _known_method(cls, method: str) -> str:
-        _check_soups([method])
+        if method != AUTO:
+            _check_soups([method], section="register_method")
         return method
 
 
@@ -308,7 +313,7 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _registered_soup_is_built(self) -> "Params":
-        if self.tracking.enabled and self.tracking.register_method not in self.soup.built:
+        if self.tracking.enabled and self.tracking.register_method not in (AUTO, *self.soup.built):
             raise ValueError(f"tracking.register_method: {self.tracking.register_method!r} is not built; "
                              f"add it to soup.methods (or soup.refine) or register one of {self.soup.built}")
         return self

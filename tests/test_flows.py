@@ -106,6 +106,40 @@ def test_flow_tracks_a_parent_run_with_nested_fine_tunes_and_soups(tracked):
     assert refined.data.params["chosen.alpha"] in {"0.5", "1.0"} and "test_acc" in refined.data.metrics
 
 
+def test_auto_registers_the_model_the_evaluation_chose_on_select_data_once_with_its_evidence(tracked, tmp_path,
+                                                                                            monkeypatch):
+    from soup_pipeline.tracking.flow import replay
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tracked.repo, repo, symlinks=True)
+    write_params(repo, {"tracking": {"register_method": "auto"}})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'auto.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'auto.db'}")
+    params = load_params(repo / "params.yaml")
+    decision = json.loads((repo / "runs/eval/registration.json").read_text())  # the evaluate stage's, on select data
+    assert decision["reference"] == "greedy" and {row["method"] for row in decision["candidates"]} == {
+        "best_individual", "uniform", "greedy", "mehl_soup_plus", "mehl_soup_auto", "wise_ft_soup"}
+    first, second = replay(params, repo), replay(params, repo)
+    assert first["registered_version"] == second["registered_version"] == "1"  # idempotent
+    version = client.get_model_version(MODEL, "1")
+    assert version.tags["method"] == decision["method"] and version.tags["registered_by"] == "auto"
+    assert f"Registered by `register_method: auto` (the model select data prefer): {decision['reason']}" in version.description
+    assert "Basin: the uniform soup's fit accuracy is" in version.description
+    assert str(client.get_registered_model(MODEL).aliases["champion"]) == "1"
+    parent = client.get_run(first["mlflow_run_id"])
+    assert parent.data.params["registration"] == decision["method"] and "basin_gap" in parent.data.metrics
+
+    # where the evaluation's decision file names the best individual (when only that member beats greedy soup on
+    # select data), the member's own weights are registered, described as that fine-tune
+    best = next(row for row in json.loads((repo / "runs/eval/methods.json").read_text()) if row["method"] == "best_individual")
+    (repo / "runs/eval/registration.json").write_text(json.dumps({**decision, "method": "best_individual"}))
+    assert replay(params, repo)["registered_version"] == "2"
+    version = client.get_model_version(MODEL, "2")
+    member = repo / "runs/ingredients" / f"{best['member']}.safetensors"
+    assert version.tags["method"] == "best_individual" and version.tags["soup_sha256"] == read_ingredient(member).meta["sha256"]
+    assert version.description.startswith(f"## best_individual: {best['member']}, the fine-tune with the highest fit")
+
+
 def test_flow_registers_the_soup_with_its_provenance_and_promotes_it(tracked):
     assert tracked.summary["registered_version"] == "1"
     version = MlflowClient().get_model_version(MODEL, "1")

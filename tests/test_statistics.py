@@ -237,3 +237,19 @@ def test_seeds_best_merge_is_chosen_by_select_accuracy_and_becomes_the_reference
     assert seeds_benchmark.best_merge([[_row("greedy", 0.8, 0.6)]]) is None  # no merge method was run
     refined = [rows + [{**_row("wise_ft_soup", 0.9, 0.7), "select_acc": 0.95}] for rows in per_seed]
     assert seeds_benchmark.best_merge(refined) == "ties"  # a refinement of a built soup is not a merge method
+
+
+def test_seeds_auto_row_is_the_row_of_the_model_auto_registered_in_that_seed(tmp_path):
+    rows = [_row("greedy", 0.80, 0.60), _row("mehl_soup_auto", 0.84, 0.62)]
+    assert seeds_benchmark.with_registered(rows, tmp_path) == rows  # no registration.json: an older evaluation
+    (tmp_path / "runs" / "eval").mkdir(parents=True)
+    (tmp_path / "runs" / "eval" / "registration.json").write_text('{"method": "greedy"}')
+    auto = seeds_benchmark.with_registered(rows, tmp_path)[-1]
+    assert auto == {**rows[0], "method": "auto", "registered": "greedy"}
+
+
+def test_seeds_settings_are_yaml_values_under_a_section_and_a_bad_one_says_how():
+    assert seeds_benchmark.parse_settings(["sweep.lr_range=[0.001, 0.003]", "sweep.members=[0, 1]", "pretrain.epochs=5"]) \
+        == {"sweep": {"lr_range": [0.001, 0.003], "members": [0, 1]}, "pretrain": {"epochs": 5}}
+    with pytest.raises(SystemExit, match="SECTION.KEY=VALUE"):
+        seeds_benchmark.parse_settings(["epochs=5"])

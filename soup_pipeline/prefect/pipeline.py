@@ -179,8 +179,8 @@ def soup_pipeline_flow(params_path: str = "params.yaml", root: str = ".", overri
             committed = dvc_commit_task(root, complete and not overrides and params_file == Path(root, "params.yaml"))
             track.log_tables(tracker, params, root, rows)
             by_method = {row["method"]: row for row in rows}
-            versions = [record_soup_task(tracker, params, root, result, by_method[method],
-                                         register=method == params.tracking.register_method)
-                        for method, result in results.items()]
+            recorded, chosen = track.recorded_results(params, root, results)
+            versions = [record_soup_task(tracker, params, root, result, by_method[method], register=method == chosen)
+                        for method, result in recorded.items()]
     return {"K": len(kept), "members": kept, "rows": rows, "registered_version": next(filter(None, versions), None),
             "mlflow_run_id": tracker.parent_run_id, "dvc_committed": committed, "tracking_missed": track.missed(tracker)}

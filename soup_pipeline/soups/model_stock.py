@@ -21,7 +21,7 @@ from ..config import SoupSettings
 from ..ingredients import IngredientStore
 from .base import MethodSpec, Objective, SoupResult
 from .layers import GroupingName, Grid, LayerwiseParams, group_layers
-from .task_vectors import anchored_result, checked_anchor, model_dtype, moved, task_vectors
+from .task_vectors import anchored_result, checked_anchor, mean_cosine_from_sums, model_dtype, moved, task_vectors
 
 
 class GroupingGrid(Grid):
@@ -61,7 +61,7 @@ def model_stock(store: IngredientStore, objective: Objective, params: ModelStock
     ratios = []
     for group, group_keys in enumerate(members):
         aligned = float(sum((directions[key] ** 2).sum() for key in group_keys))
-        ratios.append(1.0 if K == 1 else interpolation_ratio((aligned - nonzero[group]) / (K * (K - 1)), K))
+        ratios.append(1.0 if K == 1 else interpolation_ratio(mean_cosine_from_sums(aligned, nonzero[group], K), K))
     delta = {key: ratios[grouping.group_of[key]] * total[key] / K for key in keys}
     beta = torch.tensor(ratios, dtype=torch.float64).repeat(K, 1) / K
     return anchored_result(store, name, moved(theta0, delta, model_dtype(objective)), beta, grouping.names, {})

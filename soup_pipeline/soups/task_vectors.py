@@ -82,3 +82,22 @@ def anchored_result(store: IngredientStore, name: str, state: State, beta: torch
     (task arithmetic, Model Stock, WiSE-FT); the rest of each column's 1 is theta_0's."""
     return SoupResult(method=name, state_dict=state, beta=beta, layer_names=layer_names,
                       ingredient_names=[i.name for i in store.ingredients], info={"K": len(store), **info})
+
+
+def mean_cosine_from_sums(unit_sum_sq: float, nonzero: int, K: int) -> float:
+    """The mean over the K(K - 1)/2 pairs of cos(tau_i, tau_j), from ||sum_k u_k||^2 with u_k = tau_k / ||tau_k||
+    over the n nonzero vectors (sum_{i<j} cos_ij = (||sum_k u_k||^2 - n) / 2; a zero vector counts 0); 1 for K = 1."""
+    return 1.0 if K == 1 else (unit_sum_sq - nonzero) / (K * (K - 1))
+
+
+def mean_pairwise_cosine(store: IngredientStore, anchor: State) -> float:
+    """The mean pairwise cosine of the whole-model task vectors (every floating entry), one ingredient resident."""
+    directions = {key: torch.zeros_like(value) for key, value in anchor.items() if value.is_floating_point()}
+    nonzero = 0
+    for _, tau in task_vectors(store, anchor):
+        norm = torch.sqrt(sum((value ** 2).sum() for value in tau.values()))
+        if norm > 0:
+            nonzero += 1
+            for key, value in tau.items():
+                directions[key] += value / norm
+    return mean_cosine_from_sums(float(sum((value ** 2).sum() for value in directions.values())), nonzero, len(store))

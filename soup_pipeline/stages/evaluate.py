@@ -6,6 +6,7 @@ Test data are read here only, once per method, after every soup is built; they d
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -14,14 +15,16 @@ from tqdm.auto import tqdm
 from ..atomic import write_json
 from ..config import Params
 from ..data import DataSplits
+from ..basin import diagnose
 from ..evaluate import accuracies, compare_to_reference, predictor, split_correctness
 from ..ingredients import IngredientStore
 from ..kill_points import reached
 from ..plots import plot_methods, plot_mixing_weights
+from ..selection import choose_on_select
 from ..soups.base import best_individual, model_at, resolve_device
 from ..soups.ensemble import ensemble_logits
 from ..tables import markdown_table
-from ..layout import Layout, load_splits, open_store, read_json, soup_objective
+from ..layout import Layout, load_splits, open_anchor, open_store, read_json, soup_objective
 
 REFERENCE = "greedy"  # every method is compared with greedy soup, the practical default
 RESULT_COLUMNS = ["method", "fit_acc", "select_acc", "test_acc", "shifted_test_acc", "test_vs_greedy", "test_ci_low",
@@ -30,9 +33,11 @@ COST_COLUMNS = ["seconds", "peak_cpu_mib", "peak_cuda_mib"]  # kept apart, under
 TABLE_COLUMNS = RESULT_COLUMNS + COST_COLUMNS
 
 
-def evaluate_rows(params: Params, layout: Layout, store: IngredientStore, splits: DataSplits) -> list[dict]:
+def evaluate_rows(params: Params, layout: Layout, store: IngredientStore,
+                  splits: DataSplits) -> tuple[list[dict], dict[str, dict[str, torch.Tensor]]]:
     """Rows: zero-shot, best individual, each soup built (`soup.methods`, then `soup.refine`), and the ensemble, each with its
-    accuracies and, where greedy soup is built, its paired comparison against it on the test sets."""
+    accuracies and, where greedy soup is built, its paired comparison against it on the test sets; and each
+    model's per-example correctness on every split (method -> split -> booleans)."""
     objective = soup_objective(params, store, splits)
     device = resolve_device(params.soup.device)
     batch = params.evaluate.batch_size
@@ -54,7 +59,7 @@ def evaluate_rows(params: Params, layout: Layout, store: IngredientStore, splits
             row.update(compare_to_reference(values, correct[REFERENCE], name=REFERENCE, seed=params.evaluate.bootstrap_seed,
                                             resamples=params.evaluate.bootstrap_resamples))
         rows.append(row)
-    return rows
+    return rows, correct
 
 
 def ingredient_rows(store: IngredientStore) -> list[dict]:
@@ -70,17 +75,30 @@ def with_costs(rows: list[dict], layout: Layout) -> list[dict]:
 
 
 def run(params: Params, root: str | Path) -> list[dict]:
-    """Write runs/eval/{metrics.json, methods.json, table.md, ingredients.json} and runs/eval/plots/*.png (the
+    """Write runs/eval/{metrics.json, methods.json, table.md, ingredients.json, registration.json (the model select
+    data prefer, `soup_pipeline.selection`), basin.json (`soup_pipeline.basin`, warned when the members sit
+    apart)} and runs/eval/plots/*.png (the
     same bytes for the same inputs), and runs/costs/evaluation.md; return the rows with each soup's cost."""
     layout = Layout(Path(root))
     store = open_store(params, layout)
     splits = load_splits(params)
-    rows = evaluate_rows(params, layout, store, splits)
+    rows, correct = evaluate_rows(params, layout, store, splits)
     out = layout.eval_dir
+    chosen = choose_on_select({method: values["select"] for method, values in correct.items()},
+                              splits.sources["select"] if splits.sources else None,
+                              seed=params.evaluate.bootstrap_seed, resamples=params.evaluate.bootstrap_resamples)
+    write_json(out / "registration.json", {"method": chosen.method, "reference": chosen.reference,
+                                           "reason": chosen.reason, "candidates": chosen.candidates})
+    basin = diagnose(store, soup_objective(params, store, splits), open_anchor(layout, store),
+                     gap_limit=params.evaluate.basin_gap, device=resolve_device(params.soup.device))
+    write_json(out / "basin.json", basin.as_dict())
+    if basin.warning:
+        warnings.warn(basin.warning, stacklevel=2)
+    header = basin.summary + (f"\n\n**Warning: {basin.warning}.**" if basin.warning else "") + "\n\n"
     write_json(out / "metrics.json", {row["method"]: {k: v for k, v in row.items() if k != "method"} for row in rows})
     write_json(out / "methods.json", rows)
     write_json(out / "ingredients.json", ingredient_rows(store))
-    (out / "table.md").write_text(markdown_table(rows, RESULT_COLUMNS) + "\n")
+    (out / "table.md").write_text(header + markdown_table(rows, RESULT_COLUMNS) + "\n")
     shown = with_costs(rows, layout)
     layout.costs_dir.mkdir(parents=True, exist_ok=True)
     (layout.costs_dir / "evaluation.md").write_text(markdown_table(shown, TABLE_COLUMNS) + "\n")

@@ -19,20 +19,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
+import torch
+
 from .. import tracking
 from . import orphans
-from ..config import Params
+from ..config import AUTO, Params
 from ..errors import SoupError
 from ..ingredients import Ingredient, file_sha256, read_ingredient
 from ..kill_points import reached
 from ..layout import Layout, load_splits, member_ids, open_store, read_json, with_members
 from ..soups import SoupResult
+from ..soups.base import best_individual
 from ..stages import finetune, soup
 from ..stages.evaluate import ingredient_rows
 
 LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
 LINEAGE = "lineage"  # the soup run's table of its ingredients' sources and hashes
+BASIN_METRICS = ("uniform_fit_acc", "best_fit_acc", "gap", "mean_cosine")  # of runs/eval/basin.json, on the parent run
+BEST_INDIVIDUAL = "best_individual"  # the evaluation's row of the fittest fine-tune; `auto` may register it
 BUILDER = "soup_pipeline.models:classifier_from_spec"  # rebuilds the classifier in the registered pyfunc model
 # from the evaluation row, logged on the soup's run and tagged on its registered version
 ROW_METRICS = (*tracking.METRIC_TAGS, "shifted_test_vs_greedy", "shifted_test_ci_low", "shifted_test_ci_high",
@@ -182,11 +187,17 @@ def log_finetune(ingredient: Ingredient, member: int, *, reused: bool, seconds: 
 
 
 def log_tables(tracker: Tracker, params: Params, root: str | Path, rows: list[dict]) -> None:
-    """On the parent run (call from the flow's own thread): K used, the ingredient table and the evaluation table."""
+    """On the parent run (call from the flow's own thread): K used, the basin diagnostic (metrics `basin_*`, and
+    the warning as the tag `basin_warning` when the members sit apart), the model `auto` chose (tag
+    `registration`), the ingredient table and the evaluation table."""
 
     def log() -> None:
-        tracking.log_scalars({"K": len(member_ids(params))})
-        tracking.log_table(ingredient_rows(open_store(params, Layout(Path(root)))), "ingredients")
+        layout = Layout(Path(root))
+        basin = read_json(layout.eval_dir / "basin.json")
+        tracking.log_scalars({"K": len(member_ids(params)), **{f"basin_{key}": basin[key] for key in BASIN_METRICS}})
+        tracking.log_params({"registration": read_json(layout.eval_dir / "registration.json")["method"],
+                             **({"basin_warning": basin["warning"]} if basin["warning"] else {})})
+        tracking.log_table(ingredient_rows(open_store(params, layout)), "ingredients")
         tracking.log_table(rows, "evaluation")
 
     attempt(tracker, "the tables", log)
@@ -207,8 +218,9 @@ def log_soup(tracker: Tracker, params: Params, root: str | Path, result: SoupRes
              register: bool) -> str | None:
     """What `record_soup` logs, with MLflow up."""
     with child_run(tracker, result.method, kind="soup"):
+        settings = params.soup.method(result.method).model_dump(mode="json") if result.method in params.soup.built else {}
         tracking.log_params({"method": result.method, "K": len(result.ingredient_names),
-                             "ingredients": result.ingredient_names, "soup": params.soup.method(result.method).model_dump(mode="json")})
+                             "ingredients": result.ingredient_names, "soup": settings})
         if result.history:
             tracking.log_series({"fit_loss": result.history})
         tracking.log_scalars({
@@ -223,11 +235,55 @@ def log_soup(tracker: Tracker, params: Params, root: str | Path, result: SoupRes
         return register_soup(params, root, result, row) if register else None
 
 
-def model_card(result: SoupResult, row: Mapping[str, Any], layout: Layout) -> str:
-    """The registered version's description: what the soup is, how it was chosen, and the run's evaluation table."""
+def registered_method(params: Params, root: str | Path) -> str:
+    """The model a run registers: `tracking.register_method`, or with `auto` the one the evaluation chose on select
+    data (runs/eval/registration.json; `soup_pipeline.selection`), a soup or the best individual."""
+    if params.tracking.register_method != AUTO:
+        return params.tracking.register_method
+    return read_json(Layout(Path(root)).eval_dir / "registration.json")["method"]
+
+
+def best_individual_result(params: Params, root: str | Path) -> SoupResult:
+    """The best individual fine-tune (highest fit accuracy) as a one-member result, to record and register."""
+    store = open_store(params, Layout(Path(root)))
+    best = best_individual(store)
+    beta = torch.zeros(len(store), 1, dtype=torch.float64)
+    beta[best] = 1.0
+    return SoupResult(method=BEST_INDIVIDUAL, state_dict=store.load(best), beta=beta, layer_names=["model"],
+                      ingredient_names=[i.name for i in store.ingredients],
+                      info={"members": [store.ingredients[best].name], "path": str(store.ingredients[best].path)})
+
+
+def recorded_results(params: Params, root: str | Path, soups: Mapping[str, SoupResult]) -> tuple[dict[str, SoupResult], str]:
+    """The results a run records (its soups, and the best individual when it is the model registered) and the
+    method registered."""
+    chosen = registered_method(params, root)
+    extra = {BEST_INDIVIDUAL: best_individual_result(params, root)} if chosen == BEST_INDIVIDUAL else {}
+    return {**soups, **extra}, chosen
+
+
+def registration_lines(layout: Layout) -> list[str]:
+    """Why `auto` registered this model: the rule's sentence and the select evidence of the top candidates."""
+    path = layout.eval_dir / "registration.json"
+    if not path.is_file():
+        return []
+    chosen = read_json(path)
+    top = sorted(chosen["candidates"], key=lambda row: -row["select_acc"])[:5]
+    lines = ["", f"Registered by `register_method: auto` (the model select data prefer): {chosen['reason']}.", "",
+             f"| candidate | select acc | select - {chosen['reference']} | 95% interval (by source image) |",
+             "|---|---|---|---|"]
+    lines += [f"| {row['method']} | {row['select_acc']:.4f} | {row['select_vs_reference']:+.4f} | "
+              f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}] |" for row in top]
+    return lines
+
+
+def model_card(result: SoupResult, row: Mapping[str, Any], layout: Layout, *, auto: bool = False) -> str:
+    """The registered version's description: what the model is, how it was chosen, and the run's evaluation table."""
     chosen = result.info.get("chosen")
+    title = (f"## {result.method}: {result.info['members'][0]}, the fine-tune with the highest fit accuracy"
+             if result.method == BEST_INDIVIDUAL else f"## {result.method}: a soup of {len(result.ingredient_names)} fine-tunes")
     lines = [
-        f"## {result.method}: a soup of {len(result.ingredient_names)} fine-tunes",
+        title,
         "",
         f"Fitted on the fit data; select accuracy {row.get('select_acc', float('nan')):.4f} (what promotes a version), "
         f"test accuracy {row.get('test_acc', float('nan')):.4f} (reported, never used to decide).",
@@ -235,9 +291,10 @@ def model_card(result: SoupResult, row: Mapping[str, Any], layout: Layout) -> st
     if chosen:
         lines.append(f"Setting chosen on select data: {', '.join(f'{k} {v}' for k, v in chosen.items())}.")
     lines += [f"Mixing weights (beta, {len(result.ingredient_names)} x {len(result.layer_names)}): "
-              f"`{tracking.MIXING_DIR}/beta.png` (heatmap) and `beta.json` of this version's run.", ""]
+              f"`{tracking.MIXING_DIR}/beta.png` (heatmap) and `beta.json` of this version's run."]
+    lines += (registration_lines(layout) if auto else []) + [""]
     table = layout.eval_dir / "table.md"
-    if table.is_file():
+    if table.is_file():  # its header is the basin diagnostic, with the warning when the members sit apart
         lines += ["### Evaluation of every method in this pipeline run", "", table.read_text()]
     return "\n".join(lines)
 
@@ -278,11 +335,17 @@ def register_soup(params: Params, root: str | Path, result: SoupResult, row: Map
         "K": k, "b": result.info.get("b"), **{key: row.get(key) for key in ROW_METRICS},
         **{f"chosen_{key}": value for key, value in result.info.get("chosen", {}).items()},
         "params_hash": params_hash(params), "git_commit": git_commit(root), "dvc_lock_hash": dvc_lock_hash(root),
-        "soup_sha256": read_ingredient(layout.soup_dir(result.method) / "soup.safetensors").meta["sha256"],
+        "soup_sha256": read_ingredient(model_file(layout, result)).meta["sha256"],
+        "registered_by": "auto" if params.tracking.register_method == AUTO else "register_method",
     }
     return register_with_lineage(result, store.ingredients[0].meta["classifier_spec"], tags, store.ingredients,
                                  name=params.tracking.registered_model, example=load_splits(params).select[0][0],
-                                 description=model_card(result, row, layout))
+                                 description=model_card(result, row, layout, auto=params.tracking.register_method == AUTO))
+
+
+def model_file(layout: Layout, result: SoupResult) -> Path:
+    """The file holding the model `result` records: its soup's, or the best individual's ingredient."""
+    return Path(result.info["path"]) if "path" in result.info else layout.soup_dir(result.method) / "soup.safetensors"
 
 
 def register_external_soup(result: SoupResult, row: Mapping[str, Any], spec: Mapping[str, Any], soup_file: Path,
@@ -324,7 +387,9 @@ def replay(params: Params, root: str | Path) -> dict:
             ingredient = read_ingredient(layout.ingredient(member))
             attempt(tracker, f"fine-tune {member}", lambda: replay_finetune(tracker, member, ingredient))  # noqa: B023
         log_tables(tracker, params, root, rows)
-        versions = [record_soup(tracker, params, root, soup.read_result(layout, method), by_method[method],
-                                register=method == params.tracking.register_method) for method in params.soup.built]
+        results, chosen = recorded_results(params, root, {method: soup.read_result(layout, method)
+                                                          for method in params.soup.built})
+        versions = [record_soup(tracker, params, root, result, by_method[method], register=method == chosen)
+                    for method, result in results.items()]
     return {"mlflow_run_id": tracker.parent_run_id, "registered_version": next(filter(None, versions), None),
             "missed": missed(tracker)}
