@@ -58,14 +58,23 @@ def predictor(model: nn.Module, batch_size: int, device: torch.device) -> Predic
     return lambda dataset: model_logits(model, dataset, batch_size, device)
 
 
-def split_correctness(predict: Predict, splits: DataSplits, roles: Sequence[str] = tuple(SPLIT_COLUMNS)) -> dict[str, torch.Tensor]:
-    """Per split of `roles` present: whether each example is classified right (bool, in data set order)."""
-    out = {}
+def split_outcomes(predict: Predict, splits: DataSplits,
+                   roles: Sequence[str] = tuple(SPLIT_COLUMNS)) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per split of `roles` present: whether each example is classified right (bool) and its cross-entropy, in
+    data set order."""
+    correct, losses = {}, {}
     for split in roles:
         dataset = getattr(splits, split)
         if dataset is not None:
-            out[split] = predict(dataset).argmax(-1) == dataset_targets(dataset)
-    return out
+            logits, targets = predict(dataset), dataset_targets(dataset)
+            correct[split] = logits.argmax(-1) == targets
+            losses[split] = F.cross_entropy(logits.double(), targets, reduction="none")
+    return correct, losses
+
+
+def split_correctness(predict: Predict, splits: DataSplits, roles: Sequence[str] = tuple(SPLIT_COLUMNS)) -> dict[str, torch.Tensor]:
+    """Per split of `roles` present: whether each example is classified right (bool, in data set order)."""
+    return split_outcomes(predict, splits, roles)[0]
 
 
 def accuracies(correct: Mapping[str, torch.Tensor]) -> dict[str, float]:

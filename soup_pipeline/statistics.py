@@ -80,10 +80,21 @@ def paired_bootstrap_interval(correct_a: Any, correct_b: Any, *, seed: int, n_re
     and the difference is taken over all examples of the drawn groups (cluster bootstrap).
     """
     a, b = _paired(correct_a, correct_b)
+    return bootstrap_mean_interval(a.astype(np.float64) - b.astype(np.float64), seed=seed, n_resamples=n_resamples,
+                                   level=level, groups=groups)
+
+
+def bootstrap_mean_interval(differences: Any, *, seed: int, n_resamples: int = 2000, level: float = 0.95,
+                            groups: Any = None) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-example paired `differences` (e.g. of two models' losses on
+    the same examples), resampling examples (or whole `groups`, as in paired_bootstrap_interval)."""
+    differences = _as_array(differences).astype(np.float64)
     _check_level(level)
     if n_resamples < 1:
         raise SoupError(f"n_resamples={n_resamples}: pass a positive number of bootstrap resamples, e.g. 2000")
-    differences = a.astype(np.float64) - b.astype(np.float64)
+    if differences.ndim != 1 or len(differences) == 0 or not np.isfinite(differences).all():
+        raise SoupError(f"bootstrap_mean_interval got differences of shape {differences.shape}: pass a non-empty 1-d "
+                        "sequence of finite numbers, one per example")
     if groups is None:
         group_of_example = np.arange(len(differences))
     else:

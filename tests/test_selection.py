@@ -1,5 +1,5 @@
-"""`register_method: auto` (soup_pipeline.selection): greedy soup is kept unless a candidate beats it on select
-data by a paired interval that excludes zero; test data are not an input."""
+"""`register_method: auto` (soup_pipeline.selection): greedy soup is kept unless a candidate's select loss is lower
+by a paired interval (resampled by source image) that excludes zero; test data are not an input."""
 
 from __future__ import annotations
 
@@ -11,60 +11,59 @@ from soup_pipeline.selection import choose_on_select
 
 N = 600  # select examples: 200 source images x 3 views
 GROUPS = torch.arange(N) // 3
+GREEDY = torch.full((N,), 0.8, dtype=torch.float64)  # greedy soup's per-example select loss
 
 
-def correct_on(indices) -> torch.Tensor:
-    out = torch.zeros(N, dtype=torch.bool)
-    out[list(indices)] = True
-    return out
+def choose(groups=GROUPS, **losses):
+    correct = {method: values < 0.7 for method, values in losses.items()}
+    return choose_on_select(losses, correct, groups, seed=0, resamples=2000)
 
 
-def choose(**select):
-    return choose_on_select(select, GROUPS, seed=0, resamples=2000)
+def noisy(mean: float, spread: float, seed: int) -> torch.Tensor:
+    return mean + spread * torch.randn(N, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-GREEDY = correct_on(range(420))  # 70% of the select examples
-
-
-def test_a_candidate_clearly_better_on_select_is_registered():
-    learned = correct_on(range(480))  # every example greedy gets right, and 60 more (20 source images' views)
-    chosen = choose(best_individual=correct_on(range(400)), greedy=GREEDY, mehl_soup_auto=learned)
+def test_a_candidate_whose_select_loss_is_clearly_lower_is_registered_with_its_evidence():
+    learned = noisy(0.6, 0.1, seed=0)
+    chosen = choose(best_individual=GREEDY + 0.1, greedy=GREEDY, mehl_soup_auto=learned)
     assert chosen.method == "mehl_soup_auto" and chosen.reference == "greedy"
     row = next(r for r in chosen.candidates if r["method"] == "mehl_soup_auto")
-    assert row["select_vs_reference"] == pytest.approx(0.1) and row["ci_low"] > 0 and row["chosen"]
-    assert "mehl_soup_auto: select accuracy 0.8000, +0.1000 against greedy" in chosen.reason
+    assert row["loss_vs_reference"] == pytest.approx(float(learned.mean()) - 0.8) and row["ci_high"] < 0 and row["chosen"]
+    assert row["select_acc"] == pytest.approx(float((learned < 0.7).double().mean()))
+    assert chosen.reason.startswith(f"mehl_soup_auto: select loss {row['select_loss']:.4f}, ")
 
 
 def test_greedy_is_kept_where_a_learned_soup_is_worse_or_not_clearly_better_on_select():
-    worse = correct_on(range(390))
-    assert choose(greedy=GREEDY, best_individual=GREEDY, mehl_soup_auto=worse).method == "greedy"
-    swapped = correct_on([*range(3, 420), 420, 421, 422, 423, 424, 425])  # 3 lost, 6 gained: +0.5 points
-    chosen = choose(greedy=GREEDY, mehl_soup_auto=swapped)
+    assert choose(greedy=GREEDY, best_individual=GREEDY, mehl_soup_auto=noisy(0.9, 0.1, seed=1)).method == "greedy"
+    barely = GREEDY - 0.002 + torch.where(torch.arange(N) % 2 == 0, 0.3, -0.3)  # 0.002 lower on average, very noisy
+    chosen = choose(greedy=GREEDY, mehl_soup_auto=barely)
     row = next(r for r in chosen.candidates if r["method"] == "mehl_soup_auto")
-    assert row["select_acc"] > 0.7 and row["ci_low"] <= 0 < row["ci_high"]
-    assert chosen.method == "greedy" and "greedy kept" in chosen.reason
+    assert row["select_loss"] < 0.8 and row["ci_low"] < 0 < row["ci_high"]
+    assert chosen.method == "greedy" and chosen.reason.startswith("greedy kept")
 
 
-def test_among_clearly_better_candidates_the_highest_select_accuracy_wins_the_first_on_ties():
-    good, better = correct_on(range(480)), correct_on(range(510))
+def test_among_clearly_better_candidates_the_lowest_select_loss_wins_the_first_on_ties():
+    good, better = GREEDY - 0.1, GREEDY - 0.2
     assert choose(greedy=GREEDY, ties=good, mehl_soup_auto=better).method == "mehl_soup_auto"
-    assert choose(greedy=GREEDY, ties=better, mehl_soup_auto=correct_on(range(510))).method == "ties"
+    assert choose(greedy=GREEDY, ties=better, mehl_soup_auto=better.clone()).method == "ties"
 
 
 def test_the_ensemble_and_the_zero_shot_model_are_never_registered_and_without_greedy_the_best_individual_is_the_bar():
-    perfect = correct_on(range(N))
-    chosen = choose(zero_shot=perfect, ensemble=perfect, best_individual=GREEDY, uniform=correct_on(range(300)))
+    perfect = torch.zeros(N, dtype=torch.float64)
+    chosen = choose(zero_shot=perfect, ensemble=perfect, best_individual=GREEDY, uniform=GREEDY + 0.5)
     assert chosen.method == "best_individual" and chosen.reference == "best_individual"
     assert {row["method"] for row in chosen.candidates} == {"best_individual", "uniform"}
     with pytest.raises(SoupError, match="needs greedy soup or the best individual"):
         choose(uniform=GREEDY)
+    with pytest.raises(SoupError, match="one per select example"):
+        choose(greedy=GREEDY, uniform=GREEDY[:10])
 
 
 def test_the_interval_resamples_whole_source_images():
-    # 20 source images whose 3 views all flip together: resampled by image the interval is wider than by view
-    learned = correct_on([*range(60, 420), *range(420, 480)])  # 60 views lost, 60 gained: a difference of 0
-    by_image = choose_on_select({"greedy": GREEDY, "learned": learned}, GROUPS, seed=0, resamples=2000)
-    by_view = choose_on_select({"greedy": GREEDY, "learned": learned}, torch.arange(N), seed=0, resamples=2000)
-    width = {name: row["ci_high"] - row["ci_low"] for name, chosen in (("image", by_image), ("view", by_view))
-             for row in chosen.candidates if row["method"] == "learned"}
-    assert width["image"] > 1.3 * width["view"]
+    # the three views of each source image move together: resampled by image the interval is wider than by view
+    per_image = torch.randn(N // 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64).repeat_interleave(3)
+    learned = GREEDY - 0.05 + 0.3 * per_image
+    rows = {name: next(r for r in choose(groups, greedy=GREEDY, learned=learned).candidates if r["method"] == "learned")
+            for name, groups in (("image", GROUPS), ("view", torch.arange(N)))}
+    width = {name: row["ci_high"] - row["ci_low"] for name, row in rows.items()}
+    assert width["image"] > 1.4 * width["view"]

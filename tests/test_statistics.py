@@ -253,3 +253,15 @@ def test_seeds_settings_are_yaml_values_under_a_section_and_a_bad_one_says_how()
         == {"sweep": {"lr_range": [0.001, 0.003], "members": [0, 1]}, "pretrain": {"epochs": 5}}
     with pytest.raises(SystemExit, match="SECTION.KEY=VALUE"):
         seeds_benchmark.parse_settings(["epochs=5"])
+
+
+def test_the_mean_interval_of_real_differences_is_exact_on_constants_and_refuses_bad_input():
+    from soup_pipeline.statistics import bootstrap_mean_interval
+
+    assert bootstrap_mean_interval(np.full(50, -0.25), seed=0) == pytest.approx((-0.25, -0.25))
+    values = np.random.default_rng(0).normal(0.1, 1.0, 400)
+    low, high = bootstrap_mean_interval(values, seed=0, n_resamples=4000)
+    half = 1.96 * values.std(ddof=1) / math.sqrt(len(values))
+    assert low == pytest.approx(values.mean() - half, abs=0.02) and high == pytest.approx(values.mean() + half, abs=0.02)
+    with pytest.raises(SoupError, match="finite numbers"):
+        bootstrap_mean_interval([0.1, float("nan")], seed=0)

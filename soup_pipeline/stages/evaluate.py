@@ -16,7 +16,7 @@ from ..atomic import write_json
 from ..config import Params
 from ..data import DataSplits
 from ..basin import diagnose
-from ..evaluate import accuracies, compare_to_reference, predictor, split_correctness
+from ..evaluate import accuracies, compare_to_reference, predictor, split_outcomes
 from ..ingredients import IngredientStore
 from ..kill_points import reached
 from ..plots import plot_methods, plot_mixing_weights
@@ -34,32 +34,34 @@ TABLE_COLUMNS = RESULT_COLUMNS + COST_COLUMNS
 
 
 def evaluate_rows(params: Params, layout: Layout, store: IngredientStore,
-                  splits: DataSplits) -> tuple[list[dict], dict[str, dict[str, torch.Tensor]]]:
+                  splits: DataSplits) -> tuple[list[dict], dict[str, dict], dict[str, torch.Tensor]]:
     """Rows: zero-shot, best individual, each soup built (`soup.methods`, then `soup.refine`), and the ensemble, each with its
-    accuracies and, where greedy soup is built, its paired comparison against it on the test sets; and each
-    model's per-example correctness on every split (method -> split -> booleans)."""
+    accuracies and, where greedy soup is built, its paired comparison against it on the test sets; each model's
+    per-example correctness (method -> split -> booleans) and cross-entropy on the select data (method -> losses),
+    for `register_method: auto`."""
     objective = soup_objective(params, store, splits)
     device = resolve_device(params.soup.device)
     batch = params.evaluate.batch_size
     best = best_individual(store)
     rows = [{"method": "zero_shot", **read_json(layout.base_info)["zero_shot"]}]
-    correct = {"best_individual": split_correctness(predictor(model_at(objective, store.load(best), device), batch, device),
-                                                   splits)}
-    extra = {"best_individual": {"member": store.ingredients[best].name}}
-    for method in tqdm(params.soup.built, desc="evaluate", unit="soup", disable=None):
-        folder = layout.soup_dir(method)
-        state = IngredientStore([folder / "soup.safetensors"]).load(0)
-        correct[method] = split_correctness(predictor(model_at(objective, state, device), batch, device), splits)
-        extra[method] = read_json(folder / "metrics.json")
+    states = {"best_individual": lambda: store.load(best),
+              **{method: (lambda method=method: IngredientStore([layout.soup_dir(method) / "soup.safetensors"]).load(0))
+                 for method in params.soup.built}}
+    extra = {"best_individual": {"member": store.ingredients[best].name},
+             **{method: read_json(layout.soup_dir(method) / "metrics.json") for method in params.soup.built}}
+    correct, select_losses = {}, {}
+    for method, state in tqdm(states.items(), desc="evaluate", unit="model", disable=None):
+        correct[method], losses = split_outcomes(predictor(model_at(objective, state(), device), batch, device), splits)
+        select_losses[method] = losses["select"]
         reached("evaluate-method")
-    correct["ensemble"] = split_correctness(lambda ds: ensemble_logits(store, objective, device, ds), splits)
+    correct["ensemble"] = split_outcomes(lambda ds: ensemble_logits(store, objective, device, ds), splits)[0]
     for method, values in correct.items():
         row = {**extra.get(method, {}), "method": method, **accuracies(values)}
         if REFERENCE in correct:
             row.update(compare_to_reference(values, correct[REFERENCE], name=REFERENCE, seed=params.evaluate.bootstrap_seed,
                                             resamples=params.evaluate.bootstrap_resamples))
         rows.append(row)
-    return rows, correct
+    return rows, correct, select_losses
 
 
 def ingredient_rows(store: IngredientStore) -> list[dict]:
@@ -82,9 +84,9 @@ def run(params: Params, root: str | Path) -> list[dict]:
     layout = Layout(Path(root))
     store = open_store(params, layout)
     splits = load_splits(params)
-    rows, correct = evaluate_rows(params, layout, store, splits)
+    rows, correct, select_losses = evaluate_rows(params, layout, store, splits)
     out = layout.eval_dir
-    chosen = choose_on_select({method: values["select"] for method, values in correct.items()},
+    chosen = choose_on_select(select_losses, {method: values["select"] for method, values in correct.items()},
                               splits.sources["select"] if splits.sources else None,
                               seed=params.evaluate.bootstrap_seed, resamples=params.evaluate.bootstrap_resamples)
     write_json(out / "registration.json", {"method": chosen.method, "reference": chosen.reference,

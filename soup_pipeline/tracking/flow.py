@@ -268,12 +268,12 @@ def registration_lines(layout: Layout) -> list[str]:
     if not path.is_file():
         return []
     chosen = read_json(path)
-    top = sorted(chosen["candidates"], key=lambda row: -row["select_acc"])[:5]
+    top = sorted(chosen["candidates"], key=lambda row: row["select_loss"])[:5]
     lines = ["", f"Registered by `register_method: auto` (the model select data prefer): {chosen['reason']}.", "",
-             f"| candidate | select acc | select - {chosen['reference']} | 95% interval (by source image) |",
-             "|---|---|---|---|"]
-    lines += [f"| {row['method']} | {row['select_acc']:.4f} | {row['select_vs_reference']:+.4f} | "
-              f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}] |" for row in top]
+             f"| candidate | select loss | select loss - {chosen['reference']}'s | 95% interval (by source image) "
+             "| select acc |", "|---|---|---|---|---|"]
+    lines += [f"| {row['method']} | {row['select_loss']:.4f} | {row['loss_vs_reference']:+.4f} | "
+              f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}] | {row['select_acc']:.4f} |" for row in top]
     return lines
 
 
