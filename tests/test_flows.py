@@ -73,9 +73,13 @@ def changed_stages(repo: Path) -> dict:
 
 @pytest.fixture
 def tracked(pipeline):
-    """The module's pipeline, with MLflow pointed at its store."""
+    """The module's pipeline, with MLflow's tracking and registry pointed at its store (a test that points them
+    elsewhere leaves no trace in the next one)."""
     mlflow.set_tracking_uri(pipeline.uri)
-    return pipeline
+    mlflow.set_registry_uri(pipeline.uri)
+    yield pipeline
+    mlflow.set_tracking_uri(pipeline.uri)
+    mlflow.set_registry_uri(pipeline.uri)
 
 
 def test_flow_tracks_a_parent_run_with_nested_fine_tunes_and_soups(tracked):
@@ -113,8 +117,9 @@ def test_auto_registers_the_model_the_evaluation_chose_on_select_data_once_with_
     repo = tmp_path / "repo"
     shutil.copytree(tracked.repo, repo, symlinks=True)
     write_params(repo, {"tracking": {"register_method": "auto"}})
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'auto.db'}")
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'auto.db'}")
+    store = f"sqlite:///{tmp_path / 'auto.db'}"  # a store of its own: the flow's registry is left as it was
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     params = load_params(repo / "params.yaml")
     decision = json.loads((repo / "runs/eval/registration.json").read_text())  # the evaluate stage's, on select data
     assert decision["reference"] == "greedy" and {row["method"] for row in decision["candidates"]} == {
@@ -123,6 +128,7 @@ def test_auto_registers_the_model_the_evaluation_chose_on_select_data_once_with_
     assert first["registered_version"] == second["registered_version"] == "1"  # idempotent
     version = client.get_model_version(MODEL, "1")
     assert version.tags["method"] == decision["method"] and version.tags["registered_by"] == "auto"
+    assert version.tags["registration_reason"] == decision["reason"]
     assert f"Registered by `register_method: auto` (the model select data prefer): {decision['reason']}" in version.description
     assert "Basin: the uniform soup's fit accuracy is" in version.description
     assert str(client.get_registered_model(MODEL).aliases["champion"]) == "1"

@@ -337,6 +337,8 @@ def register_soup(params: Params, root: str | Path, result: SoupResult, row: Map
         "params_hash": params_hash(params), "git_commit": git_commit(root), "dvc_lock_hash": dvc_lock_hash(root),
         "soup_sha256": read_ingredient(model_file(layout, result)).meta["sha256"],
         "registered_by": "auto" if params.tracking.register_method == AUTO else "register_method",
+        "registration_reason": (read_json(layout.eval_dir / "registration.json")["reason"]
+                                if params.tracking.register_method == AUTO else None),
     }
     return register_with_lineage(result, store.ingredients[0].meta["classifier_spec"], tags, store.ingredients,
                                  name=params.tracking.registered_model, example=load_splits(params).select[0][0],
