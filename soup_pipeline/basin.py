@@ -32,7 +32,7 @@ class Basin:
 
     uniform_fit_acc: float
     best_fit_acc: float
-    mean_cosine: float
+    mean_cosine: float | None  # None where theta_0 is not known for these ingredients
     gap_limit: float
 
     @property
@@ -46,9 +46,10 @@ class Basin:
 
     @property
     def summary(self) -> str:
+        cosine = ("not measured (no theta_0 for these ingredients)" if self.mean_cosine is None
+                  else f"{self.mean_cosine:.3f}")
         return (f"Basin: the uniform soup's fit accuracy is {self.uniform_fit_acc:.4f}, {100 * self.gap:.1f} points below "
-                f"the best member's {self.best_fit_acc:.4f}; the mean pairwise cosine of the task vectors is "
-                f"{self.mean_cosine:.3f}.")
+                f"the best member's {self.best_fit_acc:.4f}; the mean pairwise cosine of the task vectors is {cosine}.")
 
     @property
     def warning(self) -> str | None:
@@ -62,11 +63,11 @@ class Basin:
         return {**asdict(self), "gap": self.gap, "apart": self.apart, "warning": self.warning}
 
 
-def diagnose(store: IngredientStore, objective: Objective, anchor: Mapping[str, torch.Tensor], *, gap_limit: float,
-             device: torch.device) -> Basin:
+def diagnose(store: IngredientStore, objective: Objective, anchor: Mapping[str, torch.Tensor] | None, *,
+             gap_limit: float, device: torch.device) -> Basin:
     """The diagnostic of `store`'s members: the uniform soup's and the best member's (by sidecar fit accuracy, as the
     evaluation's best individual) accuracy on `objective.fit`, and the mean pairwise cosine of their task vectors
-    from `anchor` (theta_0); one ingredient resident at a time."""
+    from `anchor` (theta_0; None leaves the cosine out); one ingredient resident at a time."""
     dtype = next(objective.model_factory().parameters()).dtype
 
     def fit_accuracy(state: Mapping[str, torch.Tensor]) -> float:
@@ -75,5 +76,5 @@ def diagnose(store: IngredientStore, objective: Objective, anchor: Mapping[str, 
 
     uniform_fit_acc = fit_accuracy(store.centre(dtype=dtype))
     best_fit_acc = fit_accuracy(store.load(best_individual(store)))
-    cosine = mean_pairwise_cosine(store, checked_anchor(store, anchor, "the basin diagnostic"))
+    cosine = None if anchor is None else mean_pairwise_cosine(store, checked_anchor(store, anchor, "the basin diagnostic"))
     return Basin(uniform_fit_acc=uniform_fit_acc, best_fit_acc=best_fit_acc, mean_cosine=cosine, gap_limit=gap_limit)

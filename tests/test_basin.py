@@ -83,3 +83,10 @@ def test_the_mean_pairwise_cosine_is_the_direct_mean_over_pairs(tmp_path, K):
     pairs = list(itertools.combinations(taus, 2))
     expected = sum(float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in pairs) / len(pairs) if pairs else 1.0
     assert mean_pairwise_cosine(store, anchor) == pytest.approx(expected, abs=1e-12)
+
+
+def test_without_theta_0_the_diagnostic_still_compares_the_uniform_soup_with_the_best_member(tmp_path):
+    _, solution = trained_toy()
+    basin = diagnose(members(tmp_path, [solution, permuted(solution, torch.arange(HIDDEN).flip(0))]), toy_objective(n=400),
+                     None, gap_limit=0.1, device=torch.device("cpu"))
+    assert basin.mean_cosine is None and basin.apart and "cosine of the task vectors is not measured" in basin.summary

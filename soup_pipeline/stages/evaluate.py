@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from ..atomic import write_json
 from ..config import Params
 from ..data import DataSplits
+from ..errors import SoupError
 from ..basin import diagnose
 from ..evaluate import accuracies, compare_to_reference, predictor, split_outcomes
 from ..ingredients import IngredientStore
@@ -64,6 +65,16 @@ def evaluate_rows(params: Params, layout: Layout, store: IngredientStore,
     return rows, correct, select_losses
 
 
+def anchor_if_known(layout: Layout, store: IngredientStore) -> dict[str, torch.Tensor] | None:
+    """theta_0 for the basin diagnostic's cosine, or None (said in a warning) where the ingredients name another
+    base or the base has none: the diagnostic is advice, and the evaluation goes on without it."""
+    try:
+        return open_anchor(layout, store)
+    except SoupError as exc:
+        warnings.warn(f"the basin diagnostic leaves out the task-vector cosine: {exc}", stacklevel=2)
+        return None
+
+
 def ingredient_rows(store: IngredientStore) -> list[dict]:
     """One row per ingredient: its hyperparameters and its fit and select accuracy."""
     return [{"ingredient": i.name, "fit_acc": i.fit_acc, "select_acc": i.meta.get("select_acc"),
@@ -91,7 +102,7 @@ def run(params: Params, root: str | Path) -> list[dict]:
                               seed=params.evaluate.bootstrap_seed, resamples=params.evaluate.bootstrap_resamples)
     write_json(out / "registration.json", {"method": chosen.method, "reference": chosen.reference,
                                            "reason": chosen.reason, "candidates": chosen.candidates})
-    basin = diagnose(store, soup_objective(params, store, splits), open_anchor(layout, store),
+    basin = diagnose(store, soup_objective(params, store, splits), anchor_if_known(layout, store),
                      gap_limit=params.evaluate.basin_gap, device=resolve_device(params.soup.device))
     write_json(out / "basin.json", basin.as_dict())
     if basin.warning:
