@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     with process_group(resolve_device("cpu")) as ranks:
         store = IngredientStore(sorted((args.out / "ingredients").glob("*.safetensors")))  # made by the test
-        params = params_for(args.method, **SETTINGS, grad_clip=args.grad_clip)
+        params = params_for(args.method, **SETTINGS, grad_clip=args.grad_clip, nproc=ranks.world)  # as the stage sets it
         crash_rank = min(1, ranks.world - 1)
 
         def crash(event):
@@ -48,7 +48,7 @@ def main() -> None:
         result = run_method(args.method, store, toy_objective(), params, resume_dir=args.out / "resume", **hook)
         record = {"rank": ranks.rank, "world": ranks.world, "peak_resident_count": store.peak_resident_count,
                   "peak_resident_bytes": store.peak_resident_bytes, "ingredient_bytes": store.ingredient_bytes(),
-                  "beta_sum": float(result.beta.sum())}
+                  "beta_sum": float(result.beta.sum()), "blocks_reused": result.info.get("blocks_reused", 0)}
         (args.out / f"rank-{ranks.rank}.json").write_text(json.dumps(record))
         if Ranks.current().leader:
             save_file({"coefficients": result.info["coefficients"].contiguous(), "beta": result.beta.contiguous(),

@@ -41,6 +41,11 @@ from .resume import fingerprint, load_state, save_state, state_path
 MASK_RTOL = 1e-6  # a direction with |d_{k,l}| <= MASK_RTOL * |c_l| is masked (its coefficient stays 0)
 
 
+# How a soup is computed, not what: left out of the resume key, so a run killed on 2 processes resumes on 1 (or
+# on another device, or with prefetching or the fused step switched), its saved blocks being the same numbers.
+EXECUTION_ONLY = ("nproc", "prefetch", "fused_step", "device")
+
+
 class HLParams(SoupSettings):
     """HL-Soup: AdamW on X with warm-up and cosine decay, all K directions in one block."""
 
@@ -172,8 +177,8 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: MEHLPa
     start = 0
     saved_at = None
     if resume_dir is not None:
-        settings = {**params.model_dump(exclude={"search"}), "layerwise": layerwise, "b": b, "epochs": epochs, "steps": steps,
-                    "perms": perms, "batches": batches, "dtype": str(dtype)}
+        settings = {**params.model_dump(exclude={"search", *EXECUTION_ONLY}), "layerwise": layerwise, "b": b,
+                    "epochs": epochs, "steps": steps, "perms": perms, "batches": batches, "dtype": str(dtype)}
         saved_at = state_path(resume_dir, fingerprint(store, settings))
         state = load_state(saved_at)
         if state is not None:
