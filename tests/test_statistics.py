@@ -265,3 +265,19 @@ def test_the_mean_interval_of_real_differences_is_exact_on_constants_and_refuses
     assert low == pytest.approx(values.mean() - half, abs=0.02) and high == pytest.approx(values.mean() + half, abs=0.02)
     with pytest.raises(SoupError, match="finite numbers"):
         bootstrap_mean_interval([0.1, float("nan")], seed=0)
+
+
+def test_the_bootstrap_is_paired_it_is_zero_on_identical_inputs_and_the_naive_paired_loop_on_the_same_draws():
+    rng = np.random.default_rng(5)
+    a = rng.random(300) < 0.7
+    b = a.copy()
+    b[rng.choice(300, 30, replace=False)] ^= True  # 30 of 300 examples differ: the two models agree on the rest
+    assert paired_bootstrap_interval(a, a, seed=0) == (0.0, 0.0)
+    low, high = paired_bootstrap_interval(a, b, seed=7, n_resamples=500)
+    draws = np.random.default_rng(7).integers(0, 300, size=(500, 300))  # the same draws, one resample per row
+    naive = [a[row].mean() - b[row].mean() for row in draws]  # the same examples for both: paired
+    assert (low, high) == pytest.approx(tuple(np.quantile(naive, [0.025, 0.975])), abs=1e-12)
+    other = np.random.default_rng(8).integers(0, 300, size=(500, 300))  # each model on its own draws: unpaired
+    unpaired = [a[row].mean() - b[other_row].mean() for row, other_row in zip(draws, other)]
+    spread = np.subtract(*np.quantile(unpaired, [0.975, 0.025]))
+    assert high - low < 0.5 * spread  # pairing removes the examples both get right or wrong
