@@ -66,15 +66,16 @@ def file_sha256(path: str | Path) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _hash_of_version(path: Path, size: int, mtime_ns: int) -> str:  # size and mtime name the file's version
+def _hash_of_version(path: Path, version: tuple[int, ...]) -> str:  # `version`: what a rewrite of the file changes
     return file_sha256(path)
 
 
 def unchanged_file_sha256(path: str | Path) -> str:
-    """`file_sha256`, hashed once per version of the file in this process (a rewrite changes size or mtime),
-    so stores opened again on the same files (the ablation opens many) do not read them again."""
+    """`file_sha256`, hashed once per version of the file in this process, so stores opened again on the same files
+    (the ablation opens many) do not read them again. The version is the inode, size, mtime and ctime: a rewrite
+    that keeps the size and puts the mtime back (os.utime) still moves the ctime, which no caller can set."""
     stat = Path(path).stat()
-    return _hash_of_version(Path(path).resolve(), stat.st_size, stat.st_mtime_ns)
+    return _hash_of_version(Path(path).resolve(), (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
 
 
 def verify_sha256(path: str | Path, expected: str, *, recorded_in: str, fix: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 import warnings
 
 import pytest
@@ -95,6 +96,18 @@ def test_a_changed_byte_is_refused_naming_the_file_and_the_recorded_hash(tmp_pat
     assert f"{changed.path}: sha256 " in message and f"does not match {changed.meta['sha256']}" in message
     assert str(tmp_path / "changed.json") in message and "dvc repro" in message
     assert len(IngredientStore([kept.path])) == 1
+
+
+def test_a_same_size_rewrite_that_puts_the_mtime_back_is_hashed_again_in_the_same_process(tmp_path):
+    changed = _save(tmp_path, "changed", Toy().state_dict())
+    assert len(IngredientStore([changed.path])) == 1  # hashed once, and cached for this version of the file
+    before = changed.path.stat()
+    time.sleep(0.01)
+    flip_data_byte(changed.path)
+    os.utime(changed.path, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size, same mtime
+    assert (changed.path.stat().st_size, changed.path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    with pytest.raises(IngredientError, match="does not match"):
+        IngredientStore([changed.path])
 
 
 def test_an_ingredient_without_a_recorded_hash_is_not_hashed(tmp_path):
