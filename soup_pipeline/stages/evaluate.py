@@ -90,8 +90,8 @@ def with_costs(rows: list[dict], layout: Layout) -> list[dict]:
 def run(params: Params, root: str | Path) -> list[dict]:
     """Write runs/eval/{metrics.json, methods.json, table.md, ingredients.json, registration.json (the model select
     data prefer, `soup_pipeline.selection`), basin.json (`soup_pipeline.basin`, warned when the members sit
-    apart)} and runs/eval/plots/*.png (the
-    same bytes for the same inputs), and runs/costs/evaluation.md; return the rows with each soup's cost."""
+    apart)} and runs/eval/plots/*.png (the same bytes for the same inputs), and runs/costs/evaluation.md; return
+    the rows with each soup's cost."""
     layout = Layout(Path(root))
     store = open_store(params, layout)
     splits = load_splits(params)

@@ -29,6 +29,7 @@ from ..ingredients import Ingredient, file_sha256, read_ingredient
 from ..kill_points import reached
 from ..layout import Layout, load_splits, member_ids, open_store, read_json, with_members
 from ..soups import SoupResult
+from ..selection import FALLBACK_REFERENCE as BEST_INDIVIDUAL  # the fittest fine-tune's row; `auto` may register it
 from ..soups.base import best_individual
 from ..stages import finetune, soup
 from ..stages.evaluate import ingredient_rows
@@ -37,7 +38,6 @@ LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
 LINEAGE = "lineage"  # the soup run's table of its ingredients' sources and hashes
 BASIN_METRICS = ("uniform_fit_acc", "best_fit_acc", "gap", "mean_cosine")  # of runs/eval/basin.json, on the parent run
-BEST_INDIVIDUAL = "best_individual"  # the evaluation's row of the fittest fine-tune; `auto` may register it
 BUILDER = "soup_pipeline.models:classifier_from_spec"  # rebuilds the classifier in the registered pyfunc model
 # from the evaluation row, logged on the soup's run and tagged on its registered version
 ROW_METRICS = (*tracking.METRIC_TAGS, "shifted_test_vs_greedy", "shifted_test_ci_low", "shifted_test_ci_high",
@@ -188,8 +188,8 @@ def log_finetune(ingredient: Ingredient, member: int, *, reused: bool, seconds: 
 
 def log_tables(tracker: Tracker, params: Params, root: str | Path, rows: list[dict]) -> None:
     """On the parent run (call from the flow's own thread): K used, the basin diagnostic (metrics `basin_*`, and
-    the warning as the tag `basin_warning` when the members sit apart), the model `auto` chose (tag
-    `registration`), the ingredient table and the evaluation table."""
+    the warning as the param `basin_warning` when the members sit apart), the model the evaluation chose on select
+    data (param `registration`), the ingredient table and the evaluation table."""
 
     def log() -> None:
         layout = Layout(Path(root))
