@@ -21,10 +21,10 @@ import yaml
 
 from soup_pipeline.config import load_params
 from soup_pipeline.stages import evaluate, finetune, prepare, pretrain, soup
-from soup_pipeline.layout import Layout, member_ids
+from soup_pipeline.stages.paths import Layout, member_ids
 from soup_pipeline.soups import SPECS
-from soup_pipeline.statistics import mean_interval
-from soup_pipeline.tables import markdown_table
+from soup_pipeline.evaluation.statistics import mean_interval
+from soup_pipeline.evaluation.tables import markdown_table
 
 REFERENCE = "greedy"
 COLUMNS = ("fit_acc", "select_acc", "test_acc", "shifted_test_acc", "seconds", "peak_cpu_mib")

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from soup_pipeline.config import load_params
 from soup_pipeline.soups import run_method
-from soup_pipeline.soups.base import model_at, resolve_device, role_metrics
-from soup_pipeline.layout import Layout, load_splits, open_store, soup_objective
-from soup_pipeline.tables import markdown_table
+from soup_pipeline.soups.base import model_at, role_metrics
+from soup_pipeline.runtime.devices import resolve_device
+from soup_pipeline.stages.paths import Layout, load_splits, open_store, soup_objective
+from soup_pipeline.evaluation.tables import markdown_table
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,12 +31,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from soup_pipeline.ingredients import IngredientStore, save_ingredient
-from soup_pipeline.meters import measure
-from soup_pipeline.models import classifier_from_spec, classifier_spec
+from soup_pipeline.core.ingredients import IngredientStore, save_ingredient
+from soup_pipeline.runtime.meters import measure
+from soup_pipeline.core.models import classifier_from_spec, classifier_spec
 from soup_pipeline.soups import Objective, params_from, run_method
-from soup_pipeline.soups.base import resolve_device
-from soup_pipeline.soups.distributed import process_group, rank_device
+from soup_pipeline.runtime.devices import rank_device, resolve_device
+from soup_pipeline.soups.distributed import process_group
 
 NUM_CLASSES = 10
 MERGES = ("task_arithmetic", "ties", "dare", "dare_ties", "model_stock", "wise_ft")

@@ -9,8 +9,8 @@ import warnings
 from pathlib import Path
 
 from .config import Params, load_params, soup_methods
-from .errors import SoupError
-from .lock import LOCK_HELD_ENV, root_lock
+from .runtime.errors import SoupError
+from .runtime.lock import LOCK_HELD_ENV, root_lock
 
 OFFLINE_DEFAULTS = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1"}
@@ -97,11 +97,11 @@ def _locked_dispatch(args: argparse.Namespace) -> str:
 def _dispatch(args: argparse.Namespace) -> str:
     """Each command imports only what it runs, so a stage's code is its own import closure (`stage_code`)."""
     if args.command == "init":
-        from .scaffold import init
+        from .stages.scaffold import init
 
         return init(Path(args.dir), Path(args.remote) if args.remote else None)
     if args.command == "code-digests":
-        from .stage_code import write_code_digests
+        from .stages.code import write_code_digests
 
         return f"code digests: {len(write_code_digests(Path(args.root)))} changed"
     params = load_params(args.params)
@@ -160,13 +160,13 @@ def _import(params: Params, root: Path, args: argparse.Namespace) -> str:
 
 def _evaluate(params: Params, root: Path, args: argparse.Namespace) -> str:
     from .stages import evaluate
-    from .tables import markdown_table
+    from .evaluation.tables import markdown_table
 
     return markdown_table(evaluate.run(params, root), evaluate.TABLE_COLUMNS)
 
 
 def _ablate(params: Params, root: Path, args: argparse.Namespace) -> str:
-    from .layout import Layout
+    from .stages.paths import Layout
     from .stages import ablate
 
     ablate.run(params, root)
@@ -176,7 +176,7 @@ def _ablate(params: Params, root: Path, args: argparse.Namespace) -> str:
 def _run(params: Params, root: Path, args: argparse.Namespace) -> str:
     from .prefect.pipeline import soup_pipeline_flow
     from .stages.evaluate import TABLE_COLUMNS
-    from .tables import markdown_table
+    from .evaluation.tables import markdown_table
 
     summary = soup_pipeline_flow(params_path=args.params, root=str(root))
     if summary["tracking_missed"]:

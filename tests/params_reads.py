@@ -9,7 +9,8 @@ from typing import Iterator
 
 from pydantic import BaseModel
 
-from soup_pipeline.config import Params, SoupParams, SoupSettings, Strict
+from soup_pipeline.config import Params, SoupParams
+from soup_pipeline.core.settings import SoupSettings, Strict
 
 
 class ReadRecorder:

@@ -1,5 +1,5 @@
-"""The core (stages included) never imports the tracking package, Prefect, MLflow or DVC; the CLI names bad
-params and bad methods clearly."""
+"""Every module below the tracking layer (the stages included) imports without the tracking package, Prefect, MLflow
+or DVC; the CLI names bad params and bad methods clearly."""
 
 from __future__ import annotations
 
@@ -8,16 +8,11 @@ import sys
 
 import pytest
 
+from package_layers import below_tracking
 from soup_pipeline.config import load_params
-from soup_pipeline.errors import SoupError
+from soup_pipeline.runtime.errors import SoupError
 
-CORE = ["soup_pipeline.config", "soup_pipeline.ingredients", "soup_pipeline.soups", "soup_pipeline.models",
-        "soup_pipeline.data", "soup_pipeline.pretrain", "soup_pipeline.finetune", "soup_pipeline.sweep",
-        "soup_pipeline.evaluate", "soup_pipeline.meters", "soup_pipeline.plots", "soup_pipeline.statistics",
-        "soup_pipeline.layout", "soup_pipeline.tables", "soup_pipeline.cli", "soup_pipeline.sources",
-        "soup_pipeline.stage_code", "soup_pipeline.scaffold",
-        *(f"soup_pipeline.stages.{stage}" for stage in ("prepare", "pretrain", "finetune", "soup", "evaluate", "ablate",
-                                                         "importer"))]
+CORE = below_tracking()  # the pipeline layer and every layer under it, each module by name
 
 BLOCKER = """
 import sys

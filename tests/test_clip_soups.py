@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from soup_pipeline.config import FinetuneParams
-from soup_pipeline.finetune import finetune
-from soup_pipeline.ingredients import IngredientStore
-from soup_pipeline.models import TINY_ARCH, classifier_from_clip, classifier_from_spec, load_clip, zero_shot_head
+from soup_pipeline.core.settings import FinetuneParams
+from soup_pipeline.training.finetune import finetune
+from soup_pipeline.core.ingredients import IngredientStore
+from soup_pipeline.core.models import TINY_ARCH, classifier_from_clip, classifier_from_spec, load_clip, zero_shot_head
 from soup_pipeline.soups import SPECS, Objective, SoupResult, run_method
-from soup_pipeline.evaluate import accuracy, dataset_targets, loss_and_accuracy, model_logits
+from soup_pipeline.evaluation.scoring import accuracy, dataset_targets, loss_and_accuracy, model_logits
 from soup_pipeline.soups.base import model_at
 from soup_pipeline.soups.layers import group_layers
 

@@ -16,14 +16,15 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torchvision.transforms import ToTensor
 
-from soup_pipeline.config import Augmentation, DataParams, Params, SweepParams, load_params, parse_section
-from soup_pipeline.augment import AUGMENTATIONS, augment
-from soup_pipeline.data import (
+from soup_pipeline.config import Params, load_params
+from soup_pipeline.core.settings import Augmentation, DataParams, SweepParams, parse_section
+from soup_pipeline.training.augment import AUGMENTATIONS, augment
+from soup_pipeline.core.data import (
     DIGIT_CLASSNAMES, IMAGE_TEMPLATES, build_datasets, digits_arrays, digits_splits, select_split, stratified_indices,
     torchvision_dataset,
 )
-from soup_pipeline.errors import SoupError
-from soup_pipeline.layout import load_splits
+from soup_pipeline.runtime.errors import SoupError
+from soup_pipeline.stages.paths import load_splits
 
 
 def test_stratified_indices_are_disjoint_deterministic_and_keep_class_shares():
@@ -57,7 +58,7 @@ def test_select_split_is_stratified_seeded_and_refuses_an_empty_role():
 def test_the_digits_are_scikit_learns_read_without_importing_it(monkeypatch):
     images, labels = digits_arrays()
     assert np.array_equal(images, load_digits().images) and np.array_equal(labels, load_digits().target)
-    done = subprocess.run([sys.executable, "-c", "import sys; from soup_pipeline.data import digits_arrays; "
+    done = subprocess.run([sys.executable, "-c", "import sys; from soup_pipeline.core.data import digits_arrays; "
                            "digits_arrays(); print('sklearn' in sys.modules)"], capture_output=True, text=True)
     assert done.stdout.strip() == "False", done.stderr
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # the file not found: scikit-learn's loader

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from soup_pipeline.ingredients import IngredientStore
+from soup_pipeline.core.ingredients import IngredientStore
 from soup_pipeline.soups import run_method
 from soup_ranks import SETTINGS
 from toys import params_for, toy_ingredients, toy_objective

@@ -22,9 +22,9 @@ from flow_run import fast_repo, lock_file
 from mlflow_server import free_port, serve_mlflow
 from prefect_server import prefect_server, spawn
 from soup_pipeline.config import Params
-from soup_pipeline.ingredients import file_sha256
-from soup_pipeline.kill_points import KILL_AT_ENV
-from soup_pipeline.layout import Layout
+from soup_pipeline.core.ingredients import file_sha256
+from soup_pipeline.runtime.kill_points import KILL_AT_ENV
+from soup_pipeline.stages.paths import Layout
 from soup_pipeline.tracking import flow as track
 from soup_pipeline.tracking.orphans import RESUMED_BY_TAG, ROOT_TAG
 
@@ -163,7 +163,7 @@ def test_dvc_repro_killed_at_every_stage_in_turn_ends_as_the_uninterrupted_flow(
 
 WRITE_UNDER_LIMIT = """
 import resource, sys, torch
-from soup_pipeline.ingredients import save_ingredient
+from soup_pipeline.core.ingredients import save_ingredient
 from soup_pipeline.soups.resume import save_state
 resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # as a full disk would: writes past 200 kB fail
 if sys.argv[1] == "ingredient":
@@ -176,7 +176,7 @@ else:
 
 @pytest.mark.parametrize("kind, name", [("ingredient", "member-1.safetensors"), ("state", "mehl_state.safetensors")])
 def test_a_write_that_runs_out_of_room_keeps_the_previous_file_and_names_the_path(tmp_path, kind, name):
-    from soup_pipeline.ingredients import save_ingredient
+    from soup_pipeline.core.ingredients import save_ingredient
 
     target = tmp_path / name
     save_ingredient({"w": torch.zeros(10)}, target, meta={"member": 1})  # the previous, complete file
@@ -184,7 +184,7 @@ def test_a_write_that_runs_out_of_room_keeps_the_previous_file_and_names_the_pat
     done = subprocess.run([sys.executable, "-c", WRITE_UNDER_LIMIT, kind, str(target)], capture_output=True, text=True)
     assert done.returncode == 1
     (last,) = done.stderr.strip().splitlines()[-1:]
-    assert last.startswith("soup_pipeline.errors.SoupError: could not write " + str(target)) and "File too large" in last
+    assert last.startswith("soup_pipeline.runtime.errors.SoupError: could not write " + str(target)) and "File too large" in last
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before  # intact, no partial file
 
 

@@ -15,14 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from soup_pipeline.config import FinetuneParams, SweepParams
-from soup_pipeline.errors import SoupError
-from soup_pipeline.evaluate import loss_and_accuracy
-from soup_pipeline.finetune import finetune
-from soup_pipeline.ingredients import IngredientStore, file_sha256
-from soup_pipeline.models import (TINY_ARCH, classifier_from_clip, classifier_from_spec, load_clip, model_config,
+from soup_pipeline.core.settings import FinetuneParams, SweepParams
+from soup_pipeline.runtime.errors import SoupError
+from soup_pipeline.evaluation.scoring import loss_and_accuracy
+from soup_pipeline.training.finetune import finetune
+from soup_pipeline.core.ingredients import IngredientStore, file_sha256
+from soup_pipeline.core.models import (TINY_ARCH, classifier_from_clip, classifier_from_spec, load_clip, model_config,
                                   zero_shot_head)
-from soup_pipeline.sweep import ingredient_path, sample_hparams
+from soup_pipeline.training.sweep import ingredient_path, sample_hparams
 
 ONE_EPOCH = FinetuneParams(epochs=1, lr=1e-4, augmentation="strong", label_smoothing=0.1, seed=7).model_dump()
 
@@ -88,8 +88,8 @@ ALONE = """
 import json, sys
 import open_clip
 from helpers_clip import TINY_DATA
-from soup_pipeline.data import digits_splits
-from soup_pipeline.finetune import finetune
+from soup_pipeline.core.data import digits_splits
+from soup_pipeline.training.finetune import finetune
 config, base, hparams, out, arch = sys.argv[1:]
 open_clip.add_model_config(config)
 finetune(base, json.loads(hparams), digits_splits(TINY_DATA), out, member=0, arch=arch, device="cpu")

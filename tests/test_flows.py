@@ -28,11 +28,11 @@ from prefect_server import (cli, deployment, finished_flow_run, flow_run_states,
                             serve_deployment, worker)
 from soup_pipeline import tracking
 from soup_pipeline.config import load_params
-from soup_pipeline.errors import SoupError
-from soup_pipeline.ingredients import file_sha256, read_ingredient
-from soup_pipeline.layout import Layout, load_splits
-from soup_pipeline.models import classifier_from_spec
-from soup_pipeline.lock import root_lock
+from soup_pipeline.runtime.errors import SoupError
+from soup_pipeline.core.ingredients import file_sha256, read_ingredient
+from soup_pipeline.stages.paths import Layout, load_splits
+from soup_pipeline.core.models import classifier_from_spec
+from soup_pipeline.runtime.lock import root_lock
 from soup_pipeline.stages import soup as soup_stage
 
 pytestmark = pytest.mark.slow

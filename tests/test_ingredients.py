@@ -10,9 +10,9 @@ import warnings
 import pytest
 import torch
 
-from soup_pipeline.config import SoupSettings
-from soup_pipeline.errors import IngredientError, SoupError
-from soup_pipeline.ingredients import IngredientStore, import_checkpoint, read_ingredient, save_ingredient
+from soup_pipeline.core.settings import SoupSettings
+from soup_pipeline.runtime.errors import IngredientError, SoupError
+from soup_pipeline.core.ingredients import IngredientStore, import_checkpoint, read_ingredient, save_ingredient
 from soup_pipeline.soups import method_params, run_method
 
 from toys import DEVICE, Toy, params_for, toy_ingredients, toy_objective

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from soup_pipeline.errors import SoupError
-from soup_pipeline.lock import root_lock
+from soup_pipeline.runtime.errors import SoupError
+from soup_pipeline.runtime.lock import root_lock
 
-HOLD = "import sys, time\nfrom soup_pipeline.lock import root_lock\nwith root_lock(sys.argv[1], 'test'):\n" \
+HOLD = "import sys, time\nfrom soup_pipeline.runtime.lock import root_lock\nwith root_lock(sys.argv[1], 'test'):\n" \
        "    print('held', flush=True)\n    time.sleep(600)\n"
 
 
@@ -45,10 +45,10 @@ def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path):
 
 
 def test_the_next_writer_removes_what_a_killed_writer_left_half_written(tmp_path):
-    from soup_pipeline.atomic import atomic_path
+    from soup_pipeline.runtime.atomic import atomic_path
 
     target = tmp_path / "runs" / "soups" / "greedy" / "soup.safetensors"
-    script = ("import os, sys\nfrom soup_pipeline.atomic import atomic_path\n"
+    script = ("import os, sys\nfrom soup_pipeline.runtime.atomic import atomic_path\n"
               "with atomic_path(sys.argv[1]) as tmp:\n    tmp.write_bytes(b'half')\n    os.kill(os.getpid(), 9)\n")
     done = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True)
     assert done.returncode == -signal.SIGKILL

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from soup_pipeline.errors import SoupError
-from soup_pipeline.ingredients import IngredientStore, save_ingredient
+from soup_pipeline.runtime.errors import SoupError
+from soup_pipeline.core.ingredients import IngredientStore, save_ingredient
 from soup_pipeline.soups import SPECS, Objective, get_spec, method_params, run_method
 from soup_pipeline.soups.dare import DareParams, DareTiesParams, dare, dare_ties
 from soup_pipeline.soups.layers import group_layers
@@ -289,7 +289,7 @@ def test_a_merge_method_holds_one_ingredient_at_a_time_whatever_k(tmp_path, name
 
 
 def test_the_soup_stage_anchors_on_the_bases_zero_shot_model_and_refuses_another_base(tmp_path):
-    from soup_pipeline.layout import Layout, open_anchor
+    from soup_pipeline.stages.paths import Layout, open_anchor
 
     store, anchor = toy_ingredients(tmp_path, 2), anchor_of()
     layout = Layout(tmp_path / "root")

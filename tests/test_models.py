@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from soup_pipeline.ingredients import read_state_file
-from soup_pipeline.errors import SoupError
-from soup_pipeline.models import (
+from soup_pipeline.core.ingredients import read_state_file
+from soup_pipeline.runtime.errors import SoupError
+from soup_pipeline.core.models import (
     TINY_ARCH, ImageClassifier, classifier_from_clip, classifier_from_spec, classifier_spec, load_clip, model_config,
     zero_shot_head,
 )
@@ -72,7 +72,7 @@ def test_classifier_is_scaled_cosine_without_text_tower(clip):
 
 def test_classifier_from_spec_matches_and_survives_json(clip):
     classifier = classifier_from_clip(clip.model, torch.randn(3, 128))
-    spec = json.loads(json.dumps({**classifier_spec(TINY_ARCH, 3), "builder": "soup_pipeline.models:classifier_from_spec"}))
+    spec = json.loads(json.dumps({**classifier_spec(TINY_ARCH, 3), "builder": "soup_pipeline.core.models:classifier_from_spec"}))
     empty = classifier_from_spec(spec)
     assert isinstance(empty, ImageClassifier)
     assert _signature(empty.state_dict()) == _signature(classifier.state_dict())

@@ -18,8 +18,8 @@ import yaml
 from dvc_repo import PROJECT, TINY, sh
 from flow_run import FAST
 from prefect_server import prefect_server
-from soup_pipeline.ingredients import file_sha256
-from soup_pipeline.stage_code import DVC_STAGES
+from soup_pipeline.core.ingredients import file_sha256
+from soup_pipeline.stages.code import DVC_STAGES
 
 TEMPLATES = PROJECT / "soup_pipeline" / "templates"
 
@@ -148,8 +148,8 @@ def test_a_teams_own_flow_calls_the_soup_subflow_on_a_real_prefect_server(tmp_pa
 def test_the_subflows_ingredient_task_refuses_a_checkpoint_that_does_not_fit_and_writes_nothing(tmp_path):
     from safetensors.torch import save_file
 
-    from soup_pipeline.errors import IngredientError
-    from soup_pipeline.models import classifier_from_spec, classifier_spec
+    from soup_pipeline.runtime.errors import IngredientError
+    from soup_pipeline.core.models import classifier_from_spec, classifier_spec
     from soup_pipeline.prefect import ingredient_task
 
     spec = classifier_spec("soup-tiny-vit", 10)

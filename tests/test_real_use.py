@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from soup_pipeline.config import Params
-from soup_pipeline.models import load_clip
+from soup_pipeline.core.models import load_clip
 from soup_pipeline.stages import finetune, pretrain, soup
 
 pytestmark = pytest.mark.slow

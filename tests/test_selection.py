@@ -1,4 +1,4 @@
-"""`register_method: auto` (soup_pipeline.selection): greedy soup is kept unless a candidate's select loss is lower
+"""`register_method: auto` (soup_pipeline.evaluation.selection): greedy soup is kept unless a candidate's select loss is lower
 by a paired interval (resampled by source image) that excludes zero; test data are not an input."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from soup_pipeline.errors import SoupError
-from soup_pipeline.selection import choose_on_select
+from soup_pipeline.runtime.errors import SoupError
+from soup_pipeline.evaluation.selection import choose_on_select
 
 N = 600  # select examples: 200 source images x 3 views
 GROUPS = torch.arange(N) // 3

@@ -9,7 +9,7 @@ import torch
 from torch.func import functional_call
 
 from soup_pipeline.soups import Objective, fused, run_method
-from soup_pipeline.data import fetch_batch
+from soup_pipeline.core.data import fetch_batch
 from soup_pipeline.soups.fused import run_rows
 from soup_pipeline.soups.hyperplane import hyperplane_soup
 from soup_pipeline.soups.layers import group_layers
@@ -152,7 +152,7 @@ def test_beta_sums_to_one_and_rebuilds_the_soup(tmp_path, normalize):
 
 def test_zero_directions_are_masked_without_division(tmp_path):
     store = toy_ingredients(tmp_path, K=3)
-    from soup_pipeline.ingredients import IngredientStore, save_ingredient
+    from soup_pipeline.core.ingredients import IngredientStore, save_ingredient
 
     paths = []
     for k in range(3):  # make one layer identical across ingredients

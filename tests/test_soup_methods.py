@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from soup_pipeline.ingredients import IngredientStore, save_ingredient
+from soup_pipeline.core.ingredients import IngredientStore, save_ingredient
 from soup_pipeline.soups import Objective, run_method
-from soup_pipeline.evaluate import loss_and_accuracy
+from soup_pipeline.evaluation.scoring import loss_and_accuracy
 from soup_pipeline.soups.base import model_at
 from soup_pipeline.soups.hyperplane import hyperplane_soup
 

@@ -13,10 +13,11 @@ from safetensors.torch import save_file
 
 from mlflow_server import serve_mlflow
 from soup_pipeline.cli import main
-from soup_pipeline.config import DataParams, Params, SoupParams
-from soup_pipeline.errors import IngredientError
-from soup_pipeline.ingredients import IngredientStore, file_sha256
-from soup_pipeline.models import classifier_from_spec, classifier_spec
+from soup_pipeline.config import Params, SoupParams
+from soup_pipeline.core.settings import DataParams
+from soup_pipeline.runtime.errors import IngredientError
+from soup_pipeline.core.ingredients import IngredientStore, file_sha256
+from soup_pipeline.core.models import classifier_from_spec, classifier_spec
 from soup_pipeline.stages import importer
 from soup_pipeline.tracking.sources import mlflow_sources
 

@@ -15,11 +15,11 @@ from safetensors.torch import save_file
 from dvc_repo import PROJECT, TINY, sh
 from params_reads import recording
 from soup_pipeline.config import load_params
-from soup_pipeline.models import classifier_from_spec, classifier_spec
-from soup_pipeline.stage_code import DVC_STAGES, imported_files, stage_code
+from soup_pipeline.core.models import classifier_from_spec, classifier_spec
+from soup_pipeline.stages.code import DVC_STAGES, imported_files, stage_code
 
 STAGES = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
-EXECUTION_ONLY = {"soup.nproc"}  # how a soup is run, not what it computes (documented in config.SoupSettings)
+EXECUTION_ONLY = {"soup.nproc"}  # how a soup is run, not what it computes (documented in core.settings.SoupSettings)
 CONDITIONAL = {"prepare": {"model.arch": "image folders and torchvision sources use the model's eval transform"}}
 
 
@@ -33,14 +33,14 @@ def code_deps(stage: str) -> list[str]:
 
 @pytest.mark.parametrize("stage", [name for name in STAGES])
 def test_each_stage_depends_on_exactly_the_code_it_runs(stage):
-    assert code_deps(stage) == stage_code(stage), "regenerate the stage's deps from soup_pipeline.stage_code"
+    assert code_deps(stage) == stage_code(stage), "regenerate the stage's deps from soup_pipeline.stages.code"
 
 
 def test_the_closure_follows_function_level_imports_and_only_the_stage_the_cli_dispatches():
     prepare, finetune = set(stage_code("prepare")), set(stage_code("finetune"))
-    assert "soup_pipeline/augment.py" in finetune and "soup_pipeline/augment.py" not in prepare
+    assert "soup_pipeline/training/augment.py" in finetune and "soup_pipeline/training/augment.py" not in prepare
     assert "soup_pipeline/stages/finetune.py" not in prepare  # the CLI imports the dispatched stage only
-    assert "soup_pipeline/configs" in prepare  # package data read by models.py
+    assert "soup_pipeline/core/configs" in prepare  # package data read by models.py
     config = Path(__file__).resolve().parents[1] / "soup_pipeline" / "config.py"
     assert any(path.name == "__init__.py" and path.parent.name == "soups" for path in imported_files(config))
     assert set(DVC_STAGES) == set(STAGES)

@@ -1,4 +1,4 @@
-"""Paired tests and intervals (soup_pipeline.statistics) against hand-computed values, and the seeds summary."""
+"""Paired tests and intervals (soup_pipeline.evaluation.statistics) against hand-computed values, and the seeds summary."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from soup_pipeline.errors import SoupError
-from soup_pipeline.statistics import McNemar, mcnemar_exact, mean_interval, paired_bootstrap_interval, paired_comparison
+from soup_pipeline.runtime.errors import SoupError
+from soup_pipeline.evaluation.statistics import McNemar, mcnemar_exact, mean_interval, paired_bootstrap_interval, paired_comparison
 
 T_975_2_DF = 4.302652729911275  # Student-t 0.975 quantile, 2 degrees of freedom
 T_975_4_DF = 2.7764451051977987  # 4 degrees of freedom
@@ -256,7 +256,7 @@ def test_seeds_settings_are_yaml_values_under_a_section_and_a_bad_one_says_how()
 
 
 def test_the_mean_interval_of_real_differences_is_exact_on_constants_and_refuses_bad_input():
-    from soup_pipeline.statistics import bootstrap_mean_interval
+    from soup_pipeline.evaluation.statistics import bootstrap_mean_interval
 
     assert bootstrap_mean_interval(np.full(50, -0.25), seed=0) == pytest.approx((-0.25, -0.25))
     values = np.random.default_rng(0).normal(0.1, 1.0, 400)

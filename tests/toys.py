@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from soup_pipeline.ingredients import IngredientStore, save_ingredient
+from soup_pipeline.core.ingredients import IngredientStore, save_ingredient
 from soup_pipeline.soups import Objective, params_from
 
 DEVICE = os.environ.get("SOUP_TEST_DEVICE", "cpu")  # set to "cuda" to run the engine tests on a GPU

@@ -6,7 +6,7 @@ pipeline layout: checkpoints, data sets and methods in, the evaluation table and
                            methods={"greedy": {}, "mehl_soup_auto": {}}, register="mehl_soup_auto",
                            registered_model="my-soup", workdir="soup-work")
 
-Checkpoints are state dicts of the classifier `soup_pipeline.models.classifier_from_spec(classifier_spec(arch,
+Checkpoints are state dicts of the classifier `soup_pipeline.core.models.classifier_from_spec(classifier_spec(arch,
 num_classes))` builds (safetensors or `torch.load(weights_only=True)` files; never pickle); data sets yield
 (image tensor, label). Fit data fit, select data choose (greedy soup's order uses fit accuracy, the registry's
 champion moves on select accuracy), test data only report.
@@ -22,12 +22,13 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 from torch.utils.data import Dataset
 
-from ..data import DataSplits
-from ..evaluate import accuracies, compare_to_reference, predictor, split_correctness
-from ..ingredients import Ingredient, IngredientStore, file_sha256, save_ingredient
-from ..models import classifier_from_spec, classifier_spec
+from ..core.data import DataSplits
+from ..evaluation.scoring import accuracies, compare_to_reference, predictor, split_correctness
+from ..core.ingredients import Ingredient, IngredientStore, file_sha256, save_ingredient
+from ..core.models import classifier_from_spec, classifier_spec
 from ..soups import Objective, SoupResult, get_spec, method_params, run_method
-from ..soups.base import best_individual, model_at, resolve_device
+from ..soups.base import best_individual, model_at
+from ..runtime.devices import resolve_device
 from ..stages.importer import checked_state
 from ..tracking import flow as track
 

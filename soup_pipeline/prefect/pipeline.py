@@ -25,13 +25,13 @@ from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from soup_pipeline.config import Params, load_params
-from soup_pipeline.errors import SoupError
-from soup_pipeline.ingredients import Ingredient
-from soup_pipeline.kill_points import reached
+from soup_pipeline.runtime.errors import SoupError
+from soup_pipeline.core.ingredients import Ingredient
+from soup_pipeline.runtime.kill_points import reached
 from soup_pipeline.soups import SoupResult
-from soup_pipeline.layout import member_ids, with_members
-from soup_pipeline.lock import file_lock, root_lock
-from soup_pipeline.stage_code import CODE_DIGESTS, write_code_digests
+from soup_pipeline.stages.paths import member_ids, with_members
+from soup_pipeline.runtime.lock import file_lock, root_lock
+from soup_pipeline.stages.code import CODE_DIGESTS, write_code_digests
 from soup_pipeline.stages import ablate, evaluate, importer, prepare, pretrain, soup
 from soup_pipeline.tracking import flow as track, tracking_uri
 from soup_pipeline.tracking.sources import mlflow_sources

@@ -6,14 +6,14 @@ from typing import Any, Mapping
 
 from pydantic import ValidationError
 
-from ..allocator import map_large_allocations
-from ..config import SoupSettings, format_validation_error
-from ..errors import SoupError
-from ..ingredients import IngredientStore
-from ..meters import measure
+from ..runtime.allocator import map_large_allocations
+from ..core.settings import SoupSettings, format_validation_error
+from ..runtime.errors import SoupError
+from ..core.ingredients import IngredientStore
+from ..runtime.meters import measure
 from . import dare, ensemble, greedy, hyperplane, learned, model_stock, search, task_arithmetic, ties, uniform, wise_ft
-from .base import Method, MethodSpec, Objective, SoupResult, resolve_device
-from .distributed import rank_device
+from .base import Method, MethodSpec, Objective, SoupResult
+from ..runtime.devices import rank_device, resolve_device
 from .layers import SearchableParams
 
 SPECS: dict[str, MethodSpec] = {spec.name: spec for module in (uniform, greedy, learned, hyperplane, search, task_arithmetic,

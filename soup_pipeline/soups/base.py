@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..config import SoupSettings
-from ..data import fetch_batch
-from ..errors import SoupError
-from ..evaluate import loss_and_accuracy
-from ..ingredients import IngredientStore
+from ..core.settings import SoupSettings
+from ..core.data import fetch_batch
+from ..runtime.errors import SoupError
+from ..evaluation.scoring import loss_and_accuracy
+from ..core.ingredients import IngredientStore
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Method = Callable[..., "SoupResult"]
@@ -68,16 +68,6 @@ class MethodSpec:
     anchored: bool = False  # takes anchor= (the pre-trained model theta_0 its task vectors are measured from)
     searched: bool = False  # always chooses its setting from its grid `search` on select data (soups/search.py)
     refines: bool = False  # takes soup= (the built soup its `soup` parameter names); listed under soup.refine
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is the GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SoupError(f"device '{name}' asked for but no CUDA GPU is available; use device: auto or cpu")
-    return device
 
 
 class HeldOutStream:

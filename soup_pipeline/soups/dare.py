@@ -12,7 +12,7 @@ from typing import ClassVar, Mapping
 
 import torch
 
-from ..ingredients import IngredientStore
+from ..core.ingredients import IngredientStore
 from .base import MethodSpec, Objective, SoupResult
 from .layers import Grid
 from .task_vectors import (DropRate, Prune, Scale, ScaledParams, anchored_result, checked_anchor, model_dtype, moved,

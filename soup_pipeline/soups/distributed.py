@@ -94,13 +94,6 @@ class Combiner:
         torch.add(base.flat, self.partial.flat, out=out.flat)
 
 
-def rank_device(device: torch.device) -> torch.device:
-    """The device of this rank: its own GPU (LOCAL_RANK) under torchrun, else `device` as given."""
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
-
-
 def launched_world() -> int:
     """The number of processes torchrun started this one among (1 outside torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

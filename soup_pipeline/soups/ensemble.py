@@ -7,10 +7,11 @@ import functools
 import torch
 from torch.utils.data import Dataset
 
-from ..config import SoupSettings
-from ..ingredients import IngredientStore
-from ..evaluate import model_logits
-from .base import MethodSpec, Objective, SoupResult, check_ingredient_count, model_at, resolve_device, uniform_beta
+from ..core.settings import SoupSettings
+from ..core.ingredients import IngredientStore
+from ..evaluation.scoring import model_logits
+from .base import MethodSpec, Objective, SoupResult, check_ingredient_count, model_at, uniform_beta
+from ..runtime.devices import resolve_device
 
 
 @torch.no_grad()

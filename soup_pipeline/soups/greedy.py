@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..config import SoupSettings
-from ..ingredients import IngredientStore
-from ..evaluate import loss_and_accuracy
-from .base import MethodSpec, Objective, SoupResult, check_ingredient_count, model_at, resolve_device
+from ..core.settings import SoupSettings
+from ..core.ingredients import IngredientStore
+from ..evaluation.scoring import loss_and_accuracy
+from .base import MethodSpec, Objective, SoupResult, check_ingredient_count, model_at
+from ..runtime.devices import resolve_device
 
 
 def fit_accuracy(objective: Objective, state: dict[str, torch.Tensor], device: torch.device) -> float:

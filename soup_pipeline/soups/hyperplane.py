@@ -17,7 +17,6 @@ The projections and rebuilds run one batched product per run of same-shape tenso
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +26,14 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from ..config import SoupSettings
-from ..errors import SoupError
-from ..ingredients import BlockPrefetcher, IngredientStore
-from .base import (HeldOutStream, MethodSpec, Objective, SoupResult, check_ingredient_count, mixable_keys, resolve_device,
-                   LossLog, step_loss, warn_overfitting)
+from ..core.schedule import warmup_cosine_scheduler
+from ..core.settings import SoupSettings
+from ..runtime.errors import SoupError
+from ..core.ingredients import BlockPrefetcher, IngredientStore
+from .base import (HeldOutStream, MethodSpec, Objective, SoupResult, check_ingredient_count, mixable_keys, LossLog, step_loss, warn_overfitting)
+from ..runtime.devices import rank_device, resolve_device
 from .layers import SearchableParams, group_layers
-from .distributed import Combiner, Ranks, rank_device
+from .distributed import Combiner, Ranks
 from .fused import FlatTensors, ShapeRuns, bind_parameters, projections, stacked_runs
 from .mixing import group_rows, per_tensor, row_norms, tensor_columns
 from .resume import fingerprint, load_state, save_state, state_path
@@ -86,13 +86,6 @@ class StepEvent:
 
 
 StepHook = Callable[[StepEvent], None]
-
-
-def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    """Learning-rate factor before optimizer step `step` (0-based): linear warm-up, then cosine to 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def coefficient_scale(norms: torch.Tensor, centre_norm: torch.Tensor, normalized: bool) -> torch.Tensor:
@@ -169,7 +162,6 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: MEHLPa
     stream = HeldOutStream(len(objective.fit), params.batch_size, params.seed, batches)
     passes = params.passes * b / K if compute_matched else params.passes
     steps = max(1, round(passes * stream.batches_per_pass))
-    warmup = int(params.warmup_frac * steps)
 
     X = torch.zeros(K, L, dtype=dtype)
     norms = torch.full((K, L), float("nan"), dtype=torch.float64)
@@ -206,7 +198,7 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: MEHLPa
             with torch.no_grad():
                 combine(base, theta, per_tensor(-(X_block * scale), columns), directions, runs)
             optimizer = torch.optim.AdamW([X_block], lr=params.lr, weight_decay=params.weight_decay)
-            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
+            schedule = warmup_cosine_scheduler(optimizer, steps, params.warmup_frac)
             for step in range(steps):
                 grads.flat.zero_()
                 loss = step_loss(model, objective, stream, device)

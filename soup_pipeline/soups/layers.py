@@ -8,8 +8,8 @@ from typing import ClassVar, Literal
 
 from pydantic import model_validator
 
-from ..config import Strict
-from ..errors import SoupError
+from ..core.settings import Strict
+from ..runtime.errors import SoupError
 
 GroupingName = Literal["tensor", "block", "model"] | list[str]  # a named grouping, or regex patterns (group_layers)
 

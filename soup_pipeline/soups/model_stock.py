@@ -17,8 +17,8 @@ from typing import ClassVar, Mapping
 
 import torch
 
-from ..config import SoupSettings
-from ..ingredients import IngredientStore
+from ..core.settings import SoupSettings
+from ..core.ingredients import IngredientStore
 from .base import MethodSpec, Objective, SoupResult
 from .layers import GroupingName, Grid, LayerwiseParams, group_layers
 from .task_vectors import anchored_result, checked_anchor, mean_cosine_from_sums, model_dtype, moved, task_vectors

@@ -15,10 +15,11 @@ import itertools
 import warnings
 from typing import Literal
 
-from ..config import SoupSettings
-from ..errors import SoupError
-from ..ingredients import IngredientStore
-from .base import Method, MethodSpec, Objective, SoupResult, model_at, resolve_device, role_metrics
+from ..core.settings import SoupSettings
+from ..runtime.errors import SoupError
+from ..core.ingredients import IngredientStore
+from .base import Method, MethodSpec, Objective, SoupResult, model_at, role_metrics
+from ..runtime.devices import resolve_device
 from .hyperplane import BLOCKWISE, MEHLPlusParams, hyperplane_soup
 
 

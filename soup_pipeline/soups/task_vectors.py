@@ -13,9 +13,9 @@ from typing import Annotated, Callable, Iterator, Mapping
 import torch
 from pydantic import Field
 
-from ..config import SoupSettings
-from ..errors import SoupError
-from ..ingredients import IngredientStore
+from ..core.settings import SoupSettings
+from ..runtime.errors import SoupError
+from ..core.ingredients import IngredientStore
 from .base import Objective, SoupResult
 
 State = dict[str, torch.Tensor]

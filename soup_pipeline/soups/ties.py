@@ -14,7 +14,7 @@ from typing import ClassVar, Mapping
 
 import torch
 
-from ..ingredients import IngredientStore
+from ..core.ingredients import IngredientStore
 from .base import MethodSpec, Objective, SoupResult
 from .layers import Grid
 from .task_vectors import (Prune, Scale, ScaledParams, Share, State, anchored_result, checked_anchor, model_dtype,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..config import SoupSettings
-from ..ingredients import IngredientStore
+from ..core.settings import SoupSettings
+from ..core.ingredients import IngredientStore
 from .base import MethodSpec, Objective, SoupResult, check_ingredient_count, uniform_beta
 
 

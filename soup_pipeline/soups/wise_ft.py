@@ -13,9 +13,9 @@ from typing import ClassVar, Mapping
 
 import torch
 
-from ..config import SoupSettings
-from ..errors import SoupError
-from ..ingredients import IngredientStore
+from ..core.settings import SoupSettings
+from ..runtime.errors import SoupError
+from ..core.ingredients import IngredientStore
 from .base import MethodSpec, Objective, SoupResult, best_individual
 from .layers import Grid
 from .task_vectors import Mix, State, anchored_result, checked_anchor, model_dtype, moved

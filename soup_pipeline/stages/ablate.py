@@ -5,16 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..atomic import write_json
+from ..runtime.atomic import write_json
 from ..config import Params
-from ..data import DataSplits
-from ..evaluate import SPLIT_COLUMNS, predictor, split_accuracies
-from ..ingredients import IngredientStore
-from ..plots import plot_curves
+from ..core.data import DataSplits
+from ..evaluation.scoring import SPLIT_COLUMNS, predictor, split_accuracies
+from ..core.ingredients import IngredientStore
+from ..evaluation.plots import plot_curves
 from ..soups import run_method
-from ..soups.base import model_at, resolve_device
-from ..tables import markdown_table
-from ..layout import Layout, load_splits, open_store, soup_objective
+from ..soups.base import model_at
+from ..runtime.devices import resolve_device
+from ..evaluation.tables import markdown_table
+from .paths import Layout, load_splits, open_store, soup_objective
 
 CURVE_METHODS = ("greedy", "mehl_soup_plus")
 REMOVAL_METHODS = ("uniform", "greedy", "mehl_soup_plus")

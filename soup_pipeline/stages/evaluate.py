@@ -12,20 +12,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..atomic import write_json
+from ..runtime.atomic import write_json
 from ..config import Params
-from ..data import DataSplits
-from ..errors import SoupError
-from ..basin import diagnose
-from ..evaluate import accuracies, compare_to_reference, predictor, split_outcomes
-from ..ingredients import IngredientStore
-from ..kill_points import reached
-from ..plots import plot_methods, plot_mixing_weights
-from ..selection import choose_on_select
-from ..soups.base import best_individual, model_at, resolve_device
+from ..core.data import DataSplits
+from ..runtime.errors import SoupError
+from ..soups.basin import diagnose
+from ..evaluation.scoring import accuracies, compare_to_reference, predictor, split_outcomes
+from ..core.ingredients import IngredientStore
+from ..runtime.kill_points import reached
+from ..evaluation.plots import plot_methods, plot_mixing_weights
+from ..evaluation.selection import choose_on_select
+from ..soups.base import best_individual, model_at
+from ..runtime.devices import resolve_device
 from ..soups.ensemble import ensemble_logits
-from ..tables import markdown_table
-from ..layout import Layout, load_splits, open_anchor, open_store, read_json, soup_objective
+from ..evaluation.tables import markdown_table
+from .paths import Layout, load_splits, open_anchor, open_store, read_json, soup_objective
 
 REFERENCE = "greedy"  # every method is compared with greedy soup, the practical default
 RESULT_COLUMNS = ["method", "fit_acc", "select_acc", "test_acc", "shifted_test_acc", "test_vs_greedy", "test_ci_low",
@@ -89,7 +90,7 @@ def with_costs(rows: list[dict], layout: Layout) -> list[dict]:
 
 def run(params: Params, root: str | Path) -> list[dict]:
     """Write runs/eval/{metrics.json, methods.json, table.md, ingredients.json, registration.json (the model select
-    data prefer, `soup_pipeline.selection`), basin.json (`soup_pipeline.basin`, warned when the members sit
+    data prefer, `soup_pipeline.evaluation.selection`), basin.json (`soup_pipeline.soups.basin`, warned when the members sit
     apart)} and runs/eval/plots/*.png (the same bytes for the same inputs), and runs/costs/evaluation.md; return
     the rows with each soup's cost."""
     layout = Layout(Path(root))

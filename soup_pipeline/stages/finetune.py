@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Params
-from ..finetune import finetune
-from ..ingredients import Ingredient, read_ingredient
-from ..kill_points import reached
-from ..models import base_model_id
-from ..stage_inputs import stage_inputs_sha256
-from ..sweep import sample_hparams
-from ..layout import Layout, base_reference, load_splits
+from ..training.finetune import finetune
+from ..core.ingredients import Ingredient, read_ingredient
+from ..runtime.kill_points import reached
+from ..core.models import base_model_id
+from .inputs import stage_inputs_sha256
+from ..training.sweep import sample_hparams
+from .paths import Layout, base_reference, load_splits
 
 
 def is_done(ingredient_file: Path, hparams: dict, base_id: str, inputs: str | None) -> bool:

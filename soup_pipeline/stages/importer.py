@@ -3,7 +3,7 @@
 Each file is read by the restricted loader (safetensors or `torch.load(weights_only=True)`), its keys and shapes
 are checked against the classifier of `model.arch` and its tensors for NaN and Inf, and its fit and select
 accuracy are measured, so the imported ingredient is souped like any fine-tune of the sweep. `run_many` takes
-the sources `soup_pipeline.sources` resolves (folders, globs, MLflow runs, models and experiments), checks
+the sources `soup_pipeline.core.sources` resolves (folders, globs, MLflow runs, models and experiments), checks
 every checkpoint before it writes any ingredient, and records each one's lineage in its sidecar.
 """
 
@@ -15,16 +15,16 @@ from typing import Sequence
 
 import torch
 
-from ..atomic import write_json
+from ..runtime.atomic import write_json
 from ..config import Params
-from ..data import DataSplits
-from ..errors import IngredientError
-from ..evaluate import predictor, split_accuracies
-from ..ingredients import Ingredient, check_finite, file_sha256, read_state_file, save_ingredient
-from ..models import base_model_id, classifier_from_spec, classifier_spec
-from ..soups.base import resolve_device
-from ..layout import Layout, base_reference, load_splits
-from ..sources import Checkpoint, Remote, resolve
+from ..core.data import DataSplits
+from ..runtime.errors import IngredientError
+from ..evaluation.scoring import predictor, split_accuracies
+from ..core.ingredients import Ingredient, check_finite, file_sha256, read_state_file, save_ingredient
+from ..core.models import base_model_id, classifier_from_spec, classifier_spec
+from ..runtime.devices import resolve_device
+from .paths import Layout, base_reference, load_splits
+from ..core.sources import Checkpoint, Remote, resolve
 
 
 def run(params: Params, root: str | Path, source: str | Path, member: int, *, strip_prefix: str = "",
@@ -39,7 +39,7 @@ def run(params: Params, root: str | Path, source: str | Path, member: int, *, st
 
 def run_many(params: Params, root: str | Path, sources: Sequence[str], *, first_member: int, strip_prefix: str = "",
              base_model: str = "external", remote: Remote | None = None) -> list[Ingredient]:
-    """Import every checkpoint the sources name (`soup_pipeline.sources`) as members first_member, first_member + 1, ...
+    """Import every checkpoint the sources name (`soup_pipeline.core.sources`) as members first_member, first_member + 1, ...
 
     All are resolved and checked before the first ingredient is written; MLflow downloads go to a temporary
     folder under runs/.downloads/, removed afterwards."""

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from ..atomic import write_json
+from ..runtime.atomic import write_json
 from ..config import Params
-from ..data import dataset_labels
-from ..layout import Layout, load_splits
+from ..core.data import dataset_labels
+from .paths import Layout, load_splits
 
 SPLITS = ("pretrain", "train", "fit", "select", "test", "test_shift")
 

@@ -9,16 +9,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..atomic import write_json
+from ..runtime.atomic import write_json
 from ..config import Params
-from ..evaluate import predictor, split_accuracies
-from ..kill_points import reached
-from ..ingredients import save_ingredient
-from ..models import base_model_id, classifier_from_clip, classifier_spec, load_clip, zero_shot_head
-from ..pretrain import pretrain
-from ..soups.base import resolve_device
-from ..stage_inputs import stage_inputs_sha256
-from ..layout import Layout, base_reference, load_splits, read_json
+from ..evaluation.scoring import predictor, split_accuracies
+from ..runtime.kill_points import reached
+from ..core.ingredients import save_ingredient
+from ..core.models import base_model_id, classifier_from_clip, classifier_spec, load_clip, zero_shot_head
+from ..training.pretrain import pretrain
+from ..runtime.devices import resolve_device
+from .inputs import stage_inputs_sha256
+from .paths import Layout, base_reference, load_splits, read_json
 
 
 def settings(params: Params) -> dict:

@@ -12,16 +12,17 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import write_json
+from ..runtime.atomic import write_json
 from ..config import Params
-from ..errors import SoupError
-from ..ingredients import IngredientStore, save_ingredient
-from ..kill_points import armed, reached
-from ..layout import Layout, load_splits, open_anchor, open_store, read_json, soup_objective
-from ..lock import LOCK_HELD_ENV
+from ..runtime.errors import SoupError
+from ..core.ingredients import IngredientStore, save_ingredient
+from ..runtime.kill_points import armed, reached
+from .paths import Layout, load_splits, open_anchor, open_store, read_json, soup_objective
+from ..runtime.lock import LOCK_HELD_ENV
 from ..soups import SoupResult, get_spec, run_method
-from ..soups.base import Objective, model_at, resolve_device, role_metrics
-from ..soups.distributed import launched_world, process_group, rank_device
+from ..soups.base import Objective, model_at, role_metrics
+from ..runtime.devices import rank_device, resolve_device
+from ..soups.distributed import launched_world, process_group
 
 MIB = 2**20
 INFO_KEYS = ("b", "model_epochs", "steps_per_block", "steps", "members", "chosen", "soup")  # of result.info, in metrics.json

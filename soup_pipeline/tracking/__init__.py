@@ -28,9 +28,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import SoupError
-from ..plots import plot_mixing_weights
-from ..tables import columns_of, markdown_table
+from ..runtime.errors import SoupError
+from ..evaluation.plots import plot_mixing_weights
+from ..evaluation.tables import columns_of, markdown_table
 
 LOGGER = logging.getLogger(__name__)
 CHAMPION = "champion"

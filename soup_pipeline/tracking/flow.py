@@ -24,12 +24,12 @@ import torch
 from .. import tracking
 from . import orphans
 from ..config import AUTO, Params
-from ..errors import SoupError
-from ..ingredients import Ingredient, file_sha256, read_ingredient
-from ..kill_points import reached
-from ..layout import Layout, load_splits, member_ids, open_store, read_json, with_members
+from ..runtime.errors import SoupError
+from ..core.ingredients import Ingredient, file_sha256, read_ingredient
+from ..runtime.kill_points import reached
+from ..stages.paths import Layout, load_splits, member_ids, open_store, read_json, with_members
 from ..soups import SoupResult
-from ..selection import FALLBACK_REFERENCE as BEST_INDIVIDUAL  # the fittest fine-tune's row; `auto` may register it
+from ..evaluation.selection import FALLBACK_REFERENCE as BEST_INDIVIDUAL  # the fittest fine-tune's row; `auto` may register it
 from ..soups.base import best_individual
 from ..stages import finetune, soup
 from ..stages.evaluate import ingredient_rows
@@ -38,7 +38,7 @@ LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
 LINEAGE = "lineage"  # the soup run's table of its ingredients' sources and hashes
 BASIN_METRICS = ("uniform_fit_acc", "best_fit_acc", "gap", "mean_cosine")  # of runs/eval/basin.json, on the parent run
-BUILDER = "soup_pipeline.models:classifier_from_spec"  # rebuilds the classifier in the registered pyfunc model
+BUILDER = "soup_pipeline.core.models:classifier_from_spec"  # rebuilds the classifier in the registered pyfunc model
 # from the evaluation row, logged on the soup's run and tagged on its registered version
 ROW_METRICS = (*tracking.METRIC_TAGS, "shifted_test_vs_greedy", "shifted_test_ci_low", "shifted_test_ci_high",
                "shifted_test_mcnemar_p")
@@ -237,7 +237,7 @@ def log_soup(tracker: Tracker, params: Params, root: str | Path, result: SoupRes
 
 def registered_method(params: Params, root: str | Path) -> str:
     """The model a run registers: `tracking.register_method`, or with `auto` the one the evaluation chose on select
-    data (runs/eval/registration.json; `soup_pipeline.selection`), a soup or the best individual."""
+    data (runs/eval/registration.json; `soup_pipeline.evaluation.selection`), a soup or the best individual."""
     if params.tracking.register_method != AUTO:
         return params.tracking.register_method
     return read_json(Layout(Path(root)).eval_dir / "registration.json")["method"]

@@ -1,7 +1,7 @@
 """The soup as an MLflow pyfunc model: safetensors weights plus a JSON spec, no pickled tensors.
 
 The spec names its builder as "module:function" (in production
-"soup_pipeline.models:classifier_from_spec"); the builder takes the spec dict and returns an
+"soup_pipeline.core.models:classifier_from_spec"); the builder takes the spec dict and returns an
 `nn.Module` whose state dict matches the weights. `predict` maps an image batch
 (float32, N x C x H x W) to class probabilities (float32, N x num_classes).
 The weights' SHA-256 is recorded in the model's MLmodel file (pyfunc `model_config`,
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from soup_pipeline.errors import SoupError
-from soup_pipeline.ingredients import file_sha256, verify_sha256
+from soup_pipeline.runtime.errors import SoupError
+from soup_pipeline.core.ingredients import file_sha256, verify_sha256
 
 WEIGHTS = "weights"  # artifact key of weights.safetensors
 SPEC = "spec"  # artifact key of model_spec.json
@@ -49,7 +49,7 @@ def resolve_builder(ref: str) -> Callable[[dict], torch.nn.Module]:
 def build_module(spec: Mapping, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
     """Build the module named by `spec["builder"]`, load `state_dict` strictly, switch to eval mode."""
     if "builder" not in spec:
-        raise SoupError("model spec has no 'builder' key; add e.g. 'soup_pipeline.models:classifier_from_spec'")
+        raise SoupError("model spec has no 'builder' key; add e.g. 'soup_pipeline.core.models:classifier_from_spec'")
     module = resolve_builder(spec["builder"])(dict(spec))
     try:
         module.load_state_dict(dict(state_dict), strict=True)

@@ -1,7 +1,7 @@
 """MLflow sources of external checkpoints: runs:/<run>/<path>, models:/<name>/<version> or models:/<name>@<alias>,
-and experiment:<name>/<path>[?metric=<key>[&top=N][&order=asc]] (the syntax is in `soup_pipeline.sources`).
+and experiment:<name>/<path>[?metric=<key>[&top=N][&order=asc]] (the syntax is in `soup_pipeline.core.sources`).
 
-`mlflow_sources(tracking_uri)` is the `remote` that `soup_pipeline.sources.resolve` takes: the CLI and the flow
+`mlflow_sources(tracking_uri)` is the `remote` that `soup_pipeline.core.sources.resolve` takes: the CLI and the flow
 pass it, so the import stage itself never imports MLflow.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qsl
 
-from ..errors import IngredientError
-from ..sources import CHECKPOINT_SUFFIXES, Checkpoint, Remote
+from ..runtime.errors import IngredientError
+from ..core.sources import CHECKPOINT_SUFFIXES, Checkpoint, Remote
 
 _EXPERIMENT_QUERY = ("metric", "top", "order")
 _REACH = "check MLFLOW_TRACKING_URI and that the tracking server is up"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from .config import Params
-from .errors import SoupError
-from .ingredients import unchanged_file_sha256
+from ..config import Params
+from ..runtime.errors import SoupError
+from ..core.ingredients import unchanged_file_sha256
 
 
 def content_sha256(path: Path) -> str:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from .data import DataSplits, sequential_batches
+from ..core.data import DataSplits, sequential_batches
 from .statistics import paired_comparison
 
 SPLIT_COLUMNS = {"fit": "fit_acc", "select": "select_acc", "test": "test_acc", "test_shift": "shifted_test_acc"}

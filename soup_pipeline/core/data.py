@@ -28,8 +28,8 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .config import DataParams
-from .errors import SoupError
+from .settings import DataParams
+from ..runtime.errors import SoupError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default (OpenAI CLIP) normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

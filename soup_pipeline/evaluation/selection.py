@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .errors import SoupError
+from ..runtime.errors import SoupError
 from .statistics import bootstrap_mean_interval
 
 REFERENCE = "greedy"

@@ -14,15 +14,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from .atomic import atomic_path
+from ..runtime.atomic import atomic_path
 from .augment import augment
-from .config import PretrainParams
-from .data import DataSplits
-from .errors import SoupError
+from ..core.settings import PretrainParams
+from ..core.data import DataSplits
+from ..runtime.errors import SoupError
 from .finetune import EpochCallback, train_loop
-from .models import TINY_ARCH, load_clip, tokenize_prompts
-from .randomness import OwnGlobalRNG
-from .soups.base import resolve_device
+from ..core.models import TINY_ARCH, load_clip, tokenize_prompts
+from ..runtime.randomness import OwnGlobalRNG
+from ..runtime.devices import resolve_device
 
 MAX_LOGIT_SCALE = 100.0  # the cap CLIP puts on exp(logit_scale)
 

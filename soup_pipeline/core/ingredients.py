@@ -26,8 +26,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_path, write_json
-from .errors import IngredientError
+from ..runtime.atomic import atomic_path, write_json
+from ..runtime.errors import IngredientError
 
 SUFFIX = ".safetensors"
 
@@ -141,7 +141,7 @@ def _header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     except Exception as exc:  # safetensors raises its own error types
         raise IngredientError(
             f"{path} is not a readable safetensors file ({exc}); it may be truncated or in another format. "
-            "Re-export it, or import external checkpoints with soup_pipeline.ingredients.import_checkpoint"
+            "Re-export it, or import external checkpoints with soup_pipeline.core.ingredients.import_checkpoint"
         ) from exc
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import SoupError
+from ..runtime.errors import SoupError
 
 # Resampled indices held in memory at once by the bootstrap (int64: 32 MiB).
 _MAX_DRAWS_PER_CHUNK = 1 << 22

@@ -13,10 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import SoupError
-from .stage_code import write_code_digests
+from ..runtime.errors import SoupError
+from .code import write_code_digests
 
-TEMPLATES = Path(__file__).resolve().parent / "templates"
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 # written in the project -> its template (none is named dvc.yaml in the package: DVC would take it for a pipeline)
 FILES = {"params.yaml": "params.yaml", "dvc.yaml": "dvc-stages.yaml", "prefect.yaml": "prefect.yaml",
          "flows/pipeline.py": "flow_entry.py"}

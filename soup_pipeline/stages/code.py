@@ -12,13 +12,13 @@ import ast
 import hashlib
 from pathlib import Path
 
-from .atomic import write_text
+from ..runtime.atomic import write_text
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parent.parent  # the soup_pipeline package (this module sits in its stages/)
 NAME = PACKAGE.name
 CLI = "cli.py"  # every stage runs as `soup-pipeline <stage>`: the CLI's module-level imports and the stage's handler
 DVC_STAGES = ("prepare", "pretrain", "import", "finetune", "soup", "refine", "evaluate", "ablate")
-PACKAGE_DATA = {"models.py": ["configs"]}  # module -> package data folders it reads
+PACKAGE_DATA = {"core/models.py": ["core/configs"]}  # module -> package data folders it reads
 CODE_DIGESTS = Path(".soup-pipeline") / "code"  # a scaffolded project's per-stage code digests, under its root
 
 

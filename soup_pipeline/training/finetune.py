@@ -17,34 +17,29 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .config import FinetuneParams, parse_section
+from ..core.settings import FinetuneParams, parse_section
 from .augment import augment
-from .data import DataSplits, fetch_batch
-from .errors import SoupError
-from .evaluate import predictor, split_accuracies
-from .ingredients import Ingredient, save_ingredient
-from .models import TINY_ARCH, base_model_id, classifier_from_clip, classifier_spec, load_clip, zero_shot_head
-from .randomness import OwnGlobalRNG
-from .soups.base import resolve_device
+from ..core.data import DataSplits, fetch_batch
+from ..runtime.errors import SoupError
+from ..evaluation.scoring import predictor, split_accuracies
+from ..core.ingredients import Ingredient, save_ingredient
+from ..core.schedule import warmup_cosine_scheduler
+from ..core.models import TINY_ARCH, base_model_id, classifier_from_clip, classifier_spec, load_clip, zero_shot_head
+from ..runtime.randomness import OwnGlobalRNG
+from ..runtime.devices import resolve_device
 
 EpochCallback = Callable[[int, float], None]  # (epoch index, mean training loss)
 
 
 def adamw_warmup_cosine(model: nn.Module, *, lr: float, weight_decay: float, total_steps: int,
                         warmup_frac: float) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (decay on tensors of 2+ dims only) with linear warm-up, then cosine decay to 0, per step."""
+    """AdamW (decay on tensors of 2+ dims only) with linear warm-up, then cosine decay to 0, per step
+    (`core.schedule`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=lr)
-    warmup = int(warmup_frac * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return optimizer, warmup_cosine_scheduler(optimizer, total_steps, warmup_frac)
 
 
 def train_loop(model: nn.Module, dataset: Dataset, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,

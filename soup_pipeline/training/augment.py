@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import SoupError
+from ..runtime.errors import SoupError
 
 
 @dataclass(frozen=True)

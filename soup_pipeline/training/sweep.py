@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import FinetuneParams, SweepParams
-from .errors import SoupError
+from ..core.settings import FinetuneParams, SweepParams
+from ..runtime.errors import SoupError
 
 
 def sample_hparams(params: SweepParams, member: int) -> dict:

@@ -22,7 +22,7 @@ from open_clip.model import _build_vision_tower
 from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
 from torch import nn
 
-from .errors import SoupError
+from ..runtime.errors import SoupError
 from .ingredients import file_sha256, read_state_file
 
 TINY_ARCH = "soup-tiny-vit"
@@ -189,7 +189,7 @@ def classifier_from_spec(spec: Mapping) -> ImageClassifier:
     """
     missing = [key for key in ("arch", "num_classes") if key not in spec]
     if missing:
-        raise SoupError(f"classifier spec lacks {missing}; build it with soup_pipeline.models.classifier_spec")
+        raise SoupError(f"classifier spec lacks {missing}; build it with soup_pipeline.core.models.classifier_spec")
     config = spec.get("model_config") or model_config(spec["arch"])
     visual = _build_vision_tower(config["embed_dim"], config["vision_cfg"], config.get("quick_gelu", False))
     return ImageClassifier(visual, torch.zeros(int(spec["num_classes"]), config["embed_dim"]), logit_scale=1.0)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import IngredientError
+from ..runtime.errors import IngredientError
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
 SYNTAX = ("a checkpoint file, folder or glob, runs:/<run_id>/<path>, models:/<name>/<version>, models:/<name>@<alias> "

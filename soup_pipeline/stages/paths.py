@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from .config import Params, SoupSettings
-from .data import DataSplits, build_datasets
-from .errors import SoupError
-from .ingredients import IngredientStore
-from .models import classifier_from_spec, load_clip
-from .soups import Objective
-from .sweep import ingredient_path
+from ..config import Params, SoupSettings
+from ..core.data import DataSplits, build_datasets
+from ..runtime.errors import SoupError
+from ..core.ingredients import IngredientStore
+from ..core.models import classifier_from_spec, load_clip
+from ..soups import Objective
+from ..training.sweep import ingredient_path
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Making ingredients: contrastive pre-training, fine-tuning, the sweep's random search, augmentation."""

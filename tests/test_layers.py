@@ -1,0 +1,45 @@
+"""The layers the README's code layout names are the package's folders, and the imports keep to them: no cycle,
+no arrow that runs up."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from package_layers import LAYERS, PACKAGE, cycles, import_graph, layer_of, upward_arrows
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_no_module_imports_a_higher_layer_and_there_is_no_cycle():
+    graph = import_graph()
+    assert upward_arrows(graph) == []
+    assert cycles(graph) == []
+
+
+def test_a_planted_cycle_and_an_upward_arrow_are_both_found():
+    graph = import_graph()
+    errors, config = PACKAGE / "runtime" / "errors.py", PACKAGE / "config.py"
+    graph[errors] = graph[errors] | {config}  # runtime importing the params model: up four layers
+    assert "runtime/errors.py -> config.py" in upward_arrows(graph)
+    (cycle,) = [c for c in cycles(graph) if "runtime/errors.py" in c]
+    assert "config.py" in cycle
+    graph = import_graph()
+    ingredients, data = PACKAGE / "core" / "ingredients.py", PACKAGE / "core" / "data.py"
+    graph[ingredients] = graph[ingredients] | {data}
+    graph[data] = graph[data] | {ingredients}  # a cycle inside one layer: no arrow runs up, the cycle is found
+    assert upward_arrows(graph) == []
+    assert ["core/data.py", "core/ingredients.py"] in cycles(graph)
+
+
+def test_every_module_is_in_a_layer_and_the_readme_lists_the_layers_as_they_are():
+    for path in PACKAGE.rglob("*.py"):
+        layer_of(path)  # raises for a module outside every layer
+    table = README.read_text().split("### Code layout", 1)[1].split("\n\n", 2)[1]
+    rows = [re.findall(r"`soup_pipeline/([^`]*?)/?`", line.split("|")[2]) for line in table.splitlines()[2:]]
+    names = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
+    assert names == [name for name, _ in LAYERS]
+    assert rows == [[entry for entry in entries if entry != "__init__.py"] for _, entries in LAYERS]
+    on_disk = {path.name for path in PACKAGE.iterdir() if path.name != "__pycache__" and
+               (path.suffix == ".py" or path.is_dir())}
+    assert on_disk == {entry for _, entries in LAYERS for entry in entries}
