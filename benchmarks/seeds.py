@@ -21,7 +21,7 @@ import yaml
 
 from soup_pipeline.config import load_params
 from soup_pipeline.stages import evaluate, finetune, prepare, pretrain, soup
-from soup_pipeline.stages.paths import Layout, member_ids
+from soup_pipeline.stages.paths import StagePaths, member_ids
 from soup_pipeline.soups import SPECS
 from soup_pipeline.evaluation.statistics import mean_interval
 from soup_pipeline.evaluation.tables import markdown_table
@@ -106,7 +106,7 @@ FIXED_CHOICE = "mehl_soup_auto"  # the registered soup before `auto` became the 
 
 def with_registered(rows: list[dict], root: Path) -> list[dict]:
     """The seed's rows plus the row `auto`: the row of the model `register_method: auto` registered there."""
-    path = Layout(root).eval_dir / "registration.json"
+    path = StagePaths(root).eval_dir / "registration.json"
     if not path.is_file():
         return rows
     chosen = json.loads(path.read_text())["method"]
@@ -162,12 +162,12 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         root = args.workdir / f"seed-{seed}"
         if args.collect:
-            rows = evaluate.with_costs(json.loads((Layout(root).eval_dir / "methods.json").read_text()), Layout(root))
+            rows = evaluate.with_costs(json.loads((StagePaths(root).eval_dir / "methods.json").read_text()), StagePaths(root))
         else:
             rows = run_seed(args.params, root, seed, base, parse_settings(args.set))
         per_seed.append(with_registered(rows, root))
         print(f"seed {seed}: auto registered {per_seed[-1][-1].get('registered')}", flush=True)
-        base = base or Layout(root).base_weights
+        base = base or StagePaths(root).base_weights
         print(f"seed {seed}:\n{markdown_table(per_seed[-1], evaluate.TABLE_COLUMNS)}\n", flush=True)
     for reference in dict.fromkeys([REFERENCE, best_merge(per_seed) or REFERENCE, FIXED_CHOICE]):
         print(f"over seeds {args.seeds}: mean ± standard deviation; differences against {reference} of the same seed: "

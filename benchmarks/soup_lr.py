@@ -17,7 +17,7 @@ from soup_pipeline.config import load_params
 from soup_pipeline.soups import run_method
 from soup_pipeline.soups.base import model_at, role_metrics
 from soup_pipeline.runtime.devices import resolve_device
-from soup_pipeline.stages.paths import Layout, load_splits, open_store, soup_objective
+from soup_pipeline.stages.paths import StagePaths, load_splits, open_store, soup_objective
 from soup_pipeline.evaluation.tables import markdown_table
 
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     settings = params.soup.method(args.method)
-    store = open_store(params, Layout(args.root), settings=settings)
+    store = open_store(params, StagePaths(args.root), settings=settings)
     objective = soup_objective(params, store, load_splits(params), settings)
     device = resolve_device(settings.device)
     rows = []

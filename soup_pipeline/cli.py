@@ -166,11 +166,11 @@ def _evaluate(params: Params, root: Path, args: argparse.Namespace) -> str:
 
 
 def _ablate(params: Params, root: Path, args: argparse.Namespace) -> str:
-    from .stages.paths import Layout
+    from .stages.paths import StagePaths
     from .stages import ablate
 
     ablate.run(params, root)
-    return (Layout(root).ablation_dir / "ablation.md").read_text()
+    return (StagePaths(root).ablation_dir / "ablation.md").read_text()
 
 
 def _run(params: Params, root: Path, args: argparse.Namespace) -> str:
@@ -186,7 +186,7 @@ def _run(params: Params, root: Path, args: argparse.Namespace) -> str:
 
 
 def _track(params: Params, root: Path, args: argparse.Namespace) -> str:
-    from .tracking.flow import replay
+    from .tracking.stage_runs import replay
 
     if not params.tracking.enabled:
         raise SoupError(f"tracking.enabled is false in {args.params}; set it to true to log the pipeline")

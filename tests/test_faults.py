@@ -24,8 +24,8 @@ from prefect_server import prefect_server, spawn
 from soup_pipeline.config import Params
 from soup_pipeline.core.ingredients import file_sha256
 from soup_pipeline.runtime.kill_points import KILL_AT_ENV
-from soup_pipeline.stages.paths import Layout
-from soup_pipeline.tracking import flow as track
+from soup_pipeline.stages.paths import StagePaths
+from soup_pipeline.tracking import stage_runs as track
 from soup_pipeline.tracking.orphans import RESUMED_BY_TAG, ROOT_TAG
 
 
@@ -98,7 +98,7 @@ def assert_nothing_half_written(repo: Path) -> None:
 
 
 def blocks_reused(repo: Path, method: str) -> int:
-    return json.loads(Layout(repo).soup_cost(method).read_text())["blocks_reused"]
+    return json.loads(StagePaths(repo).soup_cost(method).read_text())["blocks_reused"]
 
 
 RUN = [str(Path(sys.executable).with_name("soup-pipeline")), "run"]
@@ -110,7 +110,7 @@ KILLED_METHOD = "mehl_soup_plus"  # the first hyperplane soup of FAST: on two pr
 def test_a_run_killed_at_every_stage_in_turn_ends_as_the_uninterrupted_flow_and_loses_nothing(tmp_path, pipeline):
     repo = fast_repo(tmp_path, tmp_path / "remote")
     killed_at(RUN, repo, "pretrain-epoch")
-    assert not Layout(repo).base_weights.exists()
+    assert not StagePaths(repo).base_weights.exists()
     killed_at(RUN, repo, "finetune-saved")
     saved = members_written(repo)
     assert saved  # the member written before the kill
@@ -149,14 +149,14 @@ def test_dvc_repro_killed_at_every_stage_in_turn_ends_as_the_uninterrupted_flow(
     repo = fast_repo(tmp_path)
     killed_at(REPRO, repo, "pretrain-epoch")
     killed_at(REPRO, repo, "finetune-saved:1")  # DVC has committed member 0; member 1 is written, not committed
-    saved = {0: Layout(repo).ingredient(0).stat().st_mtime_ns}
+    saved = {0: StagePaths(repo).ingredient(0).stat().st_mtime_ns}
     killed_at(REPRO, repo, "mehl-block")
     killed_at(REPRO, repo, "evaluate-method")
     assert blocks_reused(repo, KILLED_METHOD) > 0
     finished(REPRO, repo)
 
     assert lock_file(repo) == pipeline.lock  # DVC's outputs after four kills are the flow's, bit for bit
-    assert {0: Layout(repo).ingredient(0).stat().st_mtime_ns} == saved  # a committed member is never redone
+    assert {0: StagePaths(repo).ingredient(0).stat().st_mtime_ns} == saved  # a committed member is never redone
     assert_nothing_half_written(repo)
     assert json.loads(sh("dvc", "status", "--json", cwd=repo) or "{}") == {}
 
@@ -262,7 +262,7 @@ def test_a_dask_worker_lost_mid_sweep_leaves_its_member_to_the_other_worker(tmp_
         os.killpg(workers["doomed"].pid, signal.SIGKILL)  # mid fine-tune
         flow.wait(timeout=600)
     assert flow.returncode == 0, (tmp_path / "flow.log").read_text()[-3000:]
-    made = {k: file_sha256(Layout(repo).ingredient(k)) for k in (0, 1, 2)}
+    made = {k: file_sha256(StagePaths(repo).ingredient(k)) for k in (0, 1, 2)}
 
     alone = tmp_path / "alone"  # the same members, fine-tuned undisturbed, one thread each as on a Dask worker
     for folder in ("data", "base"):
@@ -270,4 +270,4 @@ def test_a_dask_worker_lost_mid_sweep_leaves_its_member_to_the_other_worker(tmp_
     for k in (0, 1, 2):
         sh(str(Path(sys.executable).with_name("soup-pipeline")), "--params", str(repo / "params.yaml"), "--root",
            str(alone), "finetune", "--member", str(k), cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
-    assert {k: file_sha256(Layout(alone).ingredient(k)) for k in (0, 1, 2)} == made
+    assert {k: file_sha256(StagePaths(alone).ingredient(k)) for k in (0, 1, 2)} == made

@@ -30,7 +30,7 @@ from soup_pipeline import tracking
 from soup_pipeline.config import load_params
 from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.core.ingredients import file_sha256, read_ingredient
-from soup_pipeline.stages.paths import Layout, load_splits
+from soup_pipeline.stages.paths import StagePaths, load_splits
 from soup_pipeline.core.models import classifier_from_spec
 from soup_pipeline.runtime.lock import root_lock
 from soup_pipeline.stages import soup as soup_stage
@@ -112,7 +112,7 @@ def test_flow_tracks_a_parent_run_with_nested_fine_tunes_and_soups(tracked):
 
 def test_auto_registers_the_model_the_evaluation_chose_on_select_data_once_with_its_evidence(tracked, tmp_path,
                                                                                             monkeypatch):
-    from soup_pipeline.tracking.flow import replay
+    from soup_pipeline.tracking.stage_runs import replay
 
     repo = tmp_path / "repo"
     shutil.copytree(tracked.repo, repo, symlinks=True)
@@ -210,22 +210,22 @@ def test_interrupted_sweep_fails_then_rerun_reuses_finished_members_and_drops_a_
     write_params(root, FAST)
     sh("git", "commit", "-qam", "fast params", cwd=root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    layout = Layout(root)
+    paths = StagePaths(root)
     for k in (1, 2):  # a folder where the ingredient file goes: saving it fails, also on retry
-        layout.ingredient(k).mkdir(parents=True)
+        paths.ingredient(k).mkdir(parents=True)
     with pytest.raises(SoupError, match=r"only members \[0\] of \[0, 1, 2\] finished"):
         run_flow(root)
-    before = stamp(layout.ingredient(0))
+    before = stamp(paths.ingredient(0))
     failed_runs = MlflowClient().search_runs([mlflow.get_experiment_by_name(EXPERIMENT).experiment_id],
                                              filter_string="attributes.status = 'FAILED'")
     (failed,) = [run for run in failed_runs if "mlflow.parentRunId" not in run.data.tags]
     assert len(children(failed.info.run_id)["finetune-1"]) == 2  # the retry ran
 
-    layout.ingredient(1).rmdir()
+    paths.ingredient(1).rmdir()
     summary = run_flow(root)
     assert summary["K"] == 2 and summary["members"] == [0, 1] and not summary["dvc_committed"]
     assert not (root / "dvc.lock").exists()  # nothing recorded as current for a sweep that lost a member
-    assert stamp(layout.ingredient(0)) == before
+    assert stamp(paths.ingredient(0)) == before
     runs = children(summary["mlflow_run_id"])
     assert runs["finetune-0"][0].data.params["reused"] == "True"
     assert runs["finetune-1"][0].data.params["reused"] == "False"

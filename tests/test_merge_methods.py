@@ -289,14 +289,14 @@ def test_a_merge_method_holds_one_ingredient_at_a_time_whatever_k(tmp_path, name
 
 
 def test_the_soup_stage_anchors_on_the_bases_zero_shot_model_and_refuses_another_base(tmp_path):
-    from soup_pipeline.stages.paths import Layout, open_anchor
+    from soup_pipeline.stages.paths import StagePaths, open_anchor
 
     store, anchor = toy_ingredients(tmp_path, 2), anchor_of()
-    layout = Layout(tmp_path / "root")
+    paths = StagePaths(tmp_path / "root")
     with pytest.raises(SoupError, match="zero_shot.safetensors is missing; run `soup-pipeline pretrain`"):
-        open_anchor(layout, store)
-    save_ingredient(anchor, layout.zero_shot_weights, meta={"base_model": "toy"})
-    assert all(torch.equal(open_anchor(layout, store)[key], anchor[key]) for key in anchor)
-    save_ingredient(anchor, layout.zero_shot_weights, meta={"base_model": "another-base"})
+        open_anchor(paths, store)
+    save_ingredient(anchor, paths.zero_shot_weights, meta={"base_model": "toy"})
+    assert all(torch.equal(open_anchor(paths, store)[key], anchor[key]) for key in anchor)
+    save_ingredient(anchor, paths.zero_shot_weights, meta={"base_model": "another-base"})
     with pytest.raises(SoupError, match=r"fine-tuned from \['toy'\], not from this pipeline's base another-base"):
-        open_anchor(layout, store)
+        open_anchor(paths, store)

@@ -10,7 +10,7 @@ from torch.func import functional_call
 
 from soup_pipeline.soups import Objective, fused, run_method
 from soup_pipeline.core.data import fetch_batch
-from soup_pipeline.soups.fused import run_rows
+from soup_pipeline.soups.fused import stack_projections, stack_rebuild
 from soup_pipeline.soups.hyperplane import hyperplane_soup
 from soup_pipeline.soups.layers import group_layers
 from soup_pipeline.soups.mixing import group_rows, tensor_columns, tensor_rows
@@ -194,12 +194,16 @@ def test_compute_matched_mehl_takes_hl_soups_number_of_steps(tmp_path):
 def test_the_fused_step_equals_the_per_tensor_step(tmp_path, monkeypatch, grouping, grad_clip, normalize):
     store = toy_ingredients(tmp_path, K=5, model=Blocks)
     objective = Objective(model_factory=lambda: Blocks(), fit=toy_data(), batch_size=32)
-    batched = []
-    monkeypatch.setattr(fused, "run_rows", lambda *args: batched.append(1) or run_rows(*args))
+    projected, rebuilt = [], []
+    monkeypatch.setattr(fused, "stack_projections", lambda *args: projected.append(1) or stack_projections(*args))
+    monkeypatch.setattr(fused, "stack_rebuild", lambda *args: rebuilt.append(1) or stack_rebuild(*args))
     settings = {**PARAMS, "model_batch": 2, "grouping": grouping, "grad_clip": grad_clip, "normalize_directions": normalize}
-    one, each = (hyperplane_soup(store, objective, params_for("mehl_soup_plus", **settings, fused_step=on), layerwise=True)
-                 for on in (True, False))
-    assert len(batched) == len(one.history)  # every step of the first run was fused, none of the second
+    one = hyperplane_soup(store, objective, params_for("mehl_soup_plus", **settings, fused_step=True), layerwise=True)
+    blocks = 3  # K = 5 in blocks of b = 2
+    assert len(projected) == len(one.history)  # every step's projection fused
+    assert len(rebuilt) == len(one.history) + blocks  # every step's rebuild fused, and each block's base
+    each = hyperplane_soup(store, objective, params_for("mehl_soup_plus", **settings, fused_step=False), layerwise=True)
+    assert len(projected) == len(one.history) and len(rebuilt) == len(one.history) + blocks  # none of the second run
     assert each.info["coefficients"].abs().max() > 1e-3
     assert (one.info["coefficients"] - each.info["coefficients"]).abs().max() < 1e-10
     assert max(float((one.state_dict[key] - each.state_dict[key]).abs().max()) for key in each.state_dict) < 1e-10

@@ -154,18 +154,18 @@ class BlockMemory:
     """The one allocation a block's tensors are views of: a byte buffer and each key's (offset, shape, dtype)."""
 
     buffer: torch.Tensor
-    layout: dict[str, tuple[int, tuple[int, ...], torch.dtype]]
+    slots: dict[str, tuple[int, tuple[int, ...], torch.dtype]]
 
     def views(self) -> dict[str, torch.Tensor]:
         return {key: self.buffer[start : start + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-                for key, (start, shape, dtype) in self.layout.items()}
+                for key, (start, shape, dtype) in self.slots.items()}
 
     def to(self, device: torch.device) -> "BlockMemory":
         """The same block on `device`, copied in one transfer (from pinned memory, without a host-side copy)."""
         moved = self.buffer.to(device, non_blocking=True)
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()  # the pinned staging buffer may be let go after this
-        return BlockMemory(moved, self.layout)
+        return BlockMemory(moved, self.slots)
 
 
 class IngredientStore:
@@ -286,16 +286,16 @@ class IngredientStore:
         Consecutive keys of one shape and dtype are placed back to back, so that each such run is one
         strided tensor (soups/fused.py); other tensors start on an ALIGN-byte boundary.
         """
-        layout, size, previous = {}, 0, None
+        slots, size, previous = {}, 0, None
         for key in keys:
             shape, _ = self.header[key]
             dtype = self._loaded_dtype(key)
             if (shape, dtype) != previous:
                 size = -(-size // ALIGN) * ALIGN
             previous = (shape, dtype)
-            layout[key] = (size, (len(indices), *shape), dtype)
+            slots[key] = (size, (len(indices), *shape), dtype)
             size += torch.Size((len(indices), *shape)).numel() * dtype.itemsize
-        memory = BlockMemory(torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory), layout)
+        memory = BlockMemory(torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory), slots)
         stacked = memory.views()
         for row, index in enumerate(indices):
             for key, tensor in self._read(index, keys):

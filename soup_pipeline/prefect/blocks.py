@@ -1,5 +1,5 @@
 """Building blocks for a team's own Prefect flows: souping as tasks and one subflow, with no params file and no
-pipeline layout: checkpoints, data sets and methods in, the evaluation table and the registered version out.
+runs/ folder: checkpoints, data sets and methods in, the evaluation table and the registered version out.
 
     from soup_pipeline.prefect import soup_subflow
     summary = soup_subflow(checkpoints=paths, arch="ViT-B-32", num_classes=10, fit=fit, select=select, test=test,
@@ -30,7 +30,7 @@ from ..soups import Objective, SoupResult, get_spec, method_params, run_method
 from ..soups.base import best_individual, model_at
 from ..runtime.devices import resolve_device
 from ..stages.importer import checked_state
-from ..tracking import flow as track
+from ..tracking import stage_runs as track
 
 REFERENCE = "greedy"
 

@@ -20,12 +20,12 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
-from .fused import FlatTensors, ShapeRuns, rebuild
+from .fused import FlatTensors, PerTensorStep, ShapeOrder
 
 TIMEOUT = datetime.timedelta(minutes=10)  # a collective waiting longer than this fails the run
 
@@ -64,6 +64,8 @@ class Ranks:
         full = torch.zeros(len(block), *rows.shape[1:], dtype=rows.dtype, device=self.comm_device)
         start = min(self.rank * size, len(block))
         full[start : start + len(rows)] = rows
+        # Each rank's rows sit at its share's offset among zeros, so the sum over ranks is the whole block: one
+        # all-reduce gathers shares of unequal (even empty) size, where all_gather needs equal ones.
         dist.all_reduce(full)
         return full.to(rows.device)
 
@@ -73,23 +75,21 @@ class Ranks:
 
 
 class Combiner:
-    """out = base + sum over every rank's share of alpha_k d_k (`fused.rebuild`: per tensor, or per run of
-    same-shape tensors).
+    """out = base + sum over every rank's share of alpha_k d_k, through the block's step (`fused.block_step`).
 
     Alone, the sum is added to the base directly. With several ranks, each rank's partial sum goes
     into one flat parameter-sized buffer that is all-reduced in a single call, then added to the base.
     """
 
-    def __init__(self, ranks: Ranks, like: FlatTensors, layout: ShapeRuns):
-        self.partial = FlatTensors.empty(layout, like.flat) if ranks.world > 1 else None
+    def __init__(self, ranks: Ranks, like: FlatTensors, order: ShapeOrder):
+        self.partial = FlatTensors.empty(order, like.flat) if ranks.world > 1 else None
 
-    def __call__(self, out: FlatTensors, base: FlatTensors, alpha: torch.Tensor, directions: Mapping[str, torch.Tensor],
-                 runs: list[torch.Tensor] | None) -> None:
+    def __call__(self, out: FlatTensors, base: FlatTensors, alpha: torch.Tensor, step: PerTensorStep) -> None:
         """alpha: one row per tensor (T x this rank's share), as `mixing.per_tensor` gives it."""
         if self.partial is None:
-            rebuild(out, base, alpha, directions, runs)
+            step.rebuild(out, base, alpha)
             return
-        rebuild(self.partial, None, alpha, directions, runs)
+        step.rebuild(self.partial, None, alpha)
         dist.all_reduce(self.partial.flat)
         torch.add(base.flat, self.partial.flat, out=out.flat)
 

@@ -11,7 +11,7 @@ MEHL walks a seeded permutation of the K ingredients in blocks of b; for each bl
 those b directions, runs S AdamW steps (warm-up then cosine) on X[B], and rebuilds the soup
 from the block's base after every step. dL/dalpha_{k,l} = <grad_theta_l L, d_{k,l}>: one
 forward/backward through the combined model, then the projections. HL-Soup is b = K, one epoch.
-The projections and rebuilds run one batched product per run of same-shape tensors (fused.py).
+The projections and rebuilds run one batched product per shape (fused.py) where they can.
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ from ..core.schedule import warmup_cosine_scheduler
 from ..core.settings import SoupSettings
 from ..runtime.errors import SoupError
 from ..core.ingredients import BlockPrefetcher, IngredientStore
-from .base import (HeldOutStream, MethodSpec, Objective, SoupResult, check_ingredient_count, mixable_keys, LossLog, step_loss, warn_overfitting)
+from .base import (HeldOutStream, LossLog, MethodSpec, Objective, SoupResult, check_ingredient_count, mixable_keys,
+                   step_loss, warn_overfitting)
 from ..runtime.devices import rank_device, resolve_device
-from .layers import SearchableParams, group_layers
+from .layers import Grouping, SearchableParams, group_layers
 from .distributed import Combiner, Ranks
-from .fused import FlatTensors, ShapeRuns, bind_parameters, projections, stacked_runs
+from .fused import FlatTensors, PerTensorStep, ShapeOrder, bind_parameters, block_step
 from .mixing import group_rows, per_tensor, row_norms, tensor_columns
-from .resume import fingerprint, load_state, save_state, state_path
+from .resume import resume_key, load_state, save_state, state_path
 
 MASK_RTOL = 1e-6  # a direction with |d_{k,l}| <= MASK_RTOL * |c_l| is masked (its coefficient stays 0)
 
@@ -56,7 +57,7 @@ class HLParams(SoupSettings):
     grad_clip: float | None = Field(1.0, gt=0)  # max global norm of grad_theta before projection; None = off
     normalize_directions: bool = False  # use d/|d| (the reference script) instead of raw d
     prefetch: bool = True  # load the next block on a background thread
-    fused_step: bool = True  # one batched product per run of same-shape tensors (soups/fused.py); False: per tensor
+    fused_step: bool = True  # one batched product per shape (soups/fused.py); False: per tensor
 
 
 class MEHLParams(HLParams):
@@ -116,12 +117,189 @@ def model_permutations(K: int, epochs: int, seed: int, given: Sequence[Sequence[
     return perms
 
 
+@dataclass
+class BoundSoup:
+    """The model with its mixable parameters bound to one flat buffer (`theta`, the soup) and their gradients to
+    another (`grads`), in `ShapeOrder`; the centre c beside them."""
+
+    model: torch.nn.Module
+    order: ShapeOrder  # parameters, gradients, centre, base and every block: in this order
+    theta: FlatTensors
+    grads: FlatTensors
+    centre: FlatTensors
+    centre_norm: torch.Tensor  # |c_l| per layer group
+    grouping: Grouping
+    columns: torch.Tensor  # each tensor's layer group
+    dtype: torch.dtype
+    parameters: list[torch.Tensor]  # the mixable parameters in the model's order (gradient clipping)
+
+
+def bind(store: IngredientStore, objective: Objective, grouping: str | list[str], device: torch.device,
+         name: str) -> BoundSoup:
+    """The uniform soup loaded into a fresh model on `device`, its mixable parameters bound to flat buffers."""
+    model = objective.model_factory()
+    param_keys, _ = mixable_keys(model, store)
+    dtype = next(model.parameters()).dtype
+    layers = group_layers(param_keys, grouping)
+    model.load_state_dict(store.centre(dtype=dtype))
+    model.to(device).eval()
+    soup = dict(model.named_parameters())
+    if len({soup[key].dtype for key in param_keys}) != 1:
+        dtypes = sorted({str(soup[key].dtype) for key in param_keys})
+        raise SoupError(f"{name} needs one parameter dtype; the model has {dtypes}")
+    order = ShapeOrder.of({key: soup[key].shape for key in param_keys})
+    theta = FlatTensors.empty(order, soup[param_keys[0]])
+    grads = FlatTensors(order, torch.zeros_like(theta.flat))
+    bind_parameters(model, theta, grads)
+    centre = FlatTensors(order, theta.flat.clone())
+    centre_norm = row_norms({key: view.unsqueeze(0) for key, view in centre.views.items()}, layers)[0]
+    columns = tensor_columns(layers, order.keys, device)
+    parameters = [soup[key] for key in param_keys]
+    return BoundSoup(model, order, theta, grads, centre, centre_norm, layers, columns, dtype, parameters)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which ingredients each block holds and how many AdamW steps each block runs."""
+
+    b: int
+    perms: list[list[int]]  # one permutation of the K ingredients per model epoch
+    blocks: list[list[int]]  # every block, over all model epochs
+    shares: list[list[int]]  # this rank's ingredients of each block
+    steps: int  # S
+
+
+def plan(K: int, params: MEHLParams, ranks: Ranks, stream: HeldOutStream,
+         permutations: Sequence[Sequence[int]] | None, compute_matched: bool) -> Plan:
+    """The blocks of b over each model epoch's permutation, and S (scaled by b/K when compute-matched)."""
+    b = clamp_model_batch(params.model_batch, K)
+    perms = model_permutations(K, params.model_epochs, params.seed, permutations)
+    blocks = [perm[i : i + b] for perm in perms for i in range(0, K, b)]
+    passes = params.passes * b / K if compute_matched else params.passes
+    return Plan(b, perms, blocks, [ranks.share(block) for block in blocks],
+                max(1, round(passes * stream.batches_per_pass)))
+
+
+def resume_file(resume_dir: str | Path | None, store: IngredientStore, params: MEHLParams, layerwise: bool,
+                blocks: Plan, batches: Sequence[Sequence[int]] | None, dtype: torch.dtype) -> Path | None:
+    """Where this run saves its progress (None without `resume_dir`): keyed by what changes the result (the
+    ingredients, the method's parameters, the blocks, the held-out batches, the dtype), never by how it runs
+    (`EXECUTION_ONLY`)."""
+    if resume_dir is None:
+        return None
+    settings = {**params.model_dump(exclude={"search", *EXECUTION_ONLY}), "layerwise": layerwise, "b": blocks.b,
+                "epochs": params.model_epochs, "steps": blocks.steps, "perms": blocks.perms, "batches": batches,
+                "dtype": str(dtype)}
+    return state_path(resume_dir, resume_key(store, settings))
+
+
+@dataclass
+class Progress:
+    """What the blocks before `next_block` learned: saved after each block, restored by a rerun."""
+
+    X: torch.Tensor  # K x L coefficients
+    norms: torch.Tensor  # K x L direction norms |d_{k,l}| (NaN until the ingredient's first block)
+    losses: LossLog
+    next_block: int = 0
+
+
+def restore(saved_at: Path | None, soup: BoundSoup, stream: HeldOutStream, K: int) -> Progress:
+    """The saved progress at `saved_at` (the soup and the held-out stream put back as they were), else a fresh start
+    at the uniform soup (X = 0)."""
+    fresh = Progress(torch.zeros(K, soup.grouping.size, dtype=soup.dtype),
+                     torch.full((K, soup.grouping.size), float("nan"), dtype=torch.float64), LossLog())
+    state = load_state(saved_at) if saved_at is not None else None
+    if state is None:
+        return fresh
+    stream.restore(state["stream"])
+    for key, value in state["soup"].items():
+        soup.theta.views[key].copy_(value)
+    return Progress(state["X"], state["norms"], LossLog(state["history"]), state["next_block"])
+
+
+@dataclass
+class BlockDescent:
+    """Block coordinate descent on the hyperplane from a bound soup: one block at a time, S AdamW steps each."""
+
+    soup: BoundSoup
+    objective: Objective
+    params: MEHLParams
+    stream: HeldOutStream
+    plan: Plan
+    ranks: Ranks
+    progress: Progress
+    on_step: StepHook | None
+
+    def __post_init__(self):
+        self.combine = Combiner(self.ranks, self.soup.theta, self.soup.order)
+        self.base = FlatTensors.empty(self.soup.order, self.soup.theta.flat)  # each block's base, written in place
+
+    def block(self, position: int, directions: dict[str, torch.Tensor]) -> None:
+        """Learn block `position` from its ingredients (`directions`, loaded in `ShapeOrder`, made d = theta_k - c
+        here in place) and gather its coefficients from every rank into X."""
+        soup, progress, ranks = self.soup, self.progress, self.ranks
+        block, mine = self.plan.blocks[position], self.plan.shares[position]
+        for key in soup.order.keys:  # in place, so the store keeps counting these ingredients
+            directions[key].sub_(soup.centre.views[key])
+        step = block_step(directions, soup.order, soup.dtype, fused=self.params.fused_step)
+        block_norms = row_norms(directions, soup.grouping)
+        progress.norms[block] = ranks.assemble(block_norms, block)
+        scale = coefficient_scale(block_norms, soup.centre_norm, self.params.normalize_directions)
+        X_block = progress.X[mine].to(soup.theta.flat.device).requires_grad_(True)
+        self.steps(step, scale.to(X_block.device, soup.dtype), X_block, position)
+        progress.losses.flush()
+        progress.X[block] = ranks.assemble(X_block.detach(), block).cpu()
+        progress.next_block = position + 1
+
+    def steps(self, step: PerTensorStep, scale: torch.Tensor, X_block: torch.Tensor, position: int) -> None:
+        """S AdamW steps on the block's coefficients X_block, the soup rebuilt from the block's base after each."""
+        soup, params, losses = self.soup, self.params, self.progress.losses
+        with torch.no_grad():
+            # base = theta - sum_{k in block} alpha_k d_k: the soup without this block's terms (theta combined with the
+            # negated alphas), so each step rebuilds theta from the block's live coefficients alone.
+            self.combine(self.base, soup.theta, per_tensor(-(X_block * scale), soup.columns), step)
+        optimizer = torch.optim.AdamW([X_block], lr=params.lr, weight_decay=params.weight_decay)
+        schedule = warmup_cosine_scheduler(optimizer, self.plan.steps, params.warmup_frac)
+        for index in range(self.plan.steps):
+            soup.grads.flat.zero_()
+            loss = step_loss(soup.model, self.objective, self.stream, X_block.device)
+            losses.add(loss, f"block {position} (ingredients {self.plan.blocks[position]}), step {index}")
+            loss.backward()
+            if params.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(soup.parameters, params.grad_clip)
+            # dL/dalpha_{k,l} = sum over group l's tensors of <grad_theta, d_k>; the chain rule through
+            # alpha = X * scale multiplies by scale (0 where (k, l) is masked, so its coefficient never moves).
+            X_block.grad = group_rows(step.project(soup.grads, soup.dtype), soup.columns, soup.grouping.size) * scale
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():  # theta = base + sum_{k in block} alpha_k d_k, summed over every rank's share
+                self.combine(soup.theta, self.base, per_tensor(X_block * scale, soup.columns), step)
+            if self.on_step is not None:
+                losses.flush()
+                self.report(position, index, X_block)
+
+    def report(self, position: int, index: int, X_block: torch.Tensor) -> None:
+        """Call the step hook with every coefficient as it is now (this rank's block's live values included)."""
+        now = self.progress.X.clone()
+        now[self.plan.shares[position]] = X_block.detach().cpu()
+        self.on_step(StepEvent(position, self.plan.blocks[position], index, self.progress.losses.values[-1], now))
+
+    def save(self, saved_at: Path) -> None:
+        """Write the progress after a block (rank 0); every rank waits until it is on disk."""
+        if self.ranks.leader:
+            save_state(saved_at, next_block=self.progress.next_block, X=self.progress.X, norms=self.progress.norms,
+                       soup=self.soup.theta.views, stream=self.stream.state(), history=self.progress.losses.values)
+        self.ranks.barrier()  # no rank starts the next block before the state of this one is on disk
+
+
 def hyperplane_soup(store: IngredientStore, objective: Objective, params: MEHLParams, *, layerwise: bool,
                     permutations: Sequence[Sequence[int]] | None = None, batches: Sequence[Sequence[int]] | None = None,
                     resume_dir: str | Path | None = None, on_step: StepHook | None = None,
                     compute_matched: bool = False, name: str = "mehl_soup") -> SoupResult:
     """Learn the soup by block coordinate descent on the hyperplane; see the module docstring.
 
+    Four steps: bind the uniform soup into the model, restore the progress a killed run saved, learn
+    block after block (the next block's ingredients loading meanwhile), and report the soup and beta.
     permutations / batches: explicit ingredient order per epoch and held-out index batches, to
     compare implementations step by step. resume_dir: save state after each block and resume.
     compute_matched: S scaled by b/K, so the run takes HL-Soup's number of steps.
@@ -130,114 +308,49 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: MEHLPa
     """
     K = len(store)
     check_ingredient_count(store)
-    b = clamp_model_batch(params.model_batch, K)
-    epochs = params.model_epochs
-    device = rank_device(resolve_device(params.device))
-    ranks = Ranks.current()
-
-    model = objective.model_factory()
-    param_keys, _ = mixable_keys(model, store)
-    dtype = next(model.parameters()).dtype
-    grouping = group_layers(param_keys, params.grouping if layerwise else "model")
-    L = grouping.size
-    warn_overfitting(K, L, len(objective.fit))
-
-    model.load_state_dict(store.centre(dtype=dtype))
-    model.to(device).eval()
-    soup = dict(model.named_parameters())
-    soup_tensors = [soup[key] for key in param_keys]
-    if len({soup[key].dtype for key in param_keys}) != 1:
-        raise SoupError(f"{name} needs one parameter dtype; the model has {sorted({str(t.dtype) for t in soup_tensors})}")
-    layout = ShapeRuns.of({key: soup[key].shape for key in param_keys})  # parameters, gradients, blocks: in this order
-    theta = FlatTensors.empty(layout, soup_tensors[0])
-    grads = FlatTensors(layout, torch.zeros_like(theta.flat))
-    bind_parameters(model, theta, grads)
-    centre = FlatTensors(layout, theta.flat.clone())
-    centre_norm = row_norms({k: v.unsqueeze(0) for k, v in centre.views.items()}, grouping)[0]
-    columns = tensor_columns(grouping, layout.keys, device)
-
-    perms = model_permutations(K, epochs, params.seed, permutations)
-    blocks = [perm[i : i + b] for perm in perms for i in range(0, K, b)]
-    shares = [ranks.share(block) for block in blocks]  # this rank's ingredients of each block
+    device, ranks = rank_device(resolve_device(params.device)), Ranks.current()
+    soup = bind(store, objective, params.grouping if layerwise else "model", device, name)
+    warn_overfitting(K, soup.grouping.size, len(objective.fit))
     stream = HeldOutStream(len(objective.fit), params.batch_size, params.seed, batches)
-    passes = params.passes * b / K if compute_matched else params.passes
-    steps = max(1, round(passes * stream.batches_per_pass))
-
-    X = torch.zeros(K, L, dtype=dtype)
-    norms = torch.full((K, L), float("nan"), dtype=torch.float64)
-    losses = LossLog()
-    start = 0
-    saved_at = None
-    if resume_dir is not None:
-        settings = {**params.model_dump(exclude={"search", *EXECUTION_ONLY}), "layerwise": layerwise, "b": b,
-                    "epochs": epochs, "steps": steps, "perms": perms, "batches": batches, "dtype": str(dtype)}
-        saved_at = state_path(resume_dir, fingerprint(store, settings))
-        state = load_state(saved_at)
-        if state is not None:
-            start, X, norms, losses = state["next_block"], state["X"], state["norms"], LossLog(state["history"])
-            stream.restore(state["stream"])
-            for key, value in state["soup"].items():
-                theta.views[key].copy_(value)
-
-    combine = Combiner(ranks, theta, layout)
-    base = FlatTensors.empty(layout, theta.flat)  # each block's base, written in place
-    with BlockPrefetcher(store, shares[start:], layout.keys, enabled=params.prefetch, device=device) as prefetcher:
-        for position in tqdm(range(start, len(blocks)), desc=name, unit="block", initial=start, total=len(blocks),
-                             disable=None if ranks.leader else True):
-            block, mine = blocks[position], shares[position]
-            directions = prefetcher.get(position - start)
-            for key in layout.keys:  # in place, so the store keeps counting these ingredients
-                directions[key].sub_(centre.views[key])
-            fused = params.fused_step and all(d.dtype == dtype for d in directions.values())  # not with bf16 storage
-            runs = stacked_runs(layout, directions) if fused else None  # None: the per-tensor step
-            block_norms = row_norms(directions, grouping)
-            norms[block] = ranks.assemble(block_norms, block)
-            scale = coefficient_scale(block_norms, centre_norm, params.normalize_directions).to(device, dtype)
-
-            X_block = X[mine].to(device).requires_grad_(True)
-            with torch.no_grad():
-                combine(base, theta, per_tensor(-(X_block * scale), columns), directions, runs)
-            optimizer = torch.optim.AdamW([X_block], lr=params.lr, weight_decay=params.weight_decay)
-            schedule = warmup_cosine_scheduler(optimizer, steps, params.warmup_frac)
-            for step in range(steps):
-                grads.flat.zero_()
-                loss = step_loss(model, objective, stream, device)
-                losses.add(loss, f"block {position} (ingredients {block}), step {step}")
-                loss.backward()
-                if params.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(soup_tensors, params.grad_clip)
-                X_block.grad = group_rows(projections(grads, directions, runs, dtype), columns, L) * scale
-                optimizer.step()
-                schedule.step()
-                with torch.no_grad():
-                    combine(theta, base, per_tensor(X_block * scale, columns), directions, runs)
-                if on_step is not None:
-                    losses.flush()
-                    now = X.clone()
-                    now[mine] = X_block.detach().cpu()
-                    on_step(StepEvent(position, block, step, losses.values[-1], now))
-            losses.flush()
-            X[block] = ranks.assemble(X_block.detach(), block).cpu()
-            del directions, runs
+    blocks = plan(K, params, ranks, stream, permutations, compute_matched)
+    saved_at = resume_file(resume_dir, store, params, layerwise, blocks, batches, soup.dtype)
+    progress = restore(saved_at, soup, stream, K)
+    descent = BlockDescent(soup, objective, params, stream, blocks, ranks, progress, on_step)
+    first = progress.next_block
+    with BlockPrefetcher(store, blocks.shares[first:], soup.order.keys, enabled=params.prefetch,
+                         device=device) as prefetcher:
+        for position in tqdm(range(first, len(blocks.blocks)), desc=name, unit="block", initial=first,
+                             total=len(blocks.blocks), disable=None if ranks.leader else True):
+            directions = prefetcher.get(position - first)
+            descent.block(position, directions)
+            # Let the block's directions go before the next block is taken: resident stay b directions and theta,
+            # grads, centre and base, the (b + 4) model sizes of the memory contract (plus the block prefetched).
+            del directions
             if saved_at is not None:
-                if ranks.leader:
-                    save_state(saved_at, next_block=position + 1, X=X, norms=norms,
-                               soup=theta.views, stream=stream.state(), history=losses.values)
-                ranks.barrier()  # no rank starts the next block before the state of this one is on disk
+                descent.save(saved_at)
+    return soup_result(store, soup, params, progress, blocks, name, reused=first)
 
-    alpha = X.to(torch.float64) * coefficient_scale(norms, centre_norm, params.normalize_directions)
+
+def soup_result(store: IngredientStore, soup: BoundSoup, params: MEHLParams, progress: Progress, blocks: Plan,
+                name: str, *, reused: int) -> SoupResult:
+    """The soup's weights and beta = alpha + (1 - sum_k alpha) / K, so theta_l = sum_k beta_{k,l} theta_{k,l}."""
+    K = len(store)
+    scale = coefficient_scale(progress.norms, soup.centre_norm, params.normalize_directions)
+    alpha = progress.X.to(torch.float64) * scale
     beta = alpha + (1.0 - alpha.sum(0, keepdim=True)) / K
-    state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return SoupResult(method=name, state_dict=state_dict, beta=beta, layer_names=grouping.names,
-                      ingredient_names=[i.name for i in store.ingredients], history=losses.values,
-                      info={"K": K, "L": L, "b": b, "model_epochs": epochs, "steps_per_block": steps, "blocks_reused": start,
-                            "coefficients": X, "masked": int((norms <= MASK_RTOL * centre_norm).sum())})
+    state_dict = {k: v.detach().cpu().clone() for k, v in soup.model.state_dict().items()}
+    return SoupResult(method=name, state_dict=state_dict, beta=beta, layer_names=soup.grouping.names,
+                      ingredient_names=[i.name for i in store.ingredients], history=progress.losses.values,
+                      info={"K": K, "L": soup.grouping.size, "b": blocks.b, "model_epochs": params.model_epochs,
+                            "steps_per_block": blocks.steps, "blocks_reused": reused, "coefficients": progress.X,
+                            "masked": int((progress.norms <= MASK_RTOL * soup.centre_norm).sum())})
 
 
 def hl_soup(store: IngredientStore, objective: Objective, params: HLParams, *, layerwise: bool,
             name: str = "hl_soup", **options) -> SoupResult:
     """HL-Soup(+): MEHL-Soup(+) with all K directions in one block (b = K) and one model epoch."""
-    as_mehl = (MEHLPlusParams if layerwise else MEHLParams)(**params.model_dump(), model_batch=len(store), model_epochs=1)
+    as_mehl = (MEHLPlusParams if layerwise else MEHLParams)(**params.model_dump(), model_batch=len(store),
+                                                            model_epochs=1)
     return hyperplane_soup(store, objective, as_mehl, layerwise=layerwise, name=name, **options)
 
 

@@ -15,7 +15,8 @@ from torch.func import functional_call
 
 from ..core.settings import SoupSettings
 from ..core.ingredients import IngredientStore
-from .base import (HeldOutStream, MethodSpec, Objective, SoupResult, check_ingredient_count, mixable_keys, LossLog, step_loss, warn_overfitting)
+from .base import (HeldOutStream, LossLog, MethodSpec, Objective, SoupResult, check_ingredient_count, mixable_keys,
+                   step_loss, warn_overfitting)
 from ..runtime.devices import resolve_device
 from .layers import LayerwiseParams, group_layers
 from .mixing import MixAll, per_tensor, tensor_columns

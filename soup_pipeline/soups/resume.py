@@ -4,7 +4,7 @@ The optimizer is fresh for every block, so at a block boundary the state is: the
 the direction norms seen so far, the soup's parameters, the held-out stream (generator, order,
 position), the loss history and the index of the next block. The ingredient permutations are
 derived from the seed, so they need no saving. The file lives under a folder named by a
-fingerprint of the inputs, so a run with other inputs never picks up a foreign state.
+key of the inputs, so a run with other inputs never picks up a foreign state.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ..core.ingredients import IngredientStore
 STATE_FILE = "mehl_state.safetensors"
 
 
-def fingerprint(store: IngredientStore, settings: dict) -> str:
+def resume_key(store: IngredientStore, settings: dict) -> str:
     """Hash of the ingredients' identities (content hash when known) and the run's settings."""
     identities = [i.meta.get("sha256") or f"{i.path.resolve()}:{i.path.stat().st_size}:{i.path.stat().st_mtime_ns}"
                   for i in store.ingredients]
@@ -32,7 +32,7 @@ def fingerprint(store: IngredientStore, settings: dict) -> str:
 
 
 def state_path(resume_dir: str | Path, key: str) -> Path:
-    """Where the state of the run with fingerprint `key` is kept."""
+    """Where the state of the run with resume key `key` is kept."""
     return Path(resume_dir) / key / STATE_FILE
 
 

@@ -15,7 +15,7 @@ from ..soups import run_method
 from ..soups.base import model_at
 from ..runtime.devices import resolve_device
 from ..evaluation.tables import markdown_table
-from .paths import Layout, load_splits, open_store, soup_objective
+from .paths import StagePaths, load_splits, open_store, soup_objective
 
 CURVE_METHODS = ("greedy", "mehl_soup_plus")
 REMOVAL_METHODS = ("uniform", "greedy", "mehl_soup_plus")
@@ -37,27 +37,27 @@ def soup_accuracies(params: Params, store: IngredientStore, splits: DataSplits, 
 
 def run(params: Params, root: str | Path) -> dict:
     """Write runs/ablation/{ablation.json, ablation.md, ingredient_count.png}."""
-    layout = Layout(Path(root))
-    full = open_store(params, layout)
+    paths = StagePaths(Path(root))
+    full = open_store(params, paths)
     splits = load_splits(params)
     K = len(full)
-    paths = [i.path for i in full.ingredients]
+    files = [i.path for i in full.ingredients]
     counts = sorted({n for n in params.evaluate.ingredient_counts if 1 <= n < K} | {K})
 
     def full_soup(method: str, n_used: int) -> Path | None:  # the whole set: the soup stage already built it
-        return layout.soup_dir(method) / "soup.safetensors" if n_used == K else None
+        return paths.soup_dir(method) / "soup.safetensors" if n_used == K else None
 
     curve = [{"ingredients": n, "method": m,
-              **soup_accuracies(params, IngredientStore(paths[:n]), splits, m, full_soup(m, n))}
+              **soup_accuracies(params, IngredientStore(files[:n]), splits, m, full_soup(m, n))}
              for n in counts for m in CURVE_METHODS]
     by_acc = sorted(range(K), key=lambda k: -(full.ingredients[k].fit_acc or 0.0))
     removal = []
     for n in sorted({0, *(n for n in params.evaluate.remove_top if 0 < n <= K - 2)}):
         kept = sorted(by_acc[n:])
-        removal += [{"removed_top": n, "method": m, **soup_accuracies(params, IngredientStore([paths[k] for k in kept]),
+        removal += [{"removed_top": n, "method": m, **soup_accuracies(params, IngredientStore([files[k] for k in kept]),
                                                                         splits, m, full_soup(m, len(kept)))}
                     for m in REMOVAL_METHODS]
-    out = layout.ablation_dir
+    out = paths.ablation_dir
     write_json(out / "ablation.json", {"ingredient_count": curve, "remove_top": removal})
     (out / "ablation.md").write_text("## Test accuracy against the number of ingredients\n\n"
                                      + markdown_table(curve, ["ingredients", "method", *ACCURACY_COLUMNS])

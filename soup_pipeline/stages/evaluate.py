@@ -26,7 +26,7 @@ from ..soups.base import best_individual, model_at
 from ..runtime.devices import resolve_device
 from ..soups.ensemble import ensemble_logits
 from ..evaluation.tables import markdown_table
-from .paths import Layout, load_splits, open_anchor, open_store, read_json, soup_objective
+from .paths import StagePaths, load_splits, open_anchor, open_store, read_json, soup_objective
 
 REFERENCE = "greedy"  # every method is compared with greedy soup, the practical default
 RESULT_COLUMNS = ["method", "fit_acc", "select_acc", "test_acc", "shifted_test_acc", "test_vs_greedy", "test_ci_low",
@@ -35,7 +35,7 @@ COST_COLUMNS = ["seconds", "peak_cpu_mib", "peak_cuda_mib"]  # kept apart, under
 TABLE_COLUMNS = RESULT_COLUMNS + COST_COLUMNS
 
 
-def evaluate_rows(params: Params, layout: Layout, store: IngredientStore,
+def evaluate_rows(params: Params, paths: StagePaths, store: IngredientStore,
                   splits: DataSplits) -> tuple[list[dict], dict[str, dict], dict[str, torch.Tensor]]:
     """Rows: zero-shot, best individual, each soup built (`soup.methods`, then `soup.refine`), and the ensemble, each with its
     accuracies and, where greedy soup is built, its paired comparison against it on the test sets; each model's
@@ -45,12 +45,12 @@ def evaluate_rows(params: Params, layout: Layout, store: IngredientStore,
     device = resolve_device(params.soup.device)
     batch = params.evaluate.batch_size
     best = best_individual(store)
-    rows = [{"method": "zero_shot", **read_json(layout.base_info)["zero_shot"]}]
+    rows = [{"method": "zero_shot", **read_json(paths.base_info)["zero_shot"]}]
     states = {"best_individual": lambda: store.load(best),
-              **{method: (lambda method=method: IngredientStore([layout.soup_dir(method) / "soup.safetensors"]).load(0))
+              **{method: (lambda method=method: IngredientStore([paths.soup_dir(method) / "soup.safetensors"]).load(0))
                  for method in params.soup.built}}
     extra = {"best_individual": {"member": store.ingredients[best].name},
-             **{method: read_json(layout.soup_dir(method) / "metrics.json") for method in params.soup.built}}
+             **{method: read_json(paths.soup_dir(method) / "metrics.json") for method in params.soup.built}}
     correct, select_losses = {}, {}
     for method, state in tqdm(states.items(), desc="evaluate", unit="model", disable=None):
         correct[method], losses = split_outcomes(predictor(model_at(objective, state(), device), batch, device), splits)
@@ -66,11 +66,11 @@ def evaluate_rows(params: Params, layout: Layout, store: IngredientStore,
     return rows, correct, select_losses
 
 
-def anchor_if_known(layout: Layout, store: IngredientStore) -> dict[str, torch.Tensor] | None:
+def anchor_if_known(paths: StagePaths, store: IngredientStore) -> dict[str, torch.Tensor] | None:
     """theta_0 for the basin diagnostic's cosine, or None (said in a warning) where the ingredients name another
     base or the base has none: the diagnostic is advice, and the evaluation goes on without it."""
     try:
-        return open_anchor(layout, store)
+        return open_anchor(paths, store)
     except SoupError as exc:
         warnings.warn(f"the basin diagnostic leaves out the task-vector cosine: {exc}", stacklevel=2)
         return None
@@ -82,9 +82,9 @@ def ingredient_rows(store: IngredientStore) -> list[dict]:
              **i.meta.get("hparams", {})} for i in store.ingredients]
 
 
-def with_costs(rows: list[dict], layout: Layout) -> list[dict]:
+def with_costs(rows: list[dict], paths: StagePaths) -> list[dict]:
     """The evaluation rows with each soup's seconds and peak memory (from runs/costs/, where a soup stage left them)."""
-    return [{**row, **(read_json(layout.soup_cost(row["method"])) if layout.soup_cost(row["method"]).is_file() else {})}
+    return [{**row, **(read_json(paths.soup_cost(row["method"])) if paths.soup_cost(row["method"]).is_file() else {})}
             for row in rows]
 
 
@@ -93,17 +93,17 @@ def run(params: Params, root: str | Path) -> list[dict]:
     data prefer, `soup_pipeline.evaluation.selection`), basin.json (`soup_pipeline.soups.basin`, warned when the members sit
     apart)} and runs/eval/plots/*.png (the same bytes for the same inputs), and runs/costs/evaluation.md; return
     the rows with each soup's cost."""
-    layout = Layout(Path(root))
-    store = open_store(params, layout)
+    paths = StagePaths(Path(root))
+    store = open_store(params, paths)
     splits = load_splits(params)
-    rows, correct, select_losses = evaluate_rows(params, layout, store, splits)
-    out = layout.eval_dir
+    rows, correct, select_losses = evaluate_rows(params, paths, store, splits)
+    out = paths.eval_dir
     chosen = choose_on_select(select_losses, {method: values["select"] for method, values in correct.items()},
                               splits.sources["select"] if splits.sources else None,
                               seed=params.evaluate.bootstrap_seed, resamples=params.evaluate.bootstrap_resamples)
     write_json(out / "registration.json", {"method": chosen.method, "reference": chosen.reference,
                                            "reason": chosen.reason, "candidates": chosen.candidates})
-    basin = diagnose(store, soup_objective(params, store, splits), anchor_if_known(layout, store),
+    basin = diagnose(store, soup_objective(params, store, splits), anchor_if_known(paths, store),
                      gap_limit=params.evaluate.basin_gap, device=resolve_device(params.soup.device))
     write_json(out / "basin.json", basin.as_dict())
     if basin.warning:
@@ -113,14 +113,14 @@ def run(params: Params, root: str | Path) -> list[dict]:
     write_json(out / "methods.json", rows)
     write_json(out / "ingredients.json", ingredient_rows(store))
     (out / "table.md").write_text(header + markdown_table(rows, RESULT_COLUMNS) + "\n")
-    shown = with_costs(rows, layout)
-    layout.costs_dir.mkdir(parents=True, exist_ok=True)
-    (layout.costs_dir / "evaluation.md").write_text(markdown_table(shown, TABLE_COLUMNS) + "\n")
+    shown = with_costs(rows, paths)
+    paths.costs_dir.mkdir(parents=True, exist_ok=True)
+    (paths.costs_dir / "evaluation.md").write_text(markdown_table(shown, TABLE_COLUMNS) + "\n")
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     plot_methods(rows, plots / "methods.png")
     for method in params.soup.built:
-        beta = read_json(layout.soup_dir(method) / "beta.json")
+        beta = read_json(paths.soup_dir(method) / "beta.json")
         if len(beta["layers"]) > 1:
             plot_mixing_weights(torch.tensor(beta["beta"]).numpy(), beta["ingredients"], beta["layers"],
                                 plots / f"beta_{method}.png")

@@ -11,7 +11,7 @@ from ..runtime.kill_points import reached
 from ..core.models import base_model_id
 from .inputs import stage_inputs_sha256
 from ..training.sweep import sample_hparams
-from .paths import Layout, base_reference, load_splits
+from .paths import StagePaths, base_reference, load_splits
 
 
 def is_done(ingredient_file: Path, hparams: dict, base_id: str, inputs: str | None) -> bool:
@@ -26,19 +26,19 @@ def is_done(ingredient_file: Path, hparams: dict, base_id: str, inputs: str | No
 def up_to_date(params: Params, root: str | Path, member: int) -> bool:
     """True when member `member`'s ingredient was made from its hparams, this base and these stage inputs:
     exactly when `dvc repro` would not rerun `finetune@member`."""
-    layout = Layout(Path(root))
-    base_id = base_model_id(params.model.arch, base_reference(params, layout))
-    return is_done(layout.ingredient(member), sample_hparams(params.sweep, member), base_id,
+    paths = StagePaths(Path(root))
+    base_id = base_model_id(params.model.arch, base_reference(params, paths))
+    return is_done(paths.ingredient(member), sample_hparams(params.sweep, member), base_id,
                    stage_inputs_sha256(root, "finetune", params))
 
 
 def run(params: Params, root: str | Path, member: int, *, reuse: bool = False) -> Ingredient:
     """Fine-tune member `member`; with `reuse`, a finished member that is `up_to_date` is returned, not recomputed."""
-    layout = Layout(Path(root))
-    target = layout.ingredient(member)
+    paths = StagePaths(Path(root))
+    target = paths.ingredient(member)
     if reuse and up_to_date(params, root, member):
         return read_ingredient(target)
-    base = base_reference(params, layout)
+    base = base_reference(params, paths)
     hparams = sample_hparams(params.sweep, member)
     inputs = stage_inputs_sha256(root, "finetune", params)
     ingredient = finetune(base, hparams, load_splits(params), target, member=member, arch=params.model.arch,

@@ -23,7 +23,7 @@ from ..evaluation.scoring import predictor, split_accuracies
 from ..core.ingredients import Ingredient, check_finite, file_sha256, read_state_file, save_ingredient
 from ..core.models import base_model_id, classifier_from_spec, classifier_spec
 from ..runtime.devices import resolve_device
-from .paths import Layout, base_reference, load_splits
+from .paths import StagePaths, base_reference, load_splits
 from ..core.sources import Checkpoint, Remote, resolve
 
 
@@ -43,7 +43,7 @@ def run_many(params: Params, root: str | Path, sources: Sequence[str], *, first_
 
     All are resolved and checked before the first ingredient is written; MLflow downloads go to a temporary
     folder under runs/.downloads/, removed afterwards."""
-    downloads = Layout(Path(root)).runs / ".downloads"
+    downloads = StagePaths(Path(root)).runs / ".downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="import-", dir=downloads) as folder:
         checkpoints = resolve(sources, folder, remote=remote)
@@ -94,13 +94,13 @@ def _import(params: Params, root: str | Path, splits: DataSplits, model: torch.n
                **({"run_id": checkpoint.run_id} if checkpoint.run_id else {})}
     meta = {"hparams": {}, **accuracies, "base_model": base_model, "member": member,
             "classifier_spec": classifier_spec(params.model.arch, len(splits.classnames)), **lineage}
-    return save_ingredient(state, Layout(Path(root)).imported(member), meta=meta)
+    return save_ingredient(state, StagePaths(Path(root)).imported(member), meta=meta)
 
 
 def pipeline_base(params: Params, root: str | Path) -> str:
     """The id of the pipeline's base (`model.pretrained`, or the base it pre-trains), which imported checkpoints are
     declared to be fine-tuned from, so that they soup with the sweep's fine-tunes."""
-    base = base_reference(params, Layout(Path(root)))
+    base = base_reference(params, StagePaths(Path(root)))
     if params.model.pretrained is None and not Path(base).is_file():
         raise IngredientError(f"the pipeline's base {base} is missing; pre-train it first (`dvc repro pretrain`)")
     return base_model_id(params.model.arch, base)
@@ -110,17 +110,17 @@ def run_params(params: Params, root: str | Path, *, remote: Remote | None = None
     """Stage `import`: runs/imported/ holds exactly the checkpoints `imports.sources` name (members
     imports.first_member, ...), declared fine-tunes of the pipeline's base, and runs/imported/lineage.json where
     each came from; an empty list imports nothing."""
-    layout = Layout(Path(root))
+    paths = StagePaths(Path(root))
     settings = params.imports
     ingredients = run_many(params, root, settings.sources, first_member=settings.first_member,
                            strip_prefix=settings.strip_prefix, base_model=pipeline_base(params, root),
                            remote=remote)
     kept = {i.path for i in ingredients}
-    for stale in layout.imported_ingredients():  # a source dropped from the list leaves no member behind
+    for stale in paths.imported_ingredients():  # a source dropped from the list leaves no member behind
         if stale not in kept:
             stale.unlink()
             stale.with_suffix(".json").unlink(missing_ok=True)
-    write_json(layout.imported_dir / "lineage.json",
+    write_json(paths.imported_dir / "lineage.json",
                [{key: i.meta.get(key) for key in ("member", "source_uri", "run_id", "source_sha256", "sha256")}
                 for i in ingredients])
     return ingredients

@@ -18,7 +18,7 @@ from ..training.sweep import ingredient_path
 
 
 @dataclass(frozen=True)
-class Layout:
+class StagePaths:
     """The pipeline's files under `root/runs/`."""
 
     root: Path
@@ -98,9 +98,9 @@ def member_ids(params: Params) -> list[int]:
     return list(params.sweep.members)
 
 
-def base_reference(params: Params, layout: Layout) -> str:
+def base_reference(params: Params, paths: StagePaths) -> str:
     """What every fine-tune starts from: the configured pretrained weights, or the pipeline's own pre-training."""
-    return params.model.pretrained or str(layout.base_weights)
+    return params.model.pretrained or str(paths.base_weights)
 
 
 def load_splits(params: Params) -> DataSplits:
@@ -109,23 +109,23 @@ def load_splits(params: Params) -> DataSplits:
     return build_datasets(params.data, transform=transform)
 
 
-def open_store(params: Params, layout: Layout, members: list[int] | None = None,
+def open_store(params: Params, paths: StagePaths, members: list[int] | None = None,
                settings: SoupSettings | None = None) -> IngredientStore:
     """The sweep's ingredients (its fine-tunes, then the imported checkpoints), held as `settings` (a method's
     parameters; else the shared soup keys) say; a missing one names the member and how to make it."""
     chosen = member_ids(params) if members is None else members
-    paths = [layout.ingredient(k) for k in chosen]
-    missing = [k for k, p in zip(chosen, paths) if not p.exists()]
+    files = [paths.ingredient(k) for k in chosen]
+    missing = [k for k, p in zip(chosen, files) if not p.exists()]
     if missing:
-        raise SoupError(f"ingredients of members {missing} are missing under {layout.ingredients_dir}; "
+        raise SoupError(f"ingredients of members {missing} are missing under {paths.ingredients_dir}; "
                         "run `dvc repro` or `soup-pipeline finetune --member K` first")
     dtype = (settings or params.soup).storage_dtype
-    return IngredientStore(paths + layout.imported_ingredients(), storage_dtype=getattr(torch, dtype) if dtype else None)
+    return IngredientStore(files + paths.imported_ingredients(), storage_dtype=getattr(torch, dtype) if dtype else None)
 
 
-def open_anchor(layout: Layout, store: IngredientStore) -> dict[str, torch.Tensor]:
+def open_anchor(paths: StagePaths, store: IngredientStore) -> dict[str, torch.Tensor]:
     """theta_0 of the merge methods: the base's zero-shot classifier, refused when the ingredients name another base."""
-    path = layout.zero_shot_weights
+    path = paths.zero_shot_weights
     if not path.is_file():
         raise SoupError(f"{path} is missing; run `soup-pipeline pretrain` (or `dvc repro`) first")
     anchor = IngredientStore([path])

@@ -18,7 +18,7 @@ from ..core.models import base_model_id, classifier_from_clip, classifier_spec, 
 from ..training.pretrain import pretrain
 from ..runtime.devices import resolve_device
 from .inputs import stage_inputs_sha256
-from .paths import Layout, base_reference, load_splits, read_json
+from .paths import StagePaths, base_reference, load_splits, read_json
 
 
 def settings(params: Params) -> dict:
@@ -29,13 +29,13 @@ def settings(params: Params) -> dict:
 def reusable(params: Params, root: str | Path) -> dict | None:
     """The base's info when it was made from these settings and stage inputs (the deps and params dvc.yaml
     declares, when there is one): exactly when `dvc repro` would not rerun `pretrain`; else None."""
-    layout = Layout(Path(root))
-    if not layout.base_info.is_file():
+    paths = StagePaths(Path(root))
+    if not paths.base_info.is_file():
         return None
-    info = read_json(layout.base_info)
+    info = read_json(paths.base_info)
     same = (info.get("settings") == json.loads(json.dumps(settings(params)))
             and info.get("inputs_sha256") == stage_inputs_sha256(root, "pretrain", params))
-    made = layout.zero_shot_weights.is_file() and (params.model.pretrained is not None or layout.base_weights.is_file())
+    made = paths.zero_shot_weights.is_file() and (params.model.pretrained is not None or paths.base_weights.is_file())
     return info if same and made else None
 
 
@@ -45,24 +45,24 @@ def run(params: Params, root: str | Path, *, reuse: bool = False) -> dict:
 
     With `reuse`, a base that is `reusable` is returned, not pre-trained again.
     """
-    layout = Layout(Path(root))
+    paths = StagePaths(Path(root))
     if reuse and (info := reusable(params, root)) is not None:
         return info
     inputs = stage_inputs_sha256(root, "pretrain", params)
     splits = load_splits(params)
     if params.model.pretrained is None:
-        pretrain(params.pretrain, splits, layout.base_weights, arch=params.model.arch,
+        pretrain(params.pretrain, splits, paths.base_weights, arch=params.model.arch,
                  on_epoch=lambda *_: reached("pretrain-epoch"))
-    base = base_reference(params, layout)
+    base = base_reference(params, paths)
     clip = load_clip(params.model.arch, base, cache_dir=params.model.cache_dir)
     head = zero_shot_head(clip.model, clip.tokenizer, splits.classnames, splits.templates)
     device = resolve_device(params.pretrain.device)
     model = classifier_from_clip(clip.model, head).to(device)
     zero_shot = split_accuracies(predictor(model, params.evaluate.batch_size, device), splits)
     base_id = base_model_id(params.model.arch, base)
-    save_ingredient(model.state_dict(), layout.zero_shot_weights,
+    save_ingredient(model.state_dict(), paths.zero_shot_weights,
                     meta={"base_model": base_id, "classifier_spec": classifier_spec(params.model.arch, len(splits.classnames))})
     info = {"base": base_id, "arch": params.model.arch,
             "chance_acc": 1.0 / len(splits.classnames), "zero_shot": zero_shot, "settings": settings(params), "inputs_sha256": inputs}
-    write_json(layout.base_info, info)
+    write_json(paths.base_info, info)
     return info

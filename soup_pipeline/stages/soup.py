@@ -17,7 +17,7 @@ from ..config import Params
 from ..runtime.errors import SoupError
 from ..core.ingredients import IngredientStore, save_ingredient
 from ..runtime.kill_points import armed, reached
-from .paths import Layout, load_splits, open_anchor, open_store, read_json, soup_objective
+from .paths import StagePaths, load_splits, open_anchor, open_store, read_json, soup_objective
 from ..runtime.lock import LOCK_HELD_ENV
 from ..soups import SoupResult, get_spec, run_method
 from ..soups.base import Objective, model_at, role_metrics
@@ -59,32 +59,32 @@ def run(params: Params, root: str | Path, method: str) -> SoupResult:
     With `nproc` > 1 a method that runs distributed is launched on that many processes by torchrun
     (one per GPU on a GPU machine, gloo on the CPU); rank 0 writes the files, read back here.
     """
-    layout = Layout(Path(root))
+    paths = StagePaths(Path(root))
     settings = params.soup.method(method)
     spec = get_spec(method)
     if settings.nproc > 1 and spec.distributed and launched_world() == 1:
-        launch(params, layout, method, settings.nproc)
-        return read_result(layout, method)
-    store = open_store(params, layout, settings=settings)
+        launch(params, paths, method, settings.nproc)
+        return read_result(paths, method)
+    store = open_store(params, paths, settings=settings)
     objective = soup_objective(params, store, load_splits(params), settings)
-    options = {"resume_dir": layout.runs / "resume" / method} if spec.resumable else {}
+    options = {"resume_dir": paths.runs / "resume" / method} if spec.resumable else {}
     if spec.anchored:
-        options["anchor"] = open_anchor(layout, store)
+        options["anchor"] = open_anchor(paths, store)
     if spec.refines:
-        options["soup"] = read_result(layout, settings.soup)
+        options["soup"] = read_result(paths, settings.soup)
     if spec.resumable and armed("mehl-block"):
         options["on_step"] = lambda event: reached("mehl-block") if event.position > 0 else None
     device = rank_device(resolve_device(settings.device))
     with process_group(device) as ranks:
         result = run_method(method, store, objective, settings, **options)
     if ranks.leader:
-        write_result(result, layout, soup_metrics(result, objective, device), store.ingredients[0].meta)
+        write_result(result, paths, soup_metrics(result, objective, device), store.ingredients[0].meta)
     return result
 
 
-def write_result(result: SoupResult, layout: Layout, metrics: dict, ingredient_meta: dict) -> None:
+def write_result(result: SoupResult, paths: StagePaths, metrics: dict, ingredient_meta: dict) -> None:
     """The soup stage's files for `result` (see `run`)."""
-    out = layout.soup_dir(result.method)
+    out = paths.soup_dir(result.method)
     save_ingredient(result.state_dict, out / "soup.safetensors",
                     meta={"method": result.method, "classifier_spec": ingredient_meta.get("classifier_spec"),
                           "base_model": ingredient_meta.get("base_model"), "fit_acc": metrics["fit_acc"],
@@ -95,12 +95,12 @@ def write_result(result: SoupResult, layout: Layout, metrics: dict, ingredient_m
     write_json(out / "metrics.json", metrics)
     if "search" in result.info:
         write_json(out / "search.json", result.info["search"])
-    write_json(layout.soup_cost(result.method), soup_cost(result))
+    write_json(paths.soup_cost(result.method), soup_cost(result))
 
 
-def read_result(layout: Layout, method: str) -> SoupResult:
+def read_result(paths: StagePaths, method: str) -> SoupResult:
     """The soup stage's files of `method` as a SoupResult (as `run` returned it, less the in-memory extras)."""
-    out = layout.soup_dir(method)
+    out = paths.soup_dir(method)
     if not (out / "soup.safetensors").is_file():
         raise SoupError(f"the soup {method} is not built (no {out / 'soup.safetensors'}); build it first: "
                         f"soup-pipeline soup --method {method}")
@@ -108,7 +108,7 @@ def read_result(layout: Layout, method: str) -> SoupResult:
     info = {key: metrics[key] for key in ("K", "L", *INFO_KEYS) if key in metrics}
     if (out / "search.json").is_file():
         info["search"] = read_json(out / "search.json")
-    cost = read_json(layout.soup_cost(method)) if layout.soup_cost(method).is_file() else {}
+    cost = read_json(paths.soup_cost(method)) if paths.soup_cost(method).is_file() else {}
     peaks = {"cpu_rss": cost.get("peak_cpu_mib"), "cuda": cost.get("peak_cuda_mib")}
     return SoupResult(method=method, state_dict=IngredientStore([out / "soup.safetensors"]).load(0),
                       beta=torch.tensor(beta["beta"], dtype=torch.float64), layer_names=beta["layers"],
@@ -117,13 +117,13 @@ def read_result(layout: Layout, method: str) -> SoupResult:
                       history=[row["fit_loss"] for row in read_json(out / "history.json")], info=info)
 
 
-def launch(params: Params, layout: Layout, method: str, nproc: int) -> None:
+def launch(params: Params, paths: StagePaths, method: str, nproc: int) -> None:
     """`soup-pipeline soup --method METHOD` on `nproc` processes under torchrun, with these very params."""
     with tempfile.TemporaryDirectory(prefix="soup-params-") as folder:
         given = Path(folder) / "params.json"  # JSON is YAML: the CLI reads it as its params file
         given.write_text(json.dumps(params.model_dump(mode="json")))
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                   "-m", "soup_pipeline.cli", "--params", str(given), "--root", str(layout.root), "soup", "--method", method]
+                   "-m", "soup_pipeline.cli", "--params", str(given), "--root", str(paths.root), "soup", "--method", method]
         done = subprocess.run(command, env={**os.environ, LOCK_HELD_ENV: "1"})
     if done.returncode != 0:
         raise SoupError(f"{method} on {nproc} processes failed (torchrun exit code {done.returncode}); the log above "

@@ -27,7 +27,7 @@ from ..config import AUTO, Params
 from ..runtime.errors import SoupError
 from ..core.ingredients import Ingredient, file_sha256, read_ingredient
 from ..runtime.kill_points import reached
-from ..stages.paths import Layout, load_splits, member_ids, open_store, read_json, with_members
+from ..stages.paths import StagePaths, load_splits, member_ids, open_store, read_json, with_members
 from ..soups import SoupResult
 from ..evaluation.selection import FALLBACK_REFERENCE as BEST_INDIVIDUAL  # the fittest fine-tune's row; `auto` may register it
 from ..soups.base import best_individual
@@ -158,7 +158,7 @@ def attempt(tracker: Tracker, what: str, log: Callable[[], T]) -> T | None:
 def tracked_finetune(tracker: Tracker, params: Params, root: str | Path, member: int) -> Ingredient:
     """Fine-tune `member` (a finished one whose stage inputs are unchanged is reused) in its own nested run,
     which ends FAILED if the fine-tune fails; MLflow failing does not stop the fine-tune (`attempt`)."""
-    path = Layout(Path(root)).ingredient(member)
+    path = StagePaths(Path(root)).ingredient(member)
     before = path.stat().st_mtime_ns if path.is_file() else None
     what = f"fine-tune {member}"
     with contextlib.ExitStack() as run:
@@ -192,12 +192,12 @@ def log_tables(tracker: Tracker, params: Params, root: str | Path, rows: list[di
     data (param `registration`), the ingredient table and the evaluation table."""
 
     def log() -> None:
-        layout = Layout(Path(root))
-        basin = read_json(layout.eval_dir / "basin.json")
+        paths = StagePaths(Path(root))
+        basin = read_json(paths.eval_dir / "basin.json")
         tracking.log_scalars({"K": len(member_ids(params)), **{f"basin_{key}": basin[key] for key in BASIN_METRICS}})
-        tracking.log_params({"registration": read_json(layout.eval_dir / "registration.json")["method"],
+        tracking.log_params({"registration": read_json(paths.eval_dir / "registration.json")["method"],
                              **({"basin_warning": basin["warning"]} if basin["warning"] else {})})
-        tracking.log_table(ingredient_rows(open_store(params, layout)), "ingredients")
+        tracking.log_table(ingredient_rows(open_store(params, paths)), "ingredients")
         tracking.log_table(rows, "evaluation")
 
     attempt(tracker, "the tables", log)
@@ -240,12 +240,12 @@ def registered_method(params: Params, root: str | Path) -> str:
     data (runs/eval/registration.json; `soup_pipeline.evaluation.selection`), a soup or the best individual."""
     if params.tracking.register_method != AUTO:
         return params.tracking.register_method
-    return read_json(Layout(Path(root)).eval_dir / "registration.json")["method"]
+    return read_json(StagePaths(Path(root)).eval_dir / "registration.json")["method"]
 
 
 def best_individual_result(params: Params, root: str | Path) -> SoupResult:
     """The best individual fine-tune (highest fit accuracy) as a one-member result, to record and register."""
-    store = open_store(params, Layout(Path(root)))
+    store = open_store(params, StagePaths(Path(root)))
     best = best_individual(store)
     beta = torch.zeros(len(store), 1, dtype=torch.float64)
     beta[best] = 1.0
@@ -262,9 +262,9 @@ def recorded_results(params: Params, root: str | Path, soups: Mapping[str, SoupR
     return {**soups, **extra}, chosen
 
 
-def registration_lines(layout: Layout) -> list[str]:
+def registration_lines(paths: StagePaths) -> list[str]:
     """Why `auto` registered this model: the rule's sentence and the select evidence of the top candidates."""
-    path = layout.eval_dir / "registration.json"
+    path = paths.eval_dir / "registration.json"
     if not path.is_file():
         return []
     chosen = read_json(path)
@@ -277,7 +277,7 @@ def registration_lines(layout: Layout) -> list[str]:
     return lines
 
 
-def model_card(result: SoupResult, row: Mapping[str, Any], layout: Layout, *, auto: bool = False) -> str:
+def model_card(result: SoupResult, row: Mapping[str, Any], paths: StagePaths, *, auto: bool = False) -> str:
     """The registered version's description: what the model is, how it was chosen, and the run's evaluation table."""
     chosen = result.info.get("chosen")
     title = (f"## {result.method}: {result.info['members'][0]}, the fine-tune with the highest fit accuracy"
@@ -292,8 +292,8 @@ def model_card(result: SoupResult, row: Mapping[str, Any], layout: Layout, *, au
         lines.append(f"Setting chosen on select data: {', '.join(f'{k} {v}' for k, v in chosen.items())}.")
     lines += [f"Mixing weights (beta, {len(result.ingredient_names)} x {len(result.layer_names)}): "
               f"`{tracking.MIXING_DIR}/beta.png` (heatmap) and `beta.json` of this version's run."]
-    lines += (registration_lines(layout) if auto else []) + [""]
-    table = layout.eval_dir / "table.md"
+    lines += (registration_lines(paths) if auto else []) + [""]
+    table = paths.eval_dir / "table.md"
     if table.is_file():  # its header is the basin diagnostic, with the warning when the members sit apart
         lines += ["### Evaluation of every method in this pipeline run", "", table.read_text()]
     return "\n".join(lines)
@@ -328,26 +328,26 @@ def register_with_lineage(result: SoupResult, spec: Mapping[str, Any], tags: Map
 def register_soup(params: Params, root: str | Path, result: SoupResult, row: Mapping[str, Any]) -> str:
     """Register the pipeline's soup from the active run, tagged with its accuracies and provenance (params, git
     commit, dvc.lock, its ingredients' lineage); promote it if best."""
-    layout = Layout(Path(root))
-    store = open_store(params, layout)
+    paths = StagePaths(Path(root))
+    store = open_store(params, paths)
     k = len(result.ingredient_names)
     tags = {
         "K": k, "b": result.info.get("b"), **{key: row.get(key) for key in ROW_METRICS},
         **{f"chosen_{key}": value for key, value in result.info.get("chosen", {}).items()},
         "params_hash": params_hash(params), "git_commit": git_commit(root), "dvc_lock_hash": dvc_lock_hash(root),
-        "soup_sha256": read_ingredient(model_file(layout, result)).meta["sha256"],
+        "soup_sha256": read_ingredient(model_file(paths, result)).meta["sha256"],
         "registered_by": "auto" if params.tracking.register_method == AUTO else "register_method",
-        "registration_reason": (read_json(layout.eval_dir / "registration.json")["reason"]
+        "registration_reason": (read_json(paths.eval_dir / "registration.json")["reason"]
                                 if params.tracking.register_method == AUTO else None),
     }
     return register_with_lineage(result, store.ingredients[0].meta["classifier_spec"], tags, store.ingredients,
                                  name=params.tracking.registered_model, example=load_splits(params).select[0][0],
-                                 description=model_card(result, row, layout, auto=params.tracking.register_method == AUTO))
+                                 description=model_card(result, row, paths, auto=params.tracking.register_method == AUTO))
 
 
-def model_file(layout: Layout, result: SoupResult) -> Path:
+def model_file(paths: StagePaths, result: SoupResult) -> Path:
     """The file holding the model `result` records: its soup's, or the best individual's ingredient."""
-    return Path(result.info["path"]) if "path" in result.info else layout.soup_dir(result.method) / "soup.safetensors"
+    return Path(result.info["path"]) if "path" in result.info else paths.soup_dir(result.method) / "soup.safetensors"
 
 
 def register_external_soup(result: SoupResult, row: Mapping[str, Any], spec: Mapping[str, Any], soup_file: Path,
@@ -379,17 +379,17 @@ def replay(params: Params, root: str | Path) -> dict:
     lost tracking server left open), a nested run per fine-tune and per soup, the tables, and the
     registration (a soup registered before keeps its version). Returns the run id, the registered
     version and what could not be logged."""
-    layout = Layout(Path(root))
-    rows = read_json(layout.eval_dir / "methods.json")
-    members = [member for member in member_ids(params) if layout.ingredient(member).is_file()]
+    paths = StagePaths(Path(root))
+    rows = read_json(paths.eval_dir / "methods.json")
+    members = [member for member in member_ids(params) if paths.ingredient(member).is_file()]
     params = with_members(params, members)
     by_method = {row["method"]: row for row in rows}
     with pipeline(params, root, run_name="replay", tags={"replayed_from_files": True}) as tracker:
         for member in members:
-            ingredient = read_ingredient(layout.ingredient(member))
+            ingredient = read_ingredient(paths.ingredient(member))
             attempt(tracker, f"fine-tune {member}", lambda: replay_finetune(tracker, member, ingredient))  # noqa: B023
         log_tables(tracker, params, root, rows)
-        results, chosen = recorded_results(params, root, {method: soup.read_result(layout, method)
+        results, chosen = recorded_results(params, root, {method: soup.read_result(paths, method)
                                                           for method in params.soup.built})
         versions = [record_soup(tracker, params, root, result, by_method[method], register=method == chosen)
                     for method, result in results.items()]
