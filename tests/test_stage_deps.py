@@ -132,7 +132,7 @@ def test_a_code_edit_reruns_what_runs_that_code_in_dvc_and_in_the_flow_alike(pip
     assert flow_reuses(repo) == trained
     sh("git", "checkout", "soup_pipeline", cwd=repo)
 
-    presets = repo / "soup_pipeline" / "augment.py"  # the augmentation presets: what trains runs them
+    presets = repo / "soup_pipeline" / "training" / "augment.py"  # the augmentation presets: what trains runs them
     presets.write_text(presets.read_text().replace("noise=0.1)", "noise=0.12)"))
     assert changed_stages(repo) == trained  # not prepare nor import: they run no augmentation
     assert flow_reuses(repo) == set()  # the flow recomputes exactly what DVC calls changed
