@@ -1,7 +1,10 @@
 """Shared test settings: keep every tool off the network and out of the user's home."""
 
 import os
+import sys
 import tempfile
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -18,3 +21,34 @@ for _name in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
 # Session fixtures shared by several modules: registered here once, so they are built once.
 from flow_run import harness, pipeline  # noqa: E402,F401
 from helpers_clip import pretrained_base, tiny_splits  # noqa: E402,F401
+
+
+
+def _mlflow_uris() -> tuple | None:
+    """MLflow's process-wide tracking and registry URIs as set (None: MLflow not imported yet, nothing set)."""
+    if "mlflow" not in sys.modules:
+        return None
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as tracking
+
+    return tracking._tracking_uri, registry._registry_uri
+
+
+@pytest.fixture(autouse=True)
+def mlflow_left_as_found():
+    """Every test starts with the MLflow URIs and MLFLOW_* variables the session had and no active run: what one
+    test sets (set_tracking_uri, set_registry_uri, an environment variable, a run left open) never reaches the next."""
+    environment = {key: value for key, value in os.environ.items() if key.startswith("MLFLOW_")}
+    uris = _mlflow_uris()
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+        from mlflow.tracking._model_registry import utils as registry
+        from mlflow.tracking._tracking_service import utils as tracking
+
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        tracking._tracking_uri, registry._registry_uri = uris or (None, None)
+    for key in [key for key in os.environ if key.startswith("MLFLOW_")]:
+        del os.environ[key]
+    os.environ.update(environment)

@@ -67,4 +67,6 @@ def test_openai_tag_from_a_local_cache_fine_tunes_and_soups(tmp_path):
     result = soup.run(params, root, "mehl_soup_plus")
     assert result.beta.shape[0] == 2 and torch.allclose(result.beta.sum(0), torch.ones(result.beta.shape[1],
                                                                                         dtype=result.beta.dtype))
+    assert (result.beta - 0.5).abs().max() > 1e-3  # learned on the fit images: moved away from the uniform soup
+    assert result.info["coefficients"].abs().max() > 1e-3
     assert (root / "runs" / "soups" / "mehl_soup_plus" / "soup.safetensors").is_file()
