@@ -145,7 +145,7 @@ def _refine(params: Params, root: Path, args: argparse.Namespace) -> str:
 def _import(params: Params, root: Path, args: argparse.Namespace) -> str:
     from .stages import importer
     from .tracking import tracking_uri
-    from .tracking.sources import mlflow_sources
+    from .tracking.mlflow_sources import mlflow_sources
 
     remote = mlflow_sources(tracking_uri(root))  # MLflow sources are read through the tracking glue
     if args.source is None:

@@ -19,7 +19,7 @@ from soup_pipeline.runtime.errors import IngredientError
 from soup_pipeline.core.ingredients import IngredientStore, file_sha256
 from soup_pipeline.core.models import classifier_from_spec, classifier_spec
 from soup_pipeline.stages import importer
-from soup_pipeline.tracking.sources import mlflow_sources
+from soup_pipeline.tracking.mlflow_sources import mlflow_sources
 
 PARAMS = Params(data=DataParams(pretrain_size=10, train_size=10, heldout_size=50, test_size=10),
                 soup=SoupParams(device="cpu"))

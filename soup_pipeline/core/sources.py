@@ -17,7 +17,7 @@ in the order of the sources; a source that names several checkpoints gives them 
                                     (order=asc: lowest first); top=N keeps the first N and needs metric
 
 A local file is recorded by its absolute path. MLflow sources are resolved by the `remote` the caller passes
-(`soup_pipeline.tracking.sources.mlflow_sources`: this module, like every core module, never imports MLflow);
+(`soup_pipeline.tracking.mlflow_sources.mlflow_sources`: this module, like every core module, never imports MLflow);
 an MLflow artifact that is a folder must hold exactly one checkpoint file, and downloads go under
 `download_dir`. A source that resolves to nothing, a missing run, artifact, experiment, model, version or
 alias, or an unknown scheme raises one IngredientError naming the source and the fix.
@@ -63,7 +63,7 @@ def resolve_one(source: str, download_dir: Path, *, remote: Remote | None = None
     if source.startswith(MLFLOW_SCHEMES):
         if remote is None:
             raise IngredientError(f"source {source!r} is in MLflow, and no MLflow resolver was given; import it with "
-                                  "`soup-pipeline import` or pass remote=soup_pipeline.tracking.sources.mlflow_sources()")
+                                  "`soup-pipeline import` or pass remote=soup_pipeline.tracking.mlflow_sources.mlflow_sources()")
         return remote(source, download_dir)
     return _local(source)
 

@@ -34,7 +34,7 @@ from soup_pipeline.runtime.lock import file_lock, root_lock
 from soup_pipeline.stages.code import CODE_DIGESTS, write_code_digests
 from soup_pipeline.stages import ablate, evaluate, importer, prepare, pretrain, soup
 from soup_pipeline.tracking import stage_runs as track, tracking_uri
-from soup_pipeline.tracking.sources import mlflow_sources
+from soup_pipeline.tracking.mlflow_sources import mlflow_sources
 
 MIN_MEMBERS = 2  # a soup of fewer ingredients is not a soup
 
