@@ -29,10 +29,10 @@ from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.core.ingredients import Ingredient
 from soup_pipeline.runtime.kill_points import reached
 from soup_pipeline.soups import SoupResult
-from soup_pipeline.stages.paths import member_ids, with_members
+from soup_pipeline.stages.paths import StagePaths, member_ids, with_members
 from soup_pipeline.runtime.lock import file_lock, root_lock
 from soup_pipeline.stages.code import CODE_DIGESTS, write_code_digests
-from soup_pipeline.stages import ablate, evaluate, importer, prepare, pretrain, soup
+from soup_pipeline.stages import ablate, evaluate, finetune, importer, prepare, pretrain, soup
 from soup_pipeline.tracking import stage_runs as track, tracking_uri
 from soup_pipeline.tracking.mlflow_sources import mlflow_sources
 
@@ -71,7 +71,8 @@ def pretrain_task(params: Params, root: str) -> dict:
 
 @stage_task(retries=1, retry_delay_seconds=2)
 def finetune_task(params: Params, root: str, member: int, tracker: track.Tracker) -> Ingredient:
-    return track.tracked_finetune(tracker, params, root, member)
+    return track.tracked_finetune(tracker, member, StagePaths(Path(root)).ingredient(member),
+                                  lambda: finetune.run(params, root, member, reuse=True))
 
 
 @stage_task

@@ -31,7 +31,7 @@ from ..stages.paths import StagePaths, load_splits, member_ids, open_store, read
 from ..soups import SoupResult
 from ..evaluation.selection import FALLBACK_REFERENCE as BEST_INDIVIDUAL  # the fittest fine-tune's row; `auto` may register it
 from ..soups.base import best_individual
-from ..stages import finetune, soup
+from ..stages import soup
 from ..stages.evaluate import ingredient_rows
 
 LOGGER = logging.getLogger(__name__)
@@ -155,17 +155,16 @@ def attempt(tracker: Tracker, what: str, log: Callable[[], T]) -> T | None:
 # --- what each step logs ----------------------------------------------------------------------
 
 
-def tracked_finetune(tracker: Tracker, params: Params, root: str | Path, member: int) -> Ingredient:
-    """Fine-tune `member` (a finished one whose stage inputs are unchanged is reused) in its own nested run,
-    which ends FAILED if the fine-tune fails; MLflow failing does not stop the fine-tune (`attempt`)."""
-    path = StagePaths(Path(root)).ingredient(member)
+def tracked_finetune(tracker: Tracker, member: int, path: Path, fine_tune: Callable[[], Ingredient]) -> Ingredient:
+    """Run `fine_tune` (member `member`, written to `path`; a finished one whose stage inputs are unchanged is reused)
+    in its own nested run, which ends FAILED if the fine-tune fails; MLflow failing does not stop it (`attempt`)."""
     before = path.stat().st_mtime_ns if path.is_file() else None
     what = f"fine-tune {member}"
     with contextlib.ExitStack() as run:
         opened = attempt(tracker, what, lambda: run.enter_context(child_run(tracker, f"finetune-{member}",
                                                                            kind="finetune")) or True)
         start = time.perf_counter()
-        ingredient = finetune.run(params, root, member, reuse=True)
+        ingredient = fine_tune()
         seconds = time.perf_counter() - start
         if opened:
             attempt(tracker, what, lambda: log_finetune(ingredient, member, reused=before == path.stat().st_mtime_ns,
