@@ -250,6 +250,7 @@ def test_a_dask_worker_lost_mid_sweep_leaves_its_member_to_the_other_worker(tmp_
             for name in ("doomed", "survivor")}
         client = cluster.enter_context(Client(address, timeout=60))
         client.wait_for_workers(2, timeout=60)
+        client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.get_task_stream_index())  # records from now on
         with open(tmp_path / "flow.log", "w") as log:  # a file, not an unread pipe that could fill and stall the flow
             flow = subprocess.Popen([str(Path(sys.executable).with_name("soup-pipeline")), "run"], cwd=repo, text=True,
                                     env={**env, "SOUP_TASK_RUNNER": "dask", "SOUP_DASK_ADDRESS": address},
@@ -258,11 +259,31 @@ def test_a_dask_worker_lost_mid_sweep_leaves_its_member_to_the_other_worker(tmp_
         deadline = time.monotonic() + 240
         while not client.processing().get(doomed) and flow.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert client.processing().get(doomed), "the doomed worker never got a fine-tune"
+        lost = set(client.processing().get(doomed, ()))  # the fine-tunes it holds as it dies
+        assert lost, "the doomed worker never got a fine-tune"
         os.killpg(workers["doomed"].pid, signal.SIGKILL)  # mid fine-tune
         flow.wait(timeout=600)
-    assert flow.returncode == 0, (tmp_path / "flow.log").read_text()[-3000:]
+        assert flow.returncode == 0, (tmp_path / "flow.log").read_text()[-3000:]
+        survivor = next(w for w, info in client.scheduler_info()["workers"].items() if info["name"] == "survivor")
+        (removed,) = [event for event in client.run_on_scheduler(lambda dask_scheduler: [
+            dict(event) for _, event in dask_scheduler.get_events(doomed)]) if event["action"] == "remove-worker"]
+        assert not removed["expected"] and lost <= removed["processing-tasks"]  # the scheduler's record: unfinished
+        story = client.run_on_scheduler(lambda dask_scheduler: [(t.key, t.start, t.finish, t.stimulus_id, t.timestamp)
+                                                                for t in dask_scheduler.story(*lost)])
+        removed_at = min(t for *_, stimulus, t in story if stimulus == removed["stimulus_id"])
+        finished_on = {}  # each lost key: where the scheduler saw it finish, when its computation there began
+        for key, worker, status, steps in client.run_on_scheduler(lambda dask_scheduler: [
+                (r["key"], r["worker"], r["status"], list(r["startstops"])) for r in dask_scheduler.get_task_stream()]):
+            if key in lost:
+                start = min(step["start"] for step in steps if step["action"] == "compute")
+                finished_on.setdefault(key, []).append((worker, status, start > removed_at))
+        assert finished_on == {key: [(survivor, "OK", True)] for key in lost}  # redone there after the loss, once
+        for key in lost:  # and the scheduler took the survivor's result as the task's: processing -> memory
+            after = [(start, finish) for k, start, finish, _, t in story if k == key and t > removed_at]
+            assert ("processing", "memory") in after, after
     made = {k: file_sha256(StagePaths(repo).ingredient(k)) for k in (0, 1, 2)}
+    greedy = json.loads((repo / "runs" / "soups" / "greedy" / "beta.json").read_text())
+    assert greedy["ingredients"] == ["member-0", "member-1", "member-2"]  # the soup was offered every member
 
     alone = tmp_path / "alone"  # the same members, fine-tuned undisturbed, one thread each as on a Dask worker
     for folder in ("data", "base"):
