@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -21,10 +22,9 @@ from safetensors.torch import load_file
 
 from dvc_repo import PROJECT, TINY, make_repo, sh, tool_env, write_params
 from flow_run import FAST, run_flow
-from soup_pipeline.prefect.pipeline import dvc_repo_lock
 from soup_pipeline.prefect.serve import NIGHTLY
 from mlflow_server import free_port
-from prefect_server import (cli, deployment, finished_flow_run, flow_run_states, poll, prefect_server,
+from prefect_server import (cli, deployment, finished_flow_run, flow_run_states, poll, prefect_server, spawn,
                             serve_deployment, worker)
 from soup_pipeline import tracking
 from soup_pipeline.config import load_params
@@ -241,14 +241,27 @@ def test_unreachable_tracking_server_fails_before_any_work(harness, tmp_path, mo
     assert [path.name for path in (root / "runs").iterdir()] == [".lock"]  # the root's lock file, nothing computed
 
 
-def test_while_the_flow_computes_dvc_repro_is_refused_by_dvcs_own_lock(tmp_path):
-    repo = make_repo(tmp_path)
-    with dvc_repo_lock(str(repo)):
-        done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, capture_output=True, text=True,
-                              env=tool_env())
-    assert done.returncode != 0 and "Unable to acquire lock" in done.stderr
-    assert not (repo / "runs").exists()  # it touched nothing
-    assert subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=repo, env=tool_env()).returncode == 0  # released
+def test_while_the_flow_computes_dvc_repro_is_refused_by_dvcs_own_lock(harness, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    repo = make_repo(tmp_path)  # TINY: a minute or more of work, stopped once DVC has been refused
+    write_params(repo, {"tracking": {"enabled": False}})
+    sh("git", "commit", "-qam", "no tracking", cwd=repo)
+    dvc = [sys.executable, "-m", "dvc"]
+    computing = StagePaths(repo).data_manifest  # prepare's output: the flow holds DVC's lock from before it
+    env = {**tool_env(), "PREFECT_API_URL": PREFECT_API_URL.value()}  # the session's Prefect server
+    with spawn([str(Path(sys.executable).with_name("soup-pipeline")), "run"], tmp_path / "flow.log", env, repo) as flow:
+        deadline = time.monotonic() + 120
+        while not computing.is_file():
+            assert flow.poll() is None, (tmp_path / "flow.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the flow prepared no data in 120 s"
+            time.sleep(0.1)
+        done = subprocess.run([*dvc, "repro"], cwd=repo, capture_output=True, text=True, env=tool_env(), timeout=300)
+        assert flow.poll() is None, "the flow ended before DVC gave up"  # it was computing all along
+        assert done.returncode != 0 and "Unable to acquire lock" in done.stderr, done.stderr[-3000:]
+    assert flow.returncode is not None  # stopped (SIGTERM to its process group) on leaving the block
+    assert not (repo / "dvc.lock").exists()  # DVC ran no stage, the stopped flow committed none
+    assert subprocess.run([*dvc, "status"], cwd=repo, env=tool_env()).returncode == 0  # the lock went with the flow
 
 
 def test_a_run_beside_a_dvc_command_is_refused_before_any_work_or_mlflow_run(harness, tmp_path, monkeypatch):
