@@ -4,7 +4,9 @@ declarations, rerun exactly what a change affects."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import yaml
 from safetensors.torch import save_file
 
 from dvc_repo import PROJECT, TINY, sh
+from flow_run import lock_file
 from params_reads import recording
 from soup_pipeline.config import load_params
 from soup_pipeline.core.models import classifier_from_spec, classifier_spec
@@ -130,7 +133,17 @@ def test_a_code_edit_reruns_what_runs_that_code_in_dvc_and_in_the_flow_alike(pip
     evaluation.write_text(evaluation.read_text() + "\n# edited\n")
     assert changed_stages(repo) == {"evaluate"}
     assert flow_reuses(repo) == trained
+    before = lock_file(repo)["stages"]
+    ran = re.findall(r"^Running stage '([^']+)'", sh("dvc", "repro", cwd=repo), flags=re.MULTILINE)
+    assert ran == ["evaluate"]  # DVC reran the evaluation and nothing else
+    after = lock_file(repo)["stages"]
+    assert {stage: after[stage] for stage in before if stage != "evaluate"} == {  # every other stage's record kept
+        stage: entry for stage, entry in before.items() if stage != "evaluate"}
+    (recorded,) = [dep["md5"] for dep in after["evaluate"]["deps"] if dep["path"] == "soup_pipeline/stages/evaluate.py"]
+    assert recorded == hashlib.md5(evaluation.read_bytes()).hexdigest()  # the evaluation as it ran, the edited code
+    assert changed_stages(repo) == set()  # and nothing else was left changed by the rerun
     sh("git", "checkout", "soup_pipeline", cwd=repo)
+    sh("dvc", "commit", "--force", "evaluate", cwd=repo)  # the code restored and recorded: the next edit starts clean
 
     presets = repo / "soup_pipeline" / "training" / "augment.py"  # the augmentation presets: what trains runs them
     presets.write_text(presets.read_text().replace("noise=0.1)", "noise=0.12)"))
