@@ -24,31 +24,34 @@ from helpers_clip import pretrained_base, tiny_splits  # noqa: E402,F401
 
 
 
-def _mlflow_uris() -> tuple | None:
-    """MLflow's process-wide tracking and registry URIs as set (None: MLflow not imported yet, nothing set)."""
+def _mlflow_state() -> tuple | None:
+    """MLflow's process-wide tracking URI, registry URI and active experiment as set (None: MLflow not imported)."""
     if "mlflow" not in sys.modules:
         return None
+    from mlflow.tracking import fluent
     from mlflow.tracking._model_registry import utils as registry
     from mlflow.tracking._tracking_service import utils as tracking
 
-    return tracking._tracking_uri, registry._registry_uri
+    return tracking._tracking_uri, registry._registry_uri, fluent._active_experiment_id
 
 
 @pytest.fixture(autouse=True)
 def mlflow_left_as_found():
-    """Every test starts with the MLflow URIs and MLFLOW_* variables the session had and no active run: what one
-    test sets (set_tracking_uri, set_registry_uri, an environment variable, a run left open) never reaches the next."""
+    """Every test starts with the MLflow URIs, active experiment and MLFLOW_* variables the session had and no active
+    run: what one test sets (set_tracking_uri, set_registry_uri, set_experiment, a variable, a run left open) never
+    reaches the next."""
     environment = {key: value for key, value in os.environ.items() if key.startswith("MLFLOW_")}
-    uris = _mlflow_uris()
+    state = _mlflow_state()
     yield
     if "mlflow" in sys.modules:
         import mlflow
+        from mlflow.tracking import fluent
         from mlflow.tracking._model_registry import utils as registry
         from mlflow.tracking._tracking_service import utils as tracking
 
         while mlflow.active_run() is not None:
             mlflow.end_run()
-        tracking._tracking_uri, registry._registry_uri = uris or (None, None)
+        tracking._tracking_uri, registry._registry_uri, fluent._active_experiment_id = state or (None, None, None)
     for key in [key for key in os.environ if key.startswith("MLFLOW_")]:
         del os.environ[key]
     os.environ.update(environment)

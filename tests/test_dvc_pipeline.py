@@ -10,6 +10,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from dvc_repo import make_repo, sh, write_params
+from soup_pipeline.stages.paths import StagePaths
 
 pytestmark = pytest.mark.slow
 
@@ -76,6 +77,7 @@ def test_soup_stage_on_two_processes_equals_the_committed_one_process_soup(built
         assert changed_stages(built) == set()  # the number of processes is not an input of the result
         log = sh("dvc", "repro", "--force", "--single-item", "soup@mehl_soup_plus", cwd=built)
         assert "Running stage 'soup@mehl_soup_plus'" in log
+        assert json.loads(StagePaths(built).soup_cost("mehl_soup_plus").read_text())["processes"] == 2  # torchrun ran
         after = load_file(str(built / "runs/soups/mehl_soup_plus/soup.safetensors"))
         assert max(float((before[key] - after[key]).abs().max()) for key in before) < 1e-5
     finally:

@@ -197,6 +197,7 @@ def test_the_flow_souped_on_two_processes_as_one_process_would(tracked, tmp_path
     assert max(float((alone.state_dict[key] - flow[key]).abs().max()) for key in flow) < 1e-5
     (run,) = children(pipeline.summary["mlflow_run_id"])["mehl_soup_plus"]  # tracked from the files rank 0 wrote
     assert run.data.params["soup.nproc"] == "2" and run.data.metrics["construction_s"] > 0
+    assert json.loads(StagePaths(pipeline.repo).soup_cost("mehl_soup_plus").read_text())["processes"] == 2  # torchrun
 
 
 def test_dvc_status_is_clean_and_pushed_after_a_flow_run(pipeline):

@@ -28,12 +28,12 @@ MIB = 2**20
 INFO_KEYS = ("b", "model_epochs", "steps_per_block", "steps", "members", "chosen", "soup")  # of result.info, in metrics.json
 
 
-def soup_cost(result: SoupResult) -> dict:
-    """What the soup cost: seconds and peak memory (CPU RSS, CUDA allocator) of its construction, and the
-    blocks taken from a resume state rather than computed."""
+def soup_cost(result: SoupResult, processes: int) -> dict:
+    """What the soup cost: seconds and peak memory (CPU RSS, CUDA allocator; rank 0's) of its construction, the
+    blocks taken from a resume state rather than computed, and the processes it ran on."""
     return {"seconds": result.seconds, "peak_cpu_mib": result.peak_bytes.get("cpu_rss", 0) / MIB,
             "peak_cuda_mib": result.peak_bytes["cuda"] / MIB if "cuda" in result.peak_bytes else None,
-            "blocks_reused": result.info.get("blocks_reused", 0)}
+            "blocks_reused": result.info.get("blocks_reused", 0), "processes": processes}
 
 
 def soup_metrics(result: SoupResult, objective: Objective, device) -> dict:
@@ -54,7 +54,7 @@ def soup_metrics(result: SoupResult, objective: Objective, device) -> dict:
 def run(params: Params, root: str | Path, method: str) -> SoupResult:
     """Run `method` and write runs/soups/METHOD/{soup.safetensors, beta.json, metrics.json, history.json}
     (and search.json, the candidate table, when the grouping was chosen on select data): the same
-    bytes for the same inputs on a CPU. Its seconds and peak memory go to runs/costs/soup-METHOD.json.
+    bytes for the same inputs on a CPU. Its seconds, peak memory and processes go to runs/costs/soup-METHOD.json.
 
     With `nproc` > 1 a method that runs distributed is launched on that many processes by torchrun
     (one per GPU on a GPU machine, gloo on the CPU); rank 0 writes the files, read back here.
@@ -78,11 +78,13 @@ def run(params: Params, root: str | Path, method: str) -> SoupResult:
     with process_group(device) as ranks:
         result = run_method(method, store, objective, settings, **options)
     if ranks.leader:
-        write_result(result, paths, soup_metrics(result, objective, device), store.ingredients[0].meta)
+        write_result(result, paths, soup_metrics(result, objective, device), store.ingredients[0].meta,
+                     processes=ranks.world)
     return result
 
 
-def write_result(result: SoupResult, paths: StagePaths, metrics: dict, ingredient_meta: dict) -> None:
+def write_result(result: SoupResult, paths: StagePaths, metrics: dict, ingredient_meta: dict, *,
+                 processes: int) -> None:
     """The soup stage's files for `result` (see `run`)."""
     out = paths.soup_dir(result.method)
     save_ingredient(result.state_dict, out / "soup.safetensors",
@@ -95,7 +97,7 @@ def write_result(result: SoupResult, paths: StagePaths, metrics: dict, ingredien
     write_json(out / "metrics.json", metrics)
     if "search" in result.info:
         write_json(out / "search.json", result.info["search"])
-    write_json(paths.soup_cost(result.method), soup_cost(result))
+    write_json(paths.soup_cost(result.method), soup_cost(result, processes))
 
 
 def read_result(paths: StagePaths, method: str) -> SoupResult:
