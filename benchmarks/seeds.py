@@ -22,6 +22,7 @@ import yaml
 from soup_pipeline.config import load_params
 from soup_pipeline.stages import evaluate, finetune, prepare, pretrain, soup
 from soup_pipeline.stages.paths import StagePaths, member_ids
+from soup_pipeline.stages.results import with_costs
 from soup_pipeline.soups import SPECS
 from soup_pipeline.evaluation.statistics import mean_interval
 from soup_pipeline.evaluation.tables import markdown_table
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         root = args.workdir / f"seed-{seed}"
         if args.collect:
-            rows = evaluate.with_costs(json.loads((StagePaths(root).eval_dir / "methods.json").read_text()), StagePaths(root))
+            paths = StagePaths(root)
+            rows = with_costs(json.loads((paths.eval_dir / "methods.json").read_text()), paths)
         else:
             rows = run_seed(args.params, root, seed, base, parse_settings(args.set))
         per_seed.append(with_registered(rows, root))

@@ -27,6 +27,7 @@ from ..runtime.devices import resolve_device
 from ..soups.ensemble import ensemble_logits
 from ..evaluation.tables import markdown_table
 from .paths import StagePaths, load_splits, open_anchor, open_store, read_json, soup_objective
+from .results import ingredient_rows, with_costs
 
 REFERENCE = "greedy"  # every method is compared with greedy soup, the practical default
 RESULT_COLUMNS = ["method", "fit_acc", "select_acc", "test_acc", "shifted_test_acc", "test_vs_greedy", "test_ci_low",
@@ -74,18 +75,6 @@ def anchor_if_known(paths: StagePaths, store: IngredientStore) -> dict[str, torc
     except SoupError as exc:
         warnings.warn(f"the basin diagnostic leaves out the task-vector cosine: {exc}", stacklevel=2)
         return None
-
-
-def ingredient_rows(store: IngredientStore) -> list[dict]:
-    """One row per ingredient: its hyperparameters and its fit and select accuracy."""
-    return [{"ingredient": i.name, "fit_acc": i.fit_acc, "select_acc": i.meta.get("select_acc"),
-             **i.meta.get("hparams", {})} for i in store.ingredients]
-
-
-def with_costs(rows: list[dict], paths: StagePaths) -> list[dict]:
-    """The evaluation rows with each soup's seconds and peak memory (from runs/costs/, where a soup stage left them)."""
-    return [{**row, **(read_json(paths.soup_cost(row["method"])) if paths.soup_cost(row["method"]).is_file() else {})}
-            for row in rows]
 
 
 def run(params: Params, root: str | Path) -> list[dict]:

@@ -31,8 +31,7 @@ from ..stages.paths import StagePaths, load_splits, member_ids, open_store, read
 from ..soups import SoupResult
 from ..evaluation.selection import FALLBACK_REFERENCE as BEST_INDIVIDUAL  # the fittest fine-tune's row; `auto` may register it
 from ..soups.base import best_individual
-from ..stages import soup
-from ..stages.evaluate import ingredient_rows
+from ..stages.results import ingredient_rows, read_result
 
 LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -388,7 +387,7 @@ def replay(params: Params, root: str | Path) -> dict:
             ingredient = read_ingredient(paths.ingredient(member))
             attempt(tracker, f"fine-tune {member}", lambda: replay_finetune(tracker, member, ingredient))  # noqa: B023
         log_tables(tracker, params, root, rows)
-        results, chosen = recorded_results(params, root, {method: soup.read_result(paths, method)
+        results, chosen = recorded_results(params, root, {method: read_result(paths, method)
                                                           for method in params.soup.built})
         versions = [record_soup(tracker, params, root, result, by_method[method], register=method == chosen)
                     for method, result in results.items()]
