@@ -1,8 +1,9 @@
 """The layers the README's code layout names are the package's folders, and the imports keep to them: no cycle,
-no arrow that runs up."""
+no arrow that runs up; no souping function grows past a screen."""
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -43,3 +44,10 @@ def test_every_module_is_in_a_layer_and_the_readme_lists_the_layers_as_they_are(
     on_disk = {path.name for path in PACKAGE.iterdir() if path.name != "__pycache__" and
                (path.suffix == ".py" or path.is_dir())}
     assert on_disk == {entry for _, entries in LAYERS for entry in entries}
+
+
+def test_every_souping_function_reads_on_one_screen():
+    long = [f"{path.relative_to(PACKAGE)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in sorted((PACKAGE / "soups").glob("*.py")) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 60]
+    assert long == []
