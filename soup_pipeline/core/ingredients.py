@@ -283,7 +283,7 @@ class IngredientStore:
         The block's tensors are views of one allocation (`BlockMemory`), so freeing a block hands its
         memory back whole: per-tensor allocations that come and go with every block would fragment
         the CPU heap, and the process's RSS would then grow with the number of blocks (with K).
-        Consecutive keys of one shape and dtype are placed back to back, so that each such run is one
+        Consecutive keys of one shape and dtype are placed back to back, so that each such stack is one
         strided tensor (soups/fused.py); other tensors start on an ALIGN-byte boundary.
         """
         slots, size, previous = {}, 0, None
