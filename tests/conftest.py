@@ -24,15 +24,15 @@ from helpers_clip import pretrained_base, tiny_splits  # noqa: E402,F401
 
 
 
-def _mlflow_state() -> tuple | None:
-    """MLflow's process-wide tracking URI, registry URI and active experiment as set (None: MLflow not imported)."""
+def _mlflow_globals():
+    """MLflow's modules that hold its process-wide state, or None while MLflow is not imported (nothing set yet)."""
     if "mlflow" not in sys.modules:
         return None
     from mlflow.tracking import fluent
     from mlflow.tracking._model_registry import utils as registry
     from mlflow.tracking._tracking_service import utils as tracking
 
-    return tracking._tracking_uri, registry._registry_uri, fluent._active_experiment_id
+    return tracking, registry, fluent
 
 
 @pytest.fixture(autouse=True)
@@ -41,17 +41,15 @@ def mlflow_left_as_found():
     run: what one test sets (set_tracking_uri, set_registry_uri, set_experiment, a variable, a run left open) never
     reaches the next."""
     environment = {key: value for key, value in os.environ.items() if key.startswith("MLFLOW_")}
-    state = _mlflow_state()
+    found = _mlflow_globals()
+    state = (found[0]._tracking_uri, found[1]._registry_uri, found[2]._active_experiment_id) if found else (None,) * 3
     yield
-    if "mlflow" in sys.modules:
-        import mlflow
-        from mlflow.tracking import fluent
-        from mlflow.tracking._model_registry import utils as registry
-        from mlflow.tracking._tracking_service import utils as tracking
-
-        while mlflow.active_run() is not None:
-            mlflow.end_run()
-        tracking._tracking_uri, registry._registry_uri, fluent._active_experiment_id = state or (None, None, None)
+    modules = _mlflow_globals()
+    if modules is not None:
+        tracking, registry, fluent = modules
+        while fluent.active_run() is not None:
+            fluent.end_run()
+        tracking._tracking_uri, registry._registry_uri, fluent._active_experiment_id = state
     for key in [key for key in os.environ if key.startswith("MLFLOW_")]:
         del os.environ[key]
     os.environ.update(environment)

@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from .fused import FlatTensors, PerTensorStep, ShapeOrder
+from .fused import BlockStep, FlatTensors, ShapeOrder
 
 TIMEOUT = datetime.timedelta(minutes=10)  # a collective waiting longer than this fails the run
 
@@ -84,7 +84,7 @@ class Combiner:
     def __init__(self, ranks: Ranks, like: FlatTensors, order: ShapeOrder):
         self.partial = FlatTensors.empty(order, like.flat) if ranks.world > 1 else None
 
-    def __call__(self, out: FlatTensors, base: FlatTensors, alpha: torch.Tensor, step: PerTensorStep) -> None:
+    def __call__(self, out: FlatTensors, base: FlatTensors, alpha: torch.Tensor, step: BlockStep) -> None:
         """alpha: one row per tensor (T x this rank's share), as `mixing.per_tensor` gives it."""
         if self.partial is None:
             step.rebuild(out, base, alpha)

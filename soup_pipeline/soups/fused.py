@@ -15,7 +15,7 @@ float32 soup the per-tensor step runs (it converts tensor by tensor, keeping fp3
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Protocol
 
 import torch
 
@@ -109,6 +109,16 @@ def stack_rebuild(out: FlatTensors, base: FlatTensors | None, coeffs: torch.Tens
             torch.baddbmm(base.stacks[index].unsqueeze(1), rows, stacked, out=target.unsqueeze(1))
 
 
+class BlockStep(Protocol):
+    """A block's two operations on its directions d_{j,i}: the projection and the rebuild."""
+
+    def project(self, grads: FlatTensors, dtype: torch.dtype) -> torch.Tensor:
+        """<grad_i, d_{j,i}> for every tensor i (`ShapeOrder`) and direction j, T x b, in `dtype`."""
+
+    def rebuild(self, out: FlatTensors, base: FlatTensors | None, coeffs: torch.Tensor) -> None:
+        """out_i = base_i + sum_j coeffs[i, j] d_{j,i} (base None means 0)."""
+
+
 class PerTensorStep:
     """A block's projection and rebuild tensor by tensor (`mixing.py`): any storage dtype."""
 
@@ -116,20 +126,17 @@ class PerTensorStep:
         self.directions = directions
 
     def project(self, grads: FlatTensors, dtype: torch.dtype) -> torch.Tensor:
-        """<grad_i, d_{j,i}> for every tensor i (`ShapeOrder`) and direction j, T x b, in `dtype`."""
         return tensor_rows(grads.views, {key: self.directions[key] for key in grads.views}, dtype)
 
     def rebuild(self, out: FlatTensors, base: FlatTensors | None, coeffs: torch.Tensor) -> None:
-        """out_i = base_i + sum_j coeffs[i, j] d_{j,i} (base None means 0)."""
         for i, (key, target) in enumerate(out.views.items()):
             rebuild_(target, None if base is None else base.views[key], coeffs[i], self.directions[key])
 
 
-class FusedStep(PerTensorStep):
+class FusedStep:
     """A block's projection and rebuild as one batched product per shape: directions in the soup's dtype."""
 
     def __init__(self, directions: Mapping[str, torch.Tensor], order: ShapeOrder):
-        super().__init__(directions)
         self.stacks = direction_stacks(order, directions)
 
     def project(self, grads: FlatTensors, dtype: torch.dtype) -> torch.Tensor:
@@ -140,7 +147,7 @@ class FusedStep(PerTensorStep):
 
 
 def block_step(directions: Mapping[str, torch.Tensor], order: ShapeOrder, dtype: torch.dtype, *,
-               fused: bool) -> PerTensorStep:
+               fused: bool) -> BlockStep:
     """The step a block runs: fused when asked and its directions are in the soup's `dtype` (not with bf16 storage
     of a float32 soup), else per tensor."""
     if fused and all(direction.dtype == dtype for direction in directions.values()):

@@ -35,7 +35,7 @@ from .base import (HeldOutStream, LossLog, MethodSpec, Objective, SoupResult, ch
 from ..runtime.devices import rank_device, resolve_device
 from .layers import Grouping, SearchableParams, group_layers
 from .distributed import Combiner, Ranks
-from .fused import FlatTensors, PerTensorStep, ShapeOrder, bind_parameters, block_step
+from .fused import BlockStep, FlatTensors, ShapeOrder, bind_parameters, block_step
 from .mixing import group_rows, per_tensor, row_norms, tensor_columns
 from .resume import resume_key, load_state, save_state, state_path
 
@@ -206,11 +206,10 @@ class Progress:
 def restore(saved_at: Path | None, soup: BoundSoup, stream: HeldOutStream, K: int) -> Progress:
     """The saved progress at `saved_at` (the soup and the held-out stream put back as they were), else a fresh start
     at the uniform soup (X = 0)."""
-    fresh = Progress(torch.zeros(K, soup.grouping.size, dtype=soup.dtype),
-                     torch.full((K, soup.grouping.size), float("nan"), dtype=torch.float64), LossLog())
     state = load_state(saved_at) if saved_at is not None else None
     if state is None:
-        return fresh
+        return Progress(torch.zeros(K, soup.grouping.size, dtype=soup.dtype),
+                        torch.full((K, soup.grouping.size), float("nan"), dtype=torch.float64), LossLog())
     stream.restore(state["stream"])
     for key, value in state["soup"].items():
         soup.theta.views[key].copy_(value)
@@ -251,7 +250,7 @@ class BlockDescent:
         progress.X[block] = ranks.assemble(X_block.detach(), block).cpu()
         progress.next_block = position + 1
 
-    def steps(self, step: PerTensorStep, scale: torch.Tensor, X_block: torch.Tensor, position: int) -> None:
+    def steps(self, step: BlockStep, scale: torch.Tensor, X_block: torch.Tensor, position: int) -> None:
         """S AdamW steps on the block's coefficients X_block, the soup rebuilt from the block's base after each."""
         soup, params, losses = self.soup, self.params, self.progress.losses
         with torch.no_grad():
