@@ -51,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
                                              "each stage runs (the `code` stage of a scaffolded dvc.yaml)")
     commands.add_parser("track", help="log a finished pipeline to MLflow from its files, recomputing nothing "
                                       "(after the tracking server was lost mid-run)")
+    export = commands.add_parser("export", help="write a soup as an open_clip model folder (zero-shot with any class "
+                                                "names) and as a classifier that plain torch + open_clip load")
+    export.add_argument("source", help="models:/NAME/VERSION or models:/NAME@ALIAS (MLFLOW_TRACKING_URI, else "
+                                       "ROOT/mlflow.db), or a soup of the pipeline root: runs/soups/<method>")
+    export.add_argument("--out", required=True, help="the folder to write open_clip/ and classifier/ into")
+    export.add_argument("--base", default=None, help="weights of the pre-trained CLIP the fine-tunes started from "
+                                                     "(default: the pipeline root's base)")
     registry = commands.add_parser("registry", help="the MLflow model registry")
     registry.add_argument("action", choices=["compare"])
     registry.add_argument("--name", default=None, help="registered model (default: tracking.registered_model)")
@@ -87,7 +94,8 @@ def _locked_dispatch(args: argparse.Namespace) -> str:
     """Run a command; one that writes under the root holds its lock (the `run` flow takes it itself; the
     processes a command launches under its lock, and torchrun's ranks but rank 0, do not take it again)."""
     launched_rank = int(os.environ.get("RANK", "0"))  # torchrun's: rank 0 holds the lock for its group
-    if args.command in ("run", "registry", "init", "code-digests") or os.environ.get(LOCK_HELD_ENV) or launched_rank > 0:
+    unlocked = ("run", "registry", "init", "code-digests", "export")  # export writes only under its --out
+    if args.command in unlocked or os.environ.get(LOCK_HELD_ENV) or launched_rank > 0:
         return _dispatch(args)
 
     with root_lock(args.root, args.command):
@@ -104,6 +112,8 @@ def _dispatch(args: argparse.Namespace) -> str:
         from .stages.code import write_code_digests
 
         return f"code digests: {len(write_code_digests(Path(args.root)))} changed"
+    if args.command == "export":  # a registered version exports without a params file
+        return _export(load_params(args.params) if Path(args.params).is_file() else None, Path(args.root), args)
     params = load_params(args.params)
     root = Path(args.root)
     return COMMANDS[args.command](params, root, args)
@@ -194,6 +204,23 @@ def _track(params: Params, root: Path, args: argparse.Namespace) -> str:
     if summary["missed"]:
         raise SoupError(f"MLflow failed again; not logged: {', '.join(summary['missed'])}. Rerun `soup-pipeline track`")
     return f"logged {root.resolve()} as MLflow run {summary['mlflow_run_id']}; registered version {summary['registered_version']}"
+
+
+def _export(params: Params | None, root: Path, args: argparse.Namespace) -> str:
+    import tempfile
+
+    from .stages import export
+
+    if args.source.startswith("models:/"):
+        from .tracking import tracking_uri
+        from .tracking.export import registered_classifier
+
+        with tempfile.TemporaryDirectory() as download:
+            state, spec = registered_classifier(args.source, tracking_uri(root), Path(download))
+    else:
+        state, spec = export.soup_model(params or load_params(args.params), root, args.source)
+    folders = export.run(state, spec, args.out, base=args.base, params=params, root=root)
+    return "\n".join(f"{name}: {folder}" for name, folder in folders.items())
 
 
 def _registry(params: Params, root: Path, args: argparse.Namespace) -> str:

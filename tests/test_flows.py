@@ -134,6 +134,9 @@ def test_auto_registers_the_model_the_evaluation_chose_on_select_data_once_with_
     assert str(client.get_registered_model(MODEL).aliases["champion"]) == "1"
     parent = client.get_run(first["mlflow_run_id"])
     assert parent.data.params["registration"] == decision["method"] and "basin_gap" in parent.data.metrics
+    made_by = [client.get_run(row["run_id"]) for row in mlflow.artifacts.load_dict(version.tags["lineage"])]
+    assert [(run.info.run_name, run.data.tags["mlflow.parentRunId"]) for run in made_by] == [
+        (f"finetune-{k}", first["mlflow_run_id"]) for k in (0, 1, 2)]  # the replay's own fine-tune runs
 
     # where the evaluation's decision file names the best individual (when only that member beats greedy soup on
     # select data), the member's own weights are registered, described as that fine-tune
@@ -167,6 +170,24 @@ def test_flow_registers_the_soup_with_its_provenance_and_promotes_it(tracked):
     lineage = json.loads(Path(mlflow.artifacts.download_artifacts(version.tags["lineage"])).read_text())
     assert [(row["source_uri"], row["sha256"]) for row in lineage] == [  # traced back to the stages that made them
         (f"finetune@{k}", file_sha256(tracked.repo / "runs" / "ingredients" / f"member-{k}.safetensors")) for k in (0, 1, 2)]
+
+
+def test_lineage_leads_from_the_champion_to_each_members_fine_tune_run_and_learning_rate(tracked):
+    client = MlflowClient()  # the README's calls ("From the registered soup to its runs")
+    version = client.get_model_version_by_alias("soup-pipeline-soup", "champion")
+    lineage = mlflow.artifacts.load_dict(version.tags["lineage"])
+    learning_rates = {row["ingredient"]: client.get_run(row["run_id"]).data.params["hparams.lr"] for row in lineage}
+
+    sidecars = {name: read_ingredient(tracked.repo / "runs/ingredients" / f"{name}.safetensors").meta for name in learning_rates}
+    assert {name: float(lr) for name, lr in learning_rates.items()} == {
+        f"member-{k}": sidecars[f"member-{k}"]["hparams"]["lr"] for k in (0, 1, 2)}
+    assert not any("run_id" in meta for meta in sidecars.values())  # run ids live in MLflow, not in the DVC outputs
+    parent = client.get_run(version.run_id).data.tags["mlflow.parentRunId"]  # the pipeline run the soup's run is in
+    assert parent == tracked.summary["mlflow_run_id"]
+    made_by = {row["ingredient"]: client.get_run(row["run_id"]) for row in lineage}
+    assert {name: (run.info.run_name, run.data.tags["mlflow.parentRunId"], run.data.params["sha256"])
+            for name, run in made_by.items()} == {
+        name: (f"finetune-{meta['member']}", parent, meta["sha256"]) for name, meta in sidecars.items()}
 
 
 def test_the_registered_soup_loads_through_pyfunc_as_the_torch_soup_with_nothing_pickled(tracked):

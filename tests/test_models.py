@@ -72,7 +72,7 @@ def test_classifier_is_scaled_cosine_without_text_tower(clip):
 
 def test_classifier_from_spec_matches_and_survives_json(clip):
     classifier = classifier_from_clip(clip.model, torch.randn(3, 128))
-    spec = json.loads(json.dumps({**classifier_spec(TINY_ARCH, 3), "builder": "soup_pipeline.core.models:classifier_from_spec"}))
+    spec = json.loads(json.dumps({**classifier_spec(TINY_ARCH, 3), "builder": "portable_classifier:classifier_from_spec"}))
     empty = classifier_from_spec(spec)
     assert isinstance(empty, ImageClassifier)
     assert _signature(empty.state_dict()) == _signature(classifier.state_dict())
@@ -80,7 +80,7 @@ def test_classifier_from_spec_matches_and_survives_json(clip):
 
 
 def test_spec_without_num_classes_is_refused():
-    with pytest.raises(SoupError, match="num_classes"):
+    with pytest.raises(ValueError, match="num_classes"):  # the portable classifier has no soup_pipeline errors
         classifier_from_spec({"arch": TINY_ARCH})
 
 

@@ -1,7 +1,7 @@
 """Data sets, splits and augmentation; the embedded default is scikit-learn's handwritten digits.
 
-Digits: 1,797 8x8 images, 10 classes, upscaled to 3-channel tensors normalised like the model
-expects. The base is pre-trained on clean upright digits; the target task is digits rotated,
+Digits: 1,797 8x8 images, 10 classes, upscaled to 3-channel 8-bit images (as a PNG would hold them)
+normalised like the model expects. The base is pre-trained on clean upright digits; the target task is digits rotated,
 shrunk and moved on the canvas with noise (see `digits_splits`), on held-out and test source
 images that pre-training and fine-tuning never see, plus a shifted test (stronger rotation and
 noise). Held-out data are cut into a fit and a select role (`select_split`).
@@ -98,6 +98,19 @@ def select_split(labels: torch.Tensor, select_fraction: float, seed: int) -> tup
     return fit.sort().values, select.sort().values
 
 
+def as_8bit(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] as an 8-bit image holds them (k / 255): what a PNG of the image stores, so an image the
+    data set holds and the same image sent to the registered model as a PNG become the same input."""
+    return (pixels.clamp(0, 1) * 255).round() / 255
+
+
+def digits_preprocess(image_size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> dict:
+    """The digits' preprocessing in open_clip's preprocess config keys: for an image of `image_size` pixels (the
+    data set's own) the transform only normalises, as `digits_splits` does."""
+    return {"size": image_size, "mode": "RGB", "mean": list(mean), "std": list(std), "interpolation": "bicubic",
+            "resize_mode": "shortest", "fill_color": 0}
+
+
 def normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Grey or RGB pixels in [0, 1], [N, 1 or 3, H, W], to normalised 3-channel images."""
     mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
@@ -168,7 +181,7 @@ def digits_splits(params: DataParams, mean: Sequence[float] = CLIP_MEAN, std: Se
     def views(index: torch.Tensor, count: int, seed: int, rotation: float, noise: float) -> TensorDataset:
         images = canvas_views(pixels[index], count, rotation=rotation, scale=tuple(params.target_scale),
                               offset=params.target_offset, noise=noise, generator=torch.Generator().manual_seed(seed))
-        return TensorDataset(normalize(images, mean, std), labels[index].repeat_interleave(count))
+        return TensorDataset(normalize(as_8bit(images), mean, std), labels[index].repeat_interleave(count))
 
     heldout_views = views(heldout, params.heldout_views, params.split_seed + 1, **target)
     fit_sources, select_sources = select_split(labels[heldout], params.select_fraction, params.split_seed)
@@ -176,7 +189,7 @@ def digits_splits(params: DataParams, mean: Sequence[float] = CLIP_MEAN, std: Se
     pretrain, train = pool[: params.pretrain_size], pool[: params.train_size]
     heldout_source = heldout.repeat_interleave(params.heldout_views)
     return DataSplits(
-        pretrain=TensorDataset(normalize(pixels[pretrain], mean, std), labels[pretrain]),
+        pretrain=TensorDataset(normalize(as_8bit(pixels[pretrain]), mean, std), labels[pretrain]),
         train=views(train, 1, params.split_seed + 2, **target),
         fit=take(heldout_views, fit_views),
         select=take(heldout_views, select_views),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import hashlib
 import json
 import math
 import threading
@@ -28,6 +27,7 @@ from safetensors.torch import save_file
 
 from ..runtime.atomic import atomic_path, write_json
 from ..runtime.errors import IngredientError
+from .portable_classifier import file_sha256
 
 SUFFIX = ".safetensors"
 
@@ -54,15 +54,6 @@ def sidecar_path(path: str | Path) -> Path:
     """The JSON sidecar that belongs to a weights file."""
     path = Path(path)
     return path.with_name(path.name[: -len(SUFFIX)] + ".json") if path.name.endswith(SUFFIX) else path.with_suffix(".json")
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=4096)

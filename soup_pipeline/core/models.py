@@ -1,6 +1,7 @@
 """open_clip models: the shipped tiny config, restricted weight loading, the zero-shot image classifier.
 
-The only module that imports open_clip. Weights are read with safetensors
+With `portable_classifier.py` (the classifier itself, self-contained so that it travels with the registered
+model), the only module that imports open_clip. Weights are read with safetensors
 or `torch.load(weights_only=True)`, never plain pickle; open_clip tags are resolved from the local
 cache only, nothing is downloaded.
 """
@@ -8,22 +9,23 @@ cache only, nothing is downloaded.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from huggingface_hub import hf_hub_download
-from open_clip.model import _build_vision_tower
 from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
 from torch import nn
 
 from ..runtime.errors import SoupError
 from .ingredients import file_sha256, read_state_file
+from .portable_classifier import ImageClassifier, classifier_from_spec  # noqa: F401 - the builder stages and tests name
 
 TINY_ARCH = "soup-tiny-vit"
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -152,44 +154,19 @@ def zero_shot_head(clip_model: nn.Module, tokenizer: Callable, classnames: Seque
     return torch.stack(rows).cpu()
 
 
-class ImageClassifier(nn.Module):
-    """An image tower and a linear head: logits = s * normalize(visual(x)) @ head.weight.T.
-
-    s is a fixed buffer (the pre-trained logit scale), not folded into the trainable head. The
-    state dict holds only `visual.*`, `head.weight` and `logit_scale`: what an ingredient holds.
-    """
-
-    def __init__(self, visual: nn.Module, head: torch.Tensor, logit_scale: float):
-        super().__init__()
-        self.visual = visual
-        self.head = nn.Linear(head.shape[1], head.shape[0], bias=False)
-        with torch.no_grad():
-            self.head.weight.copy_(head)
-        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale * F.normalize(self.visual(images), dim=-1) @ self.head.weight.T
-
-
 def classifier_from_clip(clip_model: nn.Module, head: torch.Tensor) -> ImageClassifier:
     """The classifier on a CLIP model's image tower, with s = the model's exp(logit_scale)."""
     return ImageClassifier(clip_model.visual, head, float(clip_model.logit_scale.detach().exp()))
 
 
+@functools.lru_cache(maxsize=8)
+def preprocess_config(arch: str) -> dict:
+    """open_clip's evaluation preprocessing of an architecture (size, mean, std, interpolation, resize mode, fill)."""
+    with _quiet_random_init_warning():
+        model = open_clip.create_model(arch, pretrained=None)
+    return dict(open_clip.get_model_preprocess_cfg(model))
+
+
 def classifier_spec(arch: str, num_classes: int) -> dict:
     """A JSON-able description from which `classifier_from_spec` builds the same (untrained) classifier."""
     return {"arch": arch, "num_classes": int(num_classes), "model_config": model_config(arch)}
-
-
-def classifier_from_spec(spec: Mapping) -> ImageClassifier:
-    """An untrained classifier whose state dict matches a fine-tuned ingredient's keys, shapes and dtypes.
-
-    Only the image tower is built (no text tower). Keys other than arch, num_classes and
-    model_config (e.g. an MLflow builder reference) are ignored.
-    """
-    missing = [key for key in ("arch", "num_classes") if key not in spec]
-    if missing:
-        raise SoupError(f"classifier spec lacks {missing}; build it with soup_pipeline.core.models.classifier_spec")
-    config = spec.get("model_config") or model_config(spec["arch"])
-    visual = _build_vision_tower(config["embed_dim"], config["vision_cfg"], config.get("quick_gelu", False))
-    return ImageClassifier(visual, torch.zeros(int(spec["num_classes"]), config["embed_dim"]), logit_scale=1.0)

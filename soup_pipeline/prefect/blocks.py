@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from ..core.data import DataSplits
 from ..evaluation.scoring import accuracies, compare_to_reference, predictor, split_correctness
 from ..core.ingredients import Ingredient, IngredientStore, file_sha256, save_ingredient
-from ..core.models import classifier_from_spec, classifier_spec
+from ..core.models import classifier_from_spec, classifier_spec, preprocess_config
 from ..soups import Objective, SoupResult, get_spec, method_params, run_method
 from ..soups.base import best_individual, model_at
 from ..runtime.devices import resolve_device
@@ -97,13 +97,17 @@ def evaluate_task(results: Mapping[str, SoupResult], ingredients: Sequence[str],
 def soup_subflow(checkpoints: Sequence[str], *, arch: str, num_classes: int, fit: Dataset, select: Dataset,
                  test: Dataset, methods: Mapping[str, Mapping[str, Any]] | None = None, workdir: str = "soup-work",
                  register: str | None = None, registered_model: str = "soup", experiment: str = "soup-pipeline",
-                 batch_size: int = 128, device: str = "cpu", pretrained: str | None = None) -> dict:
+                 batch_size: int = 128, device: str = "cpu", pretrained: str | None = None,
+                 classnames: Sequence[str] | None = None, preprocess: Mapping[str, Any] | None = None) -> dict:
     """Soup `checkpoints` with each of `methods` (name -> its parameters; default uniform, greedy and
     mehl_soup_auto), evaluate them, and with `register` (a method name) register that soup in the MLflow registry
     (MLFLOW_TRACKING_URI) with its ingredients' sources and hashes; return the rows, the registered version and
     the soups' files. The merge methods (task arithmetic, TIES, DARE, Model Stock, WiSE-FT) measure the
     checkpoints from `pretrained`: a checkpoint of the model they were fine-tuned from, with their keys;
-    `wise_ft_soup` interpolates a soup listed before it in `methods` with that model."""
+    `wise_ft_soup` interpolates a soup listed before it in `methods` with that model. The registered model answers
+    with `classnames` (default the class indices) and preprocesses the images it is sent with `preprocess` (open_clip's
+    preprocess config keys; default the architecture's own open_clip preprocessing): give the one your data sets'
+    tensors were made with."""
     methods = dict(methods or {"uniform": {}, "greedy": {}, "mehl_soup_auto": {}})
     if register is not None and register not in methods:
         raise ValueError(f"register={register!r} is not among the methods {list(methods)}; add it to `methods`")
@@ -128,6 +132,8 @@ def soup_subflow(checkpoints: Sequence[str], *, arch: str, num_classes: int, fit
         row = next(r for r in rows if r["method"] == register)
         version = track.register_external_soup(results[register], row, spec, work / "soups" / register / "soup.safetensors",
                                                ingredients, name=registered_model, experiment=experiment,
-                                               example=torch.as_tensor(select[0][0]))
+                                               example=torch.as_tensor(select[0][0]),
+                                               classnames=classnames or [str(c) for c in range(num_classes)],
+                                               preprocess=preprocess or preprocess_config(arch))
     return {"rows": rows, "registered_version": version,
             "soups": {m: str(work / "soups" / m / "soup.safetensors") for m in methods}}

@@ -9,10 +9,12 @@ from pathlib import Path
 import torch
 
 from ..config import Params, SoupSettings
-from ..core.data import DataSplits, build_datasets
+from ..core import models
+from ..core.data import DataSplits, build_datasets, digits_preprocess
 from ..runtime.errors import SoupError
 from ..core.ingredients import IngredientStore
-from ..core.models import classifier_from_spec, load_clip
+from ..core.models import classifier_from_spec
+from ..core.portable_classifier import image_transform
 from ..soups import Objective
 from ..training.sweep import ingredient_path
 
@@ -103,10 +105,19 @@ def base_reference(params: Params, paths: StagePaths) -> str:
     return params.model.pretrained or str(paths.base_weights)
 
 
+def preprocess_config(params: Params) -> dict:
+    """How an image becomes the model's input in this pipeline (open_clip's preprocess config keys): the
+    evaluation's transform is built from it, and the registered model carries it to preprocess what it is sent."""
+    if params.data.source == "digits":
+        return digits_preprocess(params.data.image_size)
+    return models.preprocess_config(params.model.arch)
+
+
 def load_splits(params: Params) -> DataSplits:
     """The data splits; real images are turned into tensors by the model's own eval transform."""
-    transform = None if params.data.source == "digits" else load_clip(params.model.arch).preprocess_val
-    return build_datasets(params.data, transform=transform)
+    preprocess = preprocess_config(params)
+    transform = None if params.data.source == "digits" else image_transform(preprocess)
+    return build_datasets(params.data, transform=transform, mean=preprocess["mean"], std=preprocess["std"])
 
 
 def open_store(params: Params, paths: StagePaths, members: list[int] | None = None,

@@ -4,9 +4,11 @@ ingredient rows."""
 
 from __future__ import annotations
 
+from typing import Any, Mapping, Sequence
+
 import torch
 
-from ..core.ingredients import IngredientStore, save_ingredient
+from ..core.ingredients import Ingredient, IngredientStore, save_ingredient
 from ..runtime.atomic import write_json
 from ..runtime.errors import SoupError
 from ..soups import SoupResult
@@ -58,6 +60,14 @@ def read_result(paths: StagePaths, method: str) -> SoupResult:
                       ingredient_names=beta["ingredients"], seconds=cost.get("seconds", 0.0),
                       peak_bytes={key: round(mib * MIB) for key, mib in peaks.items() if mib is not None},
                       history=[row["fit_loss"] for row in read_json(out / "history.json")], info=info)
+
+
+def served_spec(ingredient: Ingredient, classnames: Sequence[str], preprocess: Mapping[str, Any]) -> dict:
+    """What the registered (or exported) model is rebuilt from: the ingredients' classifier spec, the class names it
+    answers with, the preprocessing that turns a client's image into its input, and the base model its tower came
+    from (`ingredient`: a fine-tune or a soup, whose sidecars record the spec and the base alike)."""
+    return {**ingredient.meta["classifier_spec"], "classnames": list(classnames), "preprocess": dict(preprocess),
+            "base_model": ingredient.meta.get("base_model")}
 
 
 def ingredient_rows(store: IngredientStore) -> list[dict]:

@@ -11,6 +11,7 @@ judge soups fitted on the fit data; test accuracy never promotes).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import csv
 import http.client
@@ -28,6 +29,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from ..core import portable_classifier
 from ..runtime.errors import SoupError
 from ..evaluation.plots import plot_mixing_weights
 from ..evaluation.tables import columns_of, markdown_table
@@ -37,7 +39,9 @@ CHAMPION = "champion"
 MODEL_NAME = "model"  # name of the logged pyfunc model inside its run
 MIXING_DIR = "mixing_weights"  # artifact folder of beta.json and beta.png
 TABLES_DIR = "tables"  # artifact folder of logged tables
-REQUIREMENTS = ("mlflow", "torch", "numpy", "safetensors", "open_clip_torch")  # pinned from this env
+REQUIREMENTS = ("mlflow", "torch", "torchvision", "open_clip_torch", "safetensors", "numpy", "pandas", "pillow")  # what
+# the registered model imports where it loads (torchvision: open_clip's transforms), pinned from this env
+PYFUNC_MODEL = Path(__file__).parent / "pyfunc_model.py"  # logged "from code": MLflow runs it to get the model
 METRIC_TAGS = ("fit_acc", "select_acc", "test_acc", "shifted_test_acc", "test_vs_greedy", "test_ci_low", "test_ci_high",
                "test_mcnemar_p")  # version tags shown as numbers by `registry compare`
 COMPARE_COLUMNS = ("version", "aliases", "method", "K", "b", *METRIC_TAGS, "git_commit")
@@ -172,6 +176,11 @@ def child_runs(parent_run_id: str) -> list:
     )
 
 
+def active_parent_run_id() -> str | None:
+    """The id of the run the active run is nested under (its tag `mlflow.parentRunId`), or None for a top-level run."""
+    return _client().get_run(active_run_id()).data.tags.get("mlflow.parentRunId")
+
+
 # --- params and metrics -----------------------------------------------------------------------
 
 
@@ -271,34 +280,43 @@ def register_soup(
     name: str,
     method: str,
     tags: Mapping[str, Any],
-    input_example: np.ndarray,
+    input_example: Any,
     description: str | None = None,
 ) -> str:
     """Log the soup as a pyfunc model in the active run and register it as a new version of `name`.
 
     `tags` carries K, b, select_acc, test_acc, params_hash, git_commit, dvc_lock_hash, ...; the version
-    is tagged with them and with `method`. `spec["builder"]` names the module builder;
-    `input_example` is a small image batch (one image is enough: it is stored as JSON);
-    `description` (Markdown) is the version's model card. Returns the new version number.
+    is tagged with them and with `method`. `spec` is what `portable_classifier.build_module` builds from
+    (with `classnames` and `preprocess` the model takes encoded images and names its classes);
+    `input_example` is what a client sends (a DataFrame with a column `image` of base64 PNGs, or for a
+    model without `preprocess` a small float batch); `description` (Markdown) is the version's model
+    card. The model carries `portable_classifier.py` with it and needs nothing from soup-pipeline where it
+    loads. Returns the new version number.
     """
     mlflow = _mlflow()
-    from mlflow.models import infer_signature
-
-    from . import pyfunc_model
+    from mlflow.models import ModelSignature, infer_signature
 
     active_run_id()  # a version always links back to the run (params, metrics) that made it
-    example = np.asarray(input_example, dtype=np.float32)
-    module = pyfunc_model.build_module(spec, state_dict)  # fails here, before logging, on a bad spec
-    signature = infer_signature(example, pyfunc_model.predict_proba(module, example))
+    try:  # fails here, before logging, on a bad spec, weights that do not fit it or an example it does not take
+        module = portable_classifier.build_module(spec, state_dict)
+        outputs = portable_classifier.prediction_columns(
+            portable_classifier.probabilities(module, portable_classifier.to_batch(input_example, spec)),
+            portable_classifier.class_names(spec))
+    except ValueError as exc:
+        raise SoupError(str(exc)) from exc
+    signature = ModelSignature(inputs=None, outputs=infer_signature(_frame(outputs)).inputs)  # inputs: see to_batch
     with tempfile.TemporaryDirectory() as tmp:
-        artifacts = pyfunc_model.write_model_files(state_dict, spec, tmp)
+        files = portable_classifier.write_model_files(state_dict, spec, tmp)
+        weights = files[portable_classifier.WEIGHTS_FILE]
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
-            python_model=pyfunc_model.__file__,
-            artifacts=artifacts,
-            model_config=pyfunc_model.model_config(artifacts),  # the weights' hash, checked when it is loaded
+            python_model=str(PYFUNC_MODEL),
+            code_paths=[portable_classifier.__file__],  # the classifier travels with the model
+            artifacts={portable_classifier.WEIGHTS: str(weights),
+                       portable_classifier.SPEC: str(files[portable_classifier.SPEC_FILE])},
+            model_config={portable_classifier.WEIGHTS_SHA256: portable_classifier.file_sha256(weights)},  # checked on load
             signature=signature,
-            input_example=example,
+            input_example=input_example,
             pip_requirements=_pip_requirements(),
         )
     version_tags = _strings({**tags, "method": method})
@@ -306,6 +324,12 @@ def register_soup(
     if description:
         _client().update_model_version(name, version, description=description)
     return version
+
+
+def image_frame(encoded: Sequence[bytes]):
+    """Encoded images (PNG, JPEG, ... bytes) as a client sends them to the registered model: base64 strings in the
+    column `image` of a DataFrame (in JSON: {"dataframe_split": {"columns": ["image"], "data": [[...], ...]}})."""
+    return _frame({portable_classifier.IMAGE_COLUMN: [base64.b64encode(item).decode("ascii") for item in encoded]})
 
 
 def find_version(name: str, tags: Mapping[str, Any]) -> str | None:
@@ -412,6 +436,12 @@ def _number(value: Any) -> Any:
         return float(value)
     except (TypeError, ValueError):
         return value
+
+
+def _frame(columns: Mapping[str, Any]):
+    import pandas as pd  # MLflow's own dependency: imported where a model is logged, not by every stage
+
+    return pd.DataFrame(columns)
 
 
 def _strings(values: Mapping[str, Any]) -> dict[str, str]:

@@ -56,11 +56,14 @@ class _Mlflow:
 
     def download(self, source: str, artifact_uri: str) -> Path:
         """The one checkpoint file `artifact_uri` holds, downloaded to a fresh folder under the download folder."""
+        return _single_checkpoint(source, self.download_all(source, artifact_uri))
+
+    def download_all(self, source: str, artifact_uri: str) -> Path:
+        """What `artifact_uri` holds (a file or a folder), downloaded to a fresh folder under the download folder."""
         self.download_dir.mkdir(parents=True, exist_ok=True)
         target = tempfile.mkdtemp(prefix="source-", dir=self.download_dir)
-        local = self.ask(source, _REACH, self.mlflow.artifacts.download_artifacts,
-                         artifact_uri=artifact_uri, dst_path=target, tracking_uri=self.tracking_uri)
-        return _single_checkpoint(source, Path(local))
+        return Path(self.ask(source, _REACH, self.mlflow.artifacts.download_artifacts,
+                             artifact_uri=artifact_uri, dst_path=target, tracking_uri=self.tracking_uri))
 
 
 def _single_checkpoint(source: str, local: Path) -> Path:
@@ -87,6 +90,13 @@ def _run_artifact(source: str, mlflow: _Mlflow) -> list[Checkpoint]:
 
 
 def _model_version(source: str, mlflow: _Mlflow) -> list[Checkpoint]:
+    name, model_version, location = _registered_version(source, mlflow)
+    return [Checkpoint(uri=f"models:/{name}/{model_version.version}", path=mlflow.download(source, location),
+                       run_id=model_version.run_id or None)]
+
+
+def _registered_version(source: str, mlflow: _Mlflow) -> tuple[str, object, str]:
+    """(name, model version, download URI of its model folder) of models:/<name>/<version> or models:/<name>@<alias>."""
     name, alias, version = _parse_model(source)
     if alias is not None:
         model_version = mlflow.ask(source, f"set the alias on a version of '{name}' or name the version "
@@ -97,8 +107,15 @@ def _model_version(source: str, mlflow: _Mlflow) -> list[Checkpoint]:
                                    mlflow.client.get_model_version, name, version)
     location = mlflow.ask(source, "check the model version's source in the registry",
                           mlflow.client.get_model_version_download_uri, name, model_version.version)
-    return [Checkpoint(uri=f"models:/{name}/{model_version.version}", path=mlflow.download(source, location),
-                       run_id=model_version.run_id or None)]
+    return name, model_version, location
+
+
+def download_model_version(source: str, tracking_uri: str | None, download_dir: Path) -> Path:
+    """The model folder (MLmodel, artifacts, code) of the registered version `source` names
+    (models:/<name>/<version> or models:/<name>@<alias>), downloaded into a fresh folder under `download_dir`."""
+    mlflow = _Mlflow(download_dir, tracking_uri)
+    _, _, location = _registered_version(source, mlflow)
+    return mlflow.download_all(source, location)
 
 
 def _parse_model(source: str) -> tuple[str, str | None, str | None]:

@@ -27,17 +27,17 @@ from ..config import AUTO, Params
 from ..runtime.errors import SoupError
 from ..core.ingredients import Ingredient, file_sha256, read_ingredient
 from ..runtime.kill_points import reached
-from ..stages.paths import StagePaths, load_splits, member_ids, open_store, read_json, with_members
+from ..core import portable_classifier
+from ..stages.paths import StagePaths, load_splits, member_ids, open_store, preprocess_config, read_json, with_members
 from ..soups import SoupResult
 from ..evaluation.selection import FALLBACK_REFERENCE as BEST_INDIVIDUAL  # the fittest fine-tune's row; `auto` may register it
 from ..soups.base import best_individual
-from ..stages.results import ingredient_rows, read_result
+from ..stages.results import ingredient_rows, read_result, served_spec  # served_spec: shared with the export
 
 LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
 LINEAGE = "lineage"  # the soup run's table of its ingredients' sources and hashes
 BASIN_METRICS = ("uniform_fit_acc", "best_fit_acc", "gap", "mean_cosine")  # of runs/eval/basin.json, on the parent run
-BUILDER = "soup_pipeline.core.models:classifier_from_spec"  # rebuilds the classifier in the registered pyfunc model
 # from the evaluation row, logged on the soup's run and tagged on its registered version
 ROW_METRICS = (*tracking.METRIC_TAGS, "shifted_test_vs_greedy", "shifted_test_ci_low", "shifted_test_ci_high",
                "shifted_test_mcnemar_p")
@@ -297,27 +297,72 @@ def model_card(result: SoupResult, row: Mapping[str, Any], paths: StagePaths, *,
     return "\n".join(lines)
 
 
-def lineage(ingredients: Sequence[Ingredient]) -> list[dict]:
+def usage_card(name: str, spec: Mapping[str, Any], row: Mapping[str, Any]) -> str:
+    """The model card's part for whoever deploys the model: how to call it (input, output, a curl example) and
+    what it must not be used for (classes outside its label set; shifted data, with the measured accuracy)."""
+    preprocess, classes = spec["preprocess"], portable_classifier.class_names(spec)
+    size = "x".join(map(str, portable_classifier.size_of(preprocess)))
+    lines = [
+        "", "### How to call it", "",
+        "Input: encoded images (PNG, JPEG, ...) as base64 strings in the column `image` of a DataFrame, one row per image;"
+        f" the model resizes and centre-crops them to {size} pixels and normalises them with mean "
+        f"{list(preprocess['mean'])} and std {list(preprocess['std'])}, as the evaluation did. Or preprocessed float32 "
+        f"images N x 3 x {size.replace('x', ' x ')} (`inputs` over HTTP).",
+        f"Output per image: `label` (one of {', '.join(classes)}), `probability` (its probability) and "
+        f"`{portable_classifier.CLASS_PREFIX}<class>` for every class.", "",
+        "```bash",
+        f'mlflow models serve -m "models:/{name}@{tracking.CHAMPION}" --env-manager local --host 127.0.0.1 --port 5001',
+        'curl -s http://127.0.0.1:5001/invocations -H "Content-Type: application/json" \\',
+        '  --data "{\\"dataframe_split\\": {\\"columns\\": [\\"image\\"], \\"data\\": '
+        '[[\\"$(base64 -w0 image.png)\\"]]}}"',
+        "```", "",
+        "### What it must not be used for", "",
+        f"- Images of classes outside its label set ({len(classes)} classes): it always answers one of them, and a high "
+        "probability does not mean the image belongs to any.",
+    ]
+    shifted, test = row.get("shifted_test_acc"), row.get("test_acc")
+    if shifted is not None and test is not None:
+        lines.append(f"- Data unlike its fit data: on the shifted test set (the same classes, stronger distortion) its "
+                     f"accuracy was {shifted:.4f}, against {test:.4f} on the test set; check it on your own data first.")
+    else:
+        lines.append("- Data unlike its fit data: no shifted test set was measured; check it on your own data first.")
+    return "\n".join(lines) + "\n"
+
+
+def finetune_runs(parent_run_id: str | None) -> dict[str, str]:
+    """The fine-tune runs nested under a pipeline run, by the SHA-256 of the ingredient each made (its param `sha256`;
+    a rerun of the same fine-tune: the newest); empty outside a pipeline run (`parent_run_id` None)."""
+    if parent_run_id is None:
+        return {}
+    return {run.data.params["sha256"]: run.info.run_id for run in tracking.child_runs(parent_run_id)
+            if run.data.tags.get("kind") == "finetune" and "sha256" in run.data.params}
+
+
+def lineage(ingredients: Sequence[Ingredient], made_by: Mapping[str, str] | None = None) -> list[dict]:
     """Where each ingredient came from: its source URI (an imported checkpoint's, or the `finetune@K` stage that made
-    it), the MLflow run id where there is one, the source file's SHA-256 and the ingredient's."""
+    it), the MLflow run id where there is one (the run it was imported from, else the fine-tune run that `made_by`,
+    `finetune_runs`, names for its SHA-256), the source file's SHA-256 and the ingredient's."""
+    made_by = made_by or {}
     return [{"ingredient": i.name, "source_uri": i.meta.get("source_uri") or f"finetune@{i.meta.get('member')}",
-             "run_id": i.meta.get("run_id"), "source_sha256": i.meta.get("source_sha256"), "sha256": i.meta.get("sha256")}
+             "run_id": i.meta.get("run_id") or made_by.get(i.meta.get("sha256")),
+             "source_sha256": i.meta.get("source_sha256"), "sha256": i.meta.get("sha256")}
             for i in ingredients]
 
 
 def register_with_lineage(result: SoupResult, spec: Mapping[str, Any], tags: Mapping[str, Any], ingredients: Sequence[Ingredient],
                           *, name: str, example, description: str) -> str:
     """Register the soup from the active run, with its ingredients' lineage as the run's artifact
-    `tables/lineage.*` and the version tag `lineage` pointing to it; idempotent by method and soup SHA-256;
-    promote it if its select accuracy is the best."""
+    `tables/lineage.*` and the version tag `lineage` pointing to it (each row names the run that made its ingredient:
+    a fine-tune run of the pipeline run the active run is nested in, or the run it was imported from); idempotent by
+    method and soup SHA-256; promote it if its select accuracy is the best."""
     registered = tracking.find_version(name, {"method": result.method, "soup_sha256": tags["soup_sha256"]})
     if registered is None:  # registered before: a run killed after it, or a replay
-        tracking.log_table(lineage(ingredients), LINEAGE)
+        tracking.log_table(lineage(ingredients, finetune_runs(tracking.active_parent_run_id())), LINEAGE)
         pointer = f"runs:/{tracking.active_run_id()}/{tracking.TABLES_DIR}/{LINEAGE}.json"
         registered = tracking.register_soup(
-            result.state_dict, {**spec, "builder": BUILDER}, name=name, method=result.method,
+            result.state_dict, {**spec, "builder": portable_classifier.BUILTIN_BUILDER}, name=name, method=result.method,
             tags={**{key: value for key, value in tags.items() if value is not None}, "lineage": pointer},
-            input_example=example[None].numpy(), description=description)
+            input_example=example, description=description)
     reached("registered")
     tracking.promote_if_better(name, registered)  # again for a known version: a killed run may not have promoted it
     return registered
@@ -338,9 +383,18 @@ def register_soup(params: Params, root: str | Path, result: SoupResult, row: Map
         "registration_reason": (read_json(paths.eval_dir / "registration.json")["reason"]
                                 if params.tracking.register_method == AUTO else None),
     }
-    return register_with_lineage(result, store.ingredients[0].meta["classifier_spec"], tags, store.ingredients,
-                                 name=params.tracking.registered_model, example=load_splits(params).select[0][0],
-                                 description=model_card(result, row, paths, auto=params.tracking.register_method == AUTO))
+    splits, preprocess = load_splits(params), preprocess_config(params)
+    spec, name = served_spec(store.ingredients[0], splits.classnames, preprocess), params.tracking.registered_model
+    card = model_card(result, row, paths, auto=params.tracking.register_method == AUTO) + usage_card(name, spec, row)
+    return register_with_lineage(result, spec, tags, store.ingredients, name=name,
+                                 example=image_example(splits.select[0][0], preprocess), description=card)
+
+
+def image_example(image: torch.Tensor, preprocess: Mapping[str, Any]):
+    """The registered model's input example, as a client sends it: one image (preprocessed, so back to PNG bytes
+    first) base64-encoded in the column `image` of a DataFrame."""
+    png = portable_classifier.png_bytes(image, preprocess["mean"], preprocess["std"])
+    return tracking.image_frame([png])
 
 
 def model_file(paths: StagePaths, result: SoupResult) -> Path:
@@ -349,9 +403,11 @@ def model_file(paths: StagePaths, result: SoupResult) -> Path:
 
 
 def register_external_soup(result: SoupResult, row: Mapping[str, Any], spec: Mapping[str, Any], soup_file: Path,
-                           ingredient_files: Sequence[Path], *, name: str, experiment: str, example) -> str:
+                           ingredient_files: Sequence[Path], *, name: str, experiment: str, example: torch.Tensor,
+                           classnames: Sequence[str], preprocess: Mapping[str, Any]) -> str:
     """Register a soup built outside a pipeline root (`soup_pipeline.prefect.soup_subflow`) from a run of its own
-    in `experiment` (MLFLOW_TRACKING_URI, else ./mlflow.db), with the same tags and lineage as the pipeline's."""
+    in `experiment` (MLFLOW_TRACKING_URI, else ./mlflow.db), with the same tags and lineage as the pipeline's;
+    `example` is one preprocessed image, `preprocess` how the data's images became tensors."""
     uri = tracking.tracking_uri(Path.cwd())
     ingredients = [read_ingredient(path) for path in ingredient_files]
     tags = {"K": len(ingredients), "b": result.info.get("b"), **{key: row.get(key) for key in ROW_METRICS},
@@ -361,9 +417,12 @@ def register_external_soup(result: SoupResult, row: Mapping[str, Any], spec: Map
         tracking.log_scalars({key: row.get(key) for key in ROW_METRICS})
         tracking.log_mixing_weights(tracking.MixingWeights(result.beta.double().cpu().numpy(),
                                                            result.ingredient_names, result.layer_names))
+        spec = served_spec(ingredients[0], classnames, preprocess)
         card = (f"## {result.method}: a soup of {len(ingredients)} checkpoints\n\nselect accuracy "
-                f"{row.get('select_acc', float('nan')):.4f}, test accuracy {row.get('test_acc', float('nan')):.4f}.")
-        return register_with_lineage(result, spec, tags, ingredients, name=name, example=example, description=card)
+                f"{row.get('select_acc', float('nan')):.4f}, test accuracy {row.get('test_acc', float('nan')):.4f}.\n"
+                + usage_card(name, spec, row))
+        return register_with_lineage(result, spec, tags, ingredients, name=name,
+                                     example=image_example(example, preprocess), description=card)
 
 
 def replay_finetune(tracker: Tracker, member: int, ingredient: Ingredient) -> None:
