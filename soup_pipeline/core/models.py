@@ -167,6 +167,8 @@ def preprocess_config(arch: str) -> dict:
     return dict(open_clip.get_model_preprocess_cfg(model))
 
 
-def classifier_spec(arch: str, num_classes: int) -> dict:
-    """A JSON-able description from which `classifier_from_spec` builds the same (untrained) classifier."""
-    return {"arch": arch, "num_classes": int(num_classes), "model_config": model_config(arch)}
+def classifier_spec(arch: str, num_classes: int, *, head_bias: bool = False) -> dict:
+    """A JSON-able description from which `classifier_from_spec` builds the same (untrained) classifier (with a bias
+    on its head when `head_bias`)."""
+    return {"arch": arch, "num_classes": int(num_classes), "model_config": model_config(arch),
+            **({"head_bias": True} if head_bias else {})}

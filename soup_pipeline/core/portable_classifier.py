@@ -54,29 +54,34 @@ class ChangedWeights(ValueError):
 
 
 class ImageClassifier(nn.Module):
-    """An image tower and a linear head: logits = s * normalize(visual(x)) @ head.weight.T.
+    """An image tower and a linear head: logits = s * normalize(visual(x)) @ head.weight.T (+ head.bias).
 
     s is a fixed buffer (the pre-trained logit scale), not folded into the trainable head. The
-    state dict holds only `visual.*`, `head.weight` and `logit_scale`: what an ingredient holds.
+    state dict holds only `visual.*`, `head.weight` and `logit_scale`: what an ingredient holds; with
+    `head_bias` (checkpoints whose head has one, e.g. the model-soups fine-tunes, imported with s = 1) also
+    `head.bias`.
     """
 
-    def __init__(self, visual: nn.Module, head: torch.Tensor, logit_scale: float):
+    def __init__(self, visual: nn.Module, head: torch.Tensor, logit_scale: float, *, head_bias: bool = False):
         super().__init__()
         self.visual = visual
-        self.head = nn.Linear(head.shape[1], head.shape[0], bias=False)
+        self.head = nn.Linear(head.shape[1], head.shape[0], bias=head_bias)
         with torch.no_grad():
             self.head.weight.copy_(head)
+            if head_bias:
+                self.head.bias.zero_()
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale * F.normalize(self.visual(images), dim=-1) @ self.head.weight.T
+        logits = self.logit_scale * F.normalize(self.visual(images), dim=-1) @ self.head.weight.T
+        return logits if self.head.bias is None else logits + self.head.bias
 
 
 def classifier_from_spec(spec: Mapping) -> ImageClassifier:
     """An untrained classifier whose state dict matches a fine-tuned ingredient's keys, shapes and dtypes.
 
-    The spec holds arch, num_classes and the open_clip model_config (what `core.models.classifier_spec`
-    writes); only the image tower is built (no text tower). Other keys are ignored.
+    The spec holds arch, num_classes, the open_clip model_config and, for a head with a bias, head_bias (what
+    `core.models.classifier_spec` writes); only the image tower is built (no text tower). Other keys are ignored.
     """
     missing = [key for key in ("num_classes", "model_config") if key not in spec]
     if missing:
@@ -85,7 +90,8 @@ def classifier_from_spec(spec: Mapping) -> ImageClassifier:
 
     config = spec["model_config"]
     visual = _build_vision_tower(config["embed_dim"], config["vision_cfg"], config.get("quick_gelu", False))
-    return ImageClassifier(visual, torch.zeros(int(spec["num_classes"]), config["embed_dim"]), logit_scale=1.0)
+    return ImageClassifier(visual, torch.zeros(int(spec["num_classes"]), config["embed_dim"]), logit_scale=1.0,
+                           head_bias=bool(spec.get("head_bias", False)))
 
 
 # --- the model's files ---------------------------------------------------------------------------

@@ -200,9 +200,25 @@ class EvaluateParams(Strict):
     basin_gap: float = Field(0.1, ge=0, le=1)  # warn when the uniform soup's fit accuracy is this far below the best member's
 
 
+class KeyRuleParams(Strict):
+    """One rule of `imports.key_map`: keys starting with `prefix` (or matching `regex` at their start) get `to` there."""
+
+    to: str
+    prefix: str | None = None
+    regex: str | None = None
+
+    @model_validator(mode="after")
+    def _one_pattern(self) -> "KeyRuleParams":
+        if (self.prefix is None) == (self.regex is None):
+            raise ValueError(f"key rule to {self.to!r} needs exactly one of prefix and regex")
+        return self
+
+
 class ImportParams(Strict):
     """External checkpoints souped beside the sweep's fine-tunes (the `import` stage; soup_pipeline.core.sources)."""
 
     sources: list[str] = []  # files, folders, globs, runs:/<run>/<path>, models:/<name>/<version|@alias>, experiment:<name>/<path>[?metric=...&top=N]
     first_member: int = Field(1000, ge=0)  # member id of the first imported checkpoint; the next ones follow
     strip_prefix: str = ""  # removed from every key, e.g. "module."
+    key_map: list[KeyRuleParams] = []  # ordered: the first rule matching a key renames it (core.key_maps)
+    drop: list[str] = []  # regexes (matched at a key's start) of keys to ignore, e.g. "model\\.transformer\\."

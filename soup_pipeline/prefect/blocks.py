@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from ..core.data import DataSplits
 from ..evaluation.scoring import accuracies, compare_to_reference, predictor, split_correctness
-from ..core.ingredients import Ingredient, IngredientStore, file_sha256, save_ingredient
+from ..core.ingredients import Ingredient, IngredientStore, file_sha256, read_ingredient, save_ingredient
 from ..core.models import classifier_from_spec, classifier_spec, preprocess_config
 from ..soups import Objective, SoupResult, get_spec, method_params, run_method
 from ..soups.base import best_individual, model_at
@@ -45,8 +45,8 @@ def ingredient_task(checkpoint: str, member: int, spec: dict, fit: Dataset, sele
     """A checkpoint as ingredient `member` under `folder`: read without pickle, keys, shapes and finiteness checked
     as `soup-pipeline import` checks them, fit and select accuracy measured; its sidecar records the checkpoint's
     path and SHA-256."""
+    state, spec = checked_state(spec, checkpoint)  # the spec gains a head bias where the checkpoint's head has one
     model = classifier_from_spec(spec)
-    state = checked_state(model, checkpoint, fits=f"{spec['arch']} with {spec['num_classes']} classes")
     model.load_state_dict(state)
     target = resolve_device(device)
     scores = accuracies(split_correctness(predictor(model.to(target), batch_size, target), _splits(fit, select, None),
@@ -116,11 +116,11 @@ def soup_subflow(checkpoints: Sequence[str], *, arch: str, num_classes: int, fit
         raise ValueError(f"{anchored} measure the checkpoints from the pre-trained model: give pretrained= (a "
                          "checkpoint of the model they were fine-tuned from, with its classification head)")
     spec = classifier_spec(arch, num_classes)
-    anchor = (checked_state(classifier_from_spec(spec), pretrained, fits=f"{arch} with {num_classes} classes")
-              if anchored else None)
+    anchor = checked_state(spec, pretrained)[0] if anchored else None
     work = Path(workdir).resolve()
     ingredients = [ingredient_task(str(c), k, spec, fit, select, str(work / "ingredients"), device=device).path
                    for k, c in enumerate(checkpoints)]
+    spec = read_ingredient(ingredients[0]).meta["classifier_spec"]  # as checked: with a head bias where the checkpoints have one
     objective = Objective(model_factory=lambda: classifier_from_spec(spec), fit=fit, select=select, batch_size=batch_size)
     results: dict[str, SoupResult] = {}
     for m, settings in methods.items():  # in order: a refined soup (wise_ft_soup's `soup`) is listed before it

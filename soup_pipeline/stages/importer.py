@@ -1,7 +1,8 @@
 """`soup-pipeline import`: external checkpoints (e.g. the public model-soups fine-tunes) as sweep members.
 
-Each file is read by the restricted loader (safetensors or `torch.load(weights_only=True)`), its keys and shapes
-are checked against the classifier of `model.arch` and its tensors for NaN and Inf, and its fit and select
+Each file is read by the restricted loader (safetensors or `torch.load(weights_only=True)`), its keys mapped onto
+the classifier's (`imports.key_map` and `imports.drop`, or a recognised layout such as the public model-soups
+fine-tunes': `core.key_maps`), its keys and shapes checked against the classifier of `model.arch` and its tensors for NaN and Inf, and its fit and select
 accuracy are measured, so the imported ingredient is souped like any fine-tune of the sweep. `run_many` takes
 the sources `soup_pipeline.core.sources` resolves (folders, globs, MLflow runs, models and experiments), checks
 every checkpoint before it writes any ingredient, and records each one's lineage in its sidecar.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -21,6 +22,7 @@ from ..core.data import DataSplits
 from ..runtime.errors import IngredientError
 from ..evaluation.scoring import predictor, split_accuracies
 from ..core.ingredients import Ingredient, check_finite, file_sha256, read_state_file, save_ingredient
+from ..core.key_maps import HEAD_BIAS, KeyMap, KeyRule, detect_layout, remap
 from ..core.models import base_model_id, classifier_from_spec, classifier_spec
 from ..runtime.devices import resolve_device
 from .paths import StagePaths, base_reference, load_splits
@@ -33,7 +35,7 @@ def run(params: Params, root: str | Path, source: str | Path, member: int, *, st
     accuracy and its lineage."""
     splits = load_splits(params)
     checkpoint = Checkpoint(uri=str(Path(source).resolve()), path=Path(source))
-    return _import(params, root, splits, _classifier(params, splits), checkpoint, member, strip_prefix=strip_prefix,
+    return _import(params, root, splits, checkpoint, member, key_map=key_map_of(params), strip_prefix=strip_prefix,
                    base_model=base_model)
 
 
@@ -45,55 +47,66 @@ def run_many(params: Params, root: str | Path, sources: Sequence[str], *, first_
     folder under runs/.downloads/, removed afterwards."""
     downloads = StagePaths(Path(root)).runs / ".downloads"
     downloads.mkdir(parents=True, exist_ok=True)
+    key_map = key_map_of(params)
     with tempfile.TemporaryDirectory(prefix="import-", dir=downloads) as folder:
         checkpoints = resolve(sources, folder, remote=remote)
         splits = load_splits(params)
-        model = _classifier(params, splits)
         for checkpoint in checkpoints:
-            checked_state(model, checkpoint.path, strip_prefix=strip_prefix, fits=_fits(params, splits))
-        return [_import(params, root, splits, model, checkpoint, first_member + offset, strip_prefix=strip_prefix,
-                        base_model=base_model) for offset, checkpoint in enumerate(checkpoints)]
+            checked_state(_spec(params, splits), checkpoint.path, key_map=key_map, strip_prefix=strip_prefix)
+        return [_import(params, root, splits, checkpoint, first_member + offset, key_map=key_map,
+                        strip_prefix=strip_prefix, base_model=base_model) for offset, checkpoint in enumerate(checkpoints)]
 
 
-def _fits(params: Params, splits: DataSplits) -> str:
-    return f"{params.model.arch} with {len(splits.classnames)} classes"
+def key_map_of(params: Params) -> KeyMap:
+    """`imports.key_map` and `imports.drop` as a KeyMap (empty: a checkpoint's known layout is recognised)."""
+    rules = tuple(KeyRule(**rule.model_dump(exclude_none=True)) for rule in params.imports.key_map)
+    return KeyMap(rules=rules, drop=tuple(params.imports.drop))
 
 
-def _classifier(params: Params, splits: DataSplits) -> torch.nn.Module:
-    """The classifier of `model.arch` for the data's classes, which checkpoints must fit."""
-    return classifier_from_spec(classifier_spec(params.model.arch, len(splits.classnames)))
+def _spec(params: Params, splits: DataSplits) -> dict:
+    """The classifier spec of `model.arch` for the data's classes, which checkpoints must fit."""
+    return classifier_spec(params.model.arch, len(splits.classnames))
 
 
-def checked_state(model: torch.nn.Module, path: str | Path, *, strip_prefix: str = "", fits: str) -> dict[str, torch.Tensor]:
-    """The checkpoint's state dict, read without pickle; its keys and shapes must fit `model` (described as `fits`,
-    e.g. "ViT-B-32 with 10 classes") and its floating tensors be finite."""
-    expected = model.state_dict()
-    state = read_state_file(path, strip_prefix=strip_prefix)
-    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or extra:
-        raise IngredientError(f"{path} does not fit {fits}: missing {missing[:5]}, unexpected {extra[:5]}; "
-                              "map its keys (--strip-prefix) or fix model.arch")
+def checked_state(spec: Mapping, path: str | Path, *, key_map: KeyMap = KeyMap(),
+                  strip_prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
+    """The checkpoint's state dict, read without pickle, its keys mapped (`key_map`, else its recognised layout:
+    `core.key_maps`), and the classifier spec it fits: `spec`, with a head bias where the checkpoint's head has one.
+    Its keys and shapes must fit that classifier and its floating tensors be finite."""
+    fits = f"{spec['arch']} with {spec['num_classes']} classes"
+    raw = read_state_file(path, strip_prefix=strip_prefix)
+    expected = classifier_from_spec({**spec, "head_bias": True}).state_dict()
+    state = remap(raw, key_map or detect_layout(list(raw)), list(expected), source=str(path))
+    spec = {key: value for key, value in spec.items() if key != "head_bias"}
+    if HEAD_BIAS in state:
+        spec["head_bias"] = True
+    else:
+        expected.pop(HEAD_BIAS)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise IngredientError(f"{path} does not fit {fits}: missing {missing[:5]}; map its keys (imports.key_map, "
+                              "--strip-prefix) or fix model.arch")
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
             raise IngredientError(f"{path}: tensor '{key}' has shape {list(tensor.shape)}, but {fits} needs "
                                   f"{list(expected[key].shape)}; fix model.arch or the number of classes")
     check_finite(state, str(path))
-    return state
+    return state, spec
 
 
-def _import(params: Params, root: str | Path, splits: DataSplits, model: torch.nn.Module, checkpoint: Checkpoint,
-            member: int, *, strip_prefix: str, base_model: str) -> Ingredient:
+def _import(params: Params, root: str | Path, splits: DataSplits, checkpoint: Checkpoint, member: int, *,
+            key_map: KeyMap, strip_prefix: str, base_model: str) -> Ingredient:
     """Write member `member` from one checkpoint, checked, with its accuracies and its lineage."""
-    state = checked_state(model, checkpoint.path, strip_prefix=strip_prefix, fits=_fits(params, splits))
+    state, spec = checked_state(_spec(params, splits), checkpoint.path, key_map=key_map, strip_prefix=strip_prefix)
     source_sha256 = file_sha256(checkpoint.path)
+    model = classifier_from_spec(spec)
     model.load_state_dict(state)
     device = resolve_device(params.soup.device)
     accuracies = split_accuracies(predictor(model.to(device), params.evaluate.batch_size, device), splits,
                                   roles=("fit", "select"))
     lineage = {"imported_from": checkpoint.uri, "source_uri": checkpoint.uri, "source_sha256": source_sha256,
                **({"run_id": checkpoint.run_id} if checkpoint.run_id else {})}
-    meta = {"hparams": {}, **accuracies, "base_model": base_model, "member": member,
-            "classifier_spec": classifier_spec(params.model.arch, len(splits.classnames)), **lineage}
+    meta = {"hparams": {}, **accuracies, "base_model": base_model, "member": member, "classifier_spec": spec, **lineage}
     return save_ingredient(state, StagePaths(Path(root)).imported(member), meta=meta)
 
 
