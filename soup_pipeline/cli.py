@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import json
 import os
 import sys
 import warnings
@@ -14,6 +16,7 @@ from .runtime.lock import LOCK_HELD_ENV, root_lock
 
 OFFLINE_DEFAULTS = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1"}
+MODULES_RECORD_ENV = "SOUP_PIPELINE_RECORD_MODULES"  # a folder: each command writes the package modules it loaded there
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,12 +85,23 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     warnings.showwarning = _show_warning
     args = _parser().parse_args(argv)
+    if os.environ.get(MODULES_RECORD_ENV):
+        atexit.register(_record_modules, Path(os.environ[MODULES_RECORD_ENV]), args.command)
     try:
         print(_locked_dispatch(args))
     except SoupError as exc:
         print(f"soup-pipeline: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _record_modules(folder: Path, command: str) -> None:
+    """At exit: write FOLDER/<command>-<pid>.json, the names of this package's modules the process loaded (the test of
+    dvc.yaml's code deps compares them with the deps the stage declares)."""
+    loaded = sorted(name for name in sys.modules if name == __package__ or name.startswith(__package__ + "."))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{command}-{os.getpid()}.json").write_text(json.dumps({"command": command, "argv": sys.argv[1:],
+                                                                      "modules": loaded}))
 
 
 def _locked_dispatch(args: argparse.Namespace) -> str:

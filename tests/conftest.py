@@ -1,6 +1,8 @@
 """Shared test settings: keep every tool off the network and out of the user's home."""
 
 import os
+import re
+import subprocess
 import sys
 import tempfile
 
@@ -22,6 +24,37 @@ for _name in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
 from flow_run import harness, pipeline  # noqa: E402,F401
 from helpers_clip import pretrained_base, tiny_splits  # noqa: E402,F401
 
+# The commands that start a service: none of them runs in the quick tier (-m "not slow").
+SERVICE = re.compile(r"\b(mlflow\s+(server|ui|models\s+serve)|prefect\s+(server|worker)|dask[\s-](scheduler|worker))\b")
+
+
+def _quick_popen(test: str) -> type[subprocess.Popen]:
+    """subprocess.Popen that refuses, failing `test`, a command that starts a service."""
+
+    class QuickPopen(subprocess.Popen):
+        def __init__(self, args, *rest, **options):
+            command = os.fsdecode(args) if isinstance(args, (str, bytes, os.PathLike)) else " ".join(
+                os.fsdecode(arg) if isinstance(arg, (str, bytes, os.PathLike)) else str(arg) for arg in args)
+            found = SERVICE.search(command)
+            if found:
+                pytest.fail(f"{test} starts a service ({found.group(0)!r}: {command[:300]}) but is not marked slow; "
+                            "the quick tier (-m 'not slow') starts none: mark the test, or its fixture's param, "
+                            "@pytest.mark.slow (pytest.param(..., marks=pytest.mark.slow))", pytrace=False)
+            super().__init__(args, *rest, **options)
+
+    return QuickPopen
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A test not marked slow starts no service (see SERVICE), in its own code or in any fixture set up for it: the
+    guard covers the item's whole setup, so a module- or session-scoped fixture it is the first to need is caught
+    too (an autouse function fixture would be set up after those, and miss them)."""
+    if item.get_closest_marker("slow") is not None:
+        return (yield)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess, "Popen", _quick_popen(item.nodeid))
+        return (yield)
 
 
 def _mlflow_globals():

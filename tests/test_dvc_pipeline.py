@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import yaml
@@ -31,6 +32,17 @@ def built(tmp_path_factory):
     return repo
 
 
+@pytest.fixture
+def repo(built, tmp_path):
+    """A test's own copy of the built pipeline, to change at will: its git history, its DVC cache (.dvc/cache, copied
+    along) and its outputs; the remote in .dvc/config is an absolute path, still the built repo's. Nothing a test does
+    here reaches `built` or the next test, so no test has to restore anything."""
+    copy = tmp_path / "repo"
+    shutil.copytree(built, copy, symlinks=True)
+    yield copy
+    shutil.rmtree(copy, ignore_errors=True)  # about 120 MB each: not kept in the temporary folders pytest retains
+
+
 def test_repro_builds_every_stage_and_a_second_repro_runs_nothing(built):
     metrics = json.loads((built / "runs/eval/metrics.json").read_text())
     assert {"zero_shot", "best_individual", "uniform", "greedy", "mehl_soup_plus", "ensemble"} <= set(metrics)
@@ -42,48 +54,37 @@ def test_repro_builds_every_stage_and_a_second_repro_runs_nothing(built):
     assert "metrics.json" in sh("dvc", "metrics", "show", cwd=built)
 
 
-def test_rerunning_a_stage_on_the_same_inputs_leaves_dvc_lock_unchanged(built):
+def test_rerunning_a_stage_on_the_same_inputs_leaves_dvc_lock_unchanged(repo):
     for stage in ("soup@greedy", "soup@mehl_soup_plus", "evaluate"):  # timings and memory live outside the outputs
-        assert f"Running stage '{stage}'" in sh("dvc", "repro", "--force", "--single-item", stage, cwd=built)
-    assert sh("git", "status", "--porcelain", "dvc.lock", cwd=built) == ""
-    assert json.loads((built / "runs" / "costs" / "soup-greedy.json").read_text())["seconds"] > 0
+        assert f"Running stage '{stage}'" in sh("dvc", "repro", "--force", "--single-item", stage, cwd=repo)
+    assert sh("git", "status", "--porcelain", "dvc.lock", cwd=repo) == ""
+    assert json.loads((repo / "runs" / "costs" / "soup-greedy.json").read_text())["seconds"] > 0
 
 
-def test_a_shared_soup_key_reruns_every_soup_and_evaluation(built):
-    write_params(built, {"soup": {"batch_size": 16}})
-    try:
-        assert changed_stages(built) == {"soup@uniform", "soup@greedy", "soup@learned_soup", "soup@mehl_soup_plus",
-                                         "refine@wise_ft_soup", "evaluate", "ablate"}
-    finally:
-        sh("git", "checkout", "params.yaml", cwd=built)
+def test_a_shared_soup_key_reruns_every_soup_and_evaluation(repo):
+    write_params(repo, {"soup": {"batch_size": 16}})
+    assert changed_stages(repo) == {"soup@uniform", "soup@greedy", "soup@learned_soup", "soup@mehl_soup_plus",
+                                    "refine@wise_ft_soup", "evaluate", "ablate"}
 
 
-def test_a_new_member_reruns_only_that_member_and_what_depends_on_it(built):
-    write_params(built, {"sweep": {"members": [0, 1, 2, 3]}})
-    try:
-        stale = changed_stages(built)
-        assert "finetune@3" in stale
-        assert not {"prepare", "pretrain", "finetune@0", "finetune@1", "finetune@2"} & stale
-        assert {"soup@mehl_soup_plus", "evaluate"} <= stale
-    finally:
-        sh("git", "checkout", "params.yaml", cwd=built)
+def test_a_new_member_reruns_only_that_member_and_what_depends_on_it(repo):
+    write_params(repo, {"sweep": {"members": [0, 1, 2, 3]}})
+    stale = changed_stages(repo)
+    assert "finetune@3" in stale
+    assert not {"prepare", "pretrain", "finetune@0", "finetune@1", "finetune@2"} & stale
+    assert {"soup@mehl_soup_plus", "evaluate"} <= stale
 
 
-def test_soup_stage_on_two_processes_equals_the_committed_one_process_soup(built):
-    soup = yaml.safe_load((built / "params.yaml").read_text())["soup"]
-    write_params(built, {"soup": {**soup, "nproc": 2}})
-    before = load_file(str(built / "runs/soups/mehl_soup_plus/soup.safetensors"))
-    try:
-        assert changed_stages(built) == set()  # the number of processes is not an input of the result
-        log = sh("dvc", "repro", "--force", "--single-item", "soup@mehl_soup_plus", cwd=built)
-        assert "Running stage 'soup@mehl_soup_plus'" in log
-        assert json.loads(StagePaths(built).soup_cost("mehl_soup_plus").read_text())["processes"] == 2  # torchrun ran
-        after = load_file(str(built / "runs/soups/mehl_soup_plus/soup.safetensors"))
-        assert max(float((before[key] - after[key]).abs().max()) for key in before) < 1e-5
-    finally:
-        sh("git", "checkout", "params.yaml", "dvc.lock", cwd=built)
-        sh("dvc", "checkout", "--force", cwd=built)
-    assert changed_stages(built) == set()
+def test_soup_stage_on_two_processes_equals_the_committed_one_process_soup(repo):
+    soup = yaml.safe_load((repo / "params.yaml").read_text())["soup"]
+    write_params(repo, {"soup": {**soup, "nproc": 2}})
+    before = load_file(str(repo / "runs/soups/mehl_soup_plus/soup.safetensors"))
+    assert changed_stages(repo) == set()  # the number of processes is not an input of the result
+    log = sh("dvc", "repro", "--force", "--single-item", "soup@mehl_soup_plus", cwd=repo)
+    assert "Running stage 'soup@mehl_soup_plus'" in log
+    assert json.loads(StagePaths(repo).soup_cost("mehl_soup_plus").read_text())["processes"] == 2  # torchrun ran
+    after = load_file(str(repo / "runs/soups/mehl_soup_plus/soup.safetensors"))
+    assert max(float((before[key] - after[key]).abs().max()) for key in before) < 1e-5
 
 
 def test_push_clone_pull_gives_identical_checkpoints(built, tmp_path):
@@ -97,67 +98,51 @@ def test_push_clone_pull_gives_identical_checkpoints(built, tmp_path):
         (built / "runs/soups/mehl_soup_plus/soup.safetensors").read_bytes()
 
 
-def test_one_methods_parameter_reruns_only_that_soup_and_what_reads_the_soups(built):
-    soup = yaml.safe_load((built / "params.yaml").read_text())["soup"]
+def test_one_methods_parameter_reruns_only_that_soup_and_what_reads_the_soups(repo):
+    soup = yaml.safe_load((repo / "params.yaml").read_text())["soup"]
     soup["methods"]["learned_soup"]["lr"] = 0.02
-    write_params(built, {"soup": soup})
-    try:
-        assert changed_stages(built) == {"soup@learned_soup", "evaluate", "ablate"}  # the other soups are not stale
-        log = sh("dvc", "repro", cwd=built)
-        ran = set(re.findall(r"Running stage '([^']+)'", log))
-        assert ran == {"soup@learned_soup", "evaluate", "ablate"}, log
-        assert {"soup@uniform", "soup@greedy", "soup@mehl_soup_plus"} <= set(re.findall(r"Stage '([^']+)' didn't change", log))
-    finally:  # back to the committed pipeline, its outputs restored from the cache
-        sh("git", "checkout", "params.yaml", "dvc.lock", cwd=built)
-        sh("dvc", "checkout", cwd=built)
-    assert changed_stages(built) == set()
+    write_params(repo, {"soup": soup})
+    assert changed_stages(repo) == {"soup@learned_soup", "evaluate", "ablate"}  # the other soups are not stale
+    log = sh("dvc", "repro", cwd=repo)
+    ran = set(re.findall(r"Running stage '([^']+)'", log))
+    assert ran == {"soup@learned_soup", "evaluate", "ablate"}, log
+    assert {"soup@uniform", "soup@greedy", "soup@mehl_soup_plus"} <= set(re.findall(r"Stage '([^']+)' didn't change", log))
 
 
-def test_imported_checkpoints_are_souped_beside_the_fine_tunes_without_touching_them(built, tmp_path):
+def test_imported_checkpoints_are_souped_beside_the_fine_tunes_without_touching_them(repo, tmp_path):
     external = tmp_path / "sweep-elsewhere"  # a sweep that ran elsewhere: two checkpoints in a folder
     external.mkdir()
     for member, name in ((0, "a.safetensors"), (2, "b.safetensors")):
-        state = load_file(str(built / f"runs/ingredients/member-{member}.safetensors"))
+        state = load_file(str(repo / f"runs/ingredients/member-{member}.safetensors"))
         save_file({key: value * 1.01 if value.is_floating_point() else value for key, value in state.items()},
                   str(external / name))
-    fine_tunes = {path.name: path.read_bytes() for path in (built / "runs/ingredients").iterdir()}
-    write_params(built, {"imports": {"sources": [str(external)], "first_member": 100}})
-    try:
-        assert changed_stages(built) == {"import"}  # the soups are stale only once the import changed its output
-        log = sh("dvc", "repro", "soup@uniform", cwd=built)  # the import and one soup of it, to keep the test short
-        assert set(re.findall(r"Running stage '([^']+)'", log)) == {"import", "soup@uniform"}, log
-        assert {path.name: path.read_bytes() for path in (built / "runs/ingredients").iterdir()} == fine_tunes
-        assert changed_stages(built) == {"soup@greedy", "soup@learned_soup", "soup@mehl_soup_plus", "refine@wise_ft_soup",
-                                         "evaluate", "ablate"}
-        lineage = json.loads((built / "runs/imported/lineage.json").read_text())
-        assert [(row["member"], row["source_uri"]) for row in lineage] == [(100, str(external / "a.safetensors")),
-                                                                            (101, str(external / "b.safetensors"))]
-        beta = json.loads((built / "runs/soups/uniform/beta.json").read_text())
-        assert beta["ingredients"] == ["member-0", "member-1", "member-2", "member-100", "member-101"]
-    finally:
-        sh("git", "checkout", "params.yaml", "dvc.lock", cwd=built)
-        sh("dvc", "checkout", "--force", cwd=built)
-    assert changed_stages(built) == set()
+    fine_tunes = {path.name: path.read_bytes() for path in (repo / "runs/ingredients").iterdir()}
+    write_params(repo, {"imports": {"sources": [str(external)], "first_member": 100}})
+    assert changed_stages(repo) == {"import"}  # the soups are stale only once the import changed its output
+    log = sh("dvc", "repro", "soup@uniform", cwd=repo)  # the import and one soup of it, to keep the test short
+    assert set(re.findall(r"Running stage '([^']+)'", log)) == {"import", "soup@uniform"}, log
+    assert {path.name: path.read_bytes() for path in (repo / "runs/ingredients").iterdir()} == fine_tunes
+    assert changed_stages(repo) == {"soup@greedy", "soup@learned_soup", "soup@mehl_soup_plus", "refine@wise_ft_soup",
+                                    "evaluate", "ablate"}
+    lineage = json.loads((repo / "runs/imported/lineage.json").read_text())
+    assert [(row["member"], row["source_uri"]) for row in lineage] == [(100, str(external / "a.safetensors")),
+                                                                        (101, str(external / "b.safetensors"))]
+    beta = json.loads((repo / "runs/soups/uniform/beta.json").read_text())
+    assert beta["ingredients"] == ["member-0", "member-1", "member-2", "member-100", "member-101"]
 
 
-def test_a_refinement_reruns_after_the_soup_it_refines_and_alone_when_its_own_section_changes(built):
-    soup = yaml.safe_load((built / "params.yaml").read_text())["soup"]
+def test_a_refinement_reruns_after_the_soup_it_refines_and_alone_when_its_own_section_changes(repo):
+    soup = yaml.safe_load((repo / "params.yaml").read_text())["soup"]
     soup["refine"]["wise_ft_soup"]["search"]["alphas"] = [0.7]
-    write_params(built, {"soup": soup})
-    try:
-        assert changed_stages(built) == {"refine@wise_ft_soup", "evaluate"}  # the ablation reads no refinement
-    finally:
-        sh("git", "checkout", "params.yaml", cwd=built)
-    soup = yaml.safe_load((built / "params.yaml").read_text())["soup"]
+    write_params(repo, {"soup": soup})
+    assert changed_stages(repo) == {"refine@wise_ft_soup", "evaluate"}  # the ablation reads no refinement
+    sh("git", "checkout", "params.yaml", cwd=repo)  # back to the committed params: the next change alone
+    soup = yaml.safe_load((repo / "params.yaml").read_text())["soup"]
     soup["methods"]["mehl_soup_plus"]["passes"] = 0.25
-    write_params(built, {"soup": soup})
-    try:
-        log = sh("dvc", "repro", cwd=built)
-        ran = re.findall(r"Running stage '([^']+)'", log)
-        assert set(ran) == {"soup@mehl_soup_plus", "refine@wise_ft_soup", "evaluate", "ablate"}, log
-        assert ran.index("soup@mehl_soup_plus") < ran.index("refine@wise_ft_soup")  # the refined soup first
-        refined = json.loads((built / "runs/soups/wise_ft_soup/metrics.json").read_text())
-        assert refined["soup"] == "mehl_soup_plus" and refined["chosen"]["alpha"] in (0.5, 1.0)
-    finally:
-        sh("git", "checkout", "params.yaml", "dvc.lock", cwd=built)
-        sh("dvc", "checkout", cwd=built)
+    write_params(repo, {"soup": soup})
+    log = sh("dvc", "repro", cwd=repo)
+    ran = re.findall(r"Running stage '([^']+)'", log)
+    assert set(ran) == {"soup@mehl_soup_plus", "refine@wise_ft_soup", "evaluate", "ablate"}, log
+    assert ran.index("soup@mehl_soup_plus") < ran.index("refine@wise_ft_soup")  # the refined soup first
+    refined = json.loads((repo / "runs/soups/wise_ft_soup/metrics.json").read_text())
+    assert refined["soup"] == "mehl_soup_plus" and refined["chosen"]["alpha"] in (0.5, 1.0)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 import pickle
-import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from soup_pipeline.core.settings import SoupSettings
 from soup_pipeline.runtime.errors import IngredientError, SoupError
+from soup_pipeline.core import ingredients
 from soup_pipeline.core.ingredients import IngredientStore, import_checkpoint, read_ingredient, save_ingredient
 from soup_pipeline.soups import method_params, run_method
 
@@ -98,16 +99,76 @@ def test_a_changed_byte_is_refused_naming_the_file_and_the_recorded_hash(tmp_pat
     assert len(IngredientStore([kept.path])) == 1
 
 
-def test_a_same_size_rewrite_that_puts_the_mtime_back_is_hashed_again_in_the_same_process(tmp_path):
+def hashes_counted(monkeypatch, path) -> list[None]:
+    """A list that grows by one each time the store's hashing reads `path`."""
+    counted, hash_file = [], ingredients.file_sha256
+
+    def counting(file):
+        if os.path.samefile(file, path):
+            counted.append(None)
+        return hash_file(file)
+
+    monkeypatch.setattr(ingredients, "file_sha256", counting)
+    return counted
+
+
+def clock_at(monkeypatch, path, seconds_after_change: float) -> None:
+    """Make the hash cache's clock read `seconds_after_change` after `path` last changed (its mtime or ctime)."""
+    stat = path.stat()
+    changed = max(stat.st_mtime_ns, stat.st_ctime_ns) / 1e9
+    monkeypatch.setattr(ingredients, "_now", lambda: changed + seconds_after_change)
+
+
+def rewrite_in_place(path) -> None:
+    """Change one byte, keep the size and put the mtime back: the stat may only differ in the ctime, if at all."""
+    before = path.stat()
+    flip_data_byte(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def within_one_tick(monkeypatch, path) -> None:
+    """From now on `path`'s stat reports the ctime it has now: what follows falls in this timestamp tick, as a
+    quick rewrite does on a filesystem with coarse timestamps."""
+    target, ctime_ns, stat = str(path.resolve()), path.stat().st_ctime_ns, Path.stat
+
+    class SameTick:
+        def __init__(self, real):
+            self.real = real
+
+        def __getattr__(self, name):
+            return ctime_ns if name == "st_ctime_ns" else getattr(self.real, name)
+
+    def tick_stat(self, *, follow_symlinks=True):
+        real = stat(self, follow_symlinks=follow_symlinks)
+        return SameTick(real) if str(self) == target else real
+
+    monkeypatch.setattr(Path, "stat", tick_stat)
+
+
+def test_a_same_size_rewrite_that_puts_the_mtime_back_within_one_timestamp_tick_is_refused(tmp_path, monkeypatch):
     changed = _save(tmp_path, "changed", Toy().state_dict())
-    assert len(IngredientStore([changed.path])) == 1  # hashed once, and cached for this version of the file
-    before = changed.path.stat()
-    time.sleep(0.01)
-    flip_data_byte(changed.path)
-    os.utime(changed.path, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size, same mtime
-    assert (changed.path.stat().st_size, changed.path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    hashed = hashes_counted(monkeypatch, changed.path)
+    clock_at(monkeypatch, changed.path, ingredients.SETTLED_S - 0.001)  # just written: a rewrite may share its stat
+    assert len(IngredientStore([changed.path])) == 1 and len(hashed) == 1
+    within_one_tick(monkeypatch, changed.path)
+    rewrite_in_place(changed.path)  # same inode, size and mtime; within_one_tick: the same ctime too
     with pytest.raises(IngredientError, match="does not match"):
         IngredientStore([changed.path])
+    assert len(hashed) == 2  # a file that changed this recently is read again, whatever its stat says
+
+
+def test_a_settled_file_is_hashed_once_and_hashed_again_once_rewritten(tmp_path, monkeypatch):
+    changed = _save(tmp_path, "changed", Toy().state_dict())
+    hashed = hashes_counted(monkeypatch, changed.path)
+    clock_at(monkeypatch, changed.path, ingredients.SETTLED_S + 0.001)  # older than any timestamp tick
+    assert len(IngredientStore([changed.path])) == 1 and len(IngredientStore([changed.path])) == 1
+    assert len(hashed) == 1  # cached for this version of the file
+    rewrite_in_place(changed.path)
+    clock_at(monkeypatch, changed.path, 0.0)  # the rewrite is new: read again even if its stat matched the cached one
+    with pytest.raises(IngredientError, match="does not match"):
+        IngredientStore([changed.path])
+    assert len(hashed) == 2
 
 
 def test_an_ingredient_without_a_recorded_hash_is_not_hashed(tmp_path):

@@ -3,6 +3,7 @@ no lock behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -15,6 +16,27 @@ from soup_pipeline.runtime.lock import root_lock
 
 HOLD = "import sys, time\nfrom soup_pipeline.runtime.lock import root_lock\nwith root_lock(sys.argv[1], 'test'):\n" \
        "    print('held', flush=True)\n    time.sleep(600)\n"
+
+
+@pytest.fixture
+def start_holder():
+    """start_holder(root): a process holding root's lock for 600 s, in a process group of its own; the group is killed
+    after the test whatever happened in it (a failed assertion before the test's own kill included)."""
+    started: list[subprocess.Popen] = []
+
+    def start(root) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", HOLD, str(root)], stdout=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:  # not killed and reaped by the test
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        process.stdout.close()
 
 
 def test_a_second_command_on_the_same_root_is_refused_with_the_holder_named(tmp_path):
@@ -31,8 +53,8 @@ def test_a_second_command_on_the_same_root_is_refused_with_the_holder_named(tmp_
         pass
 
 
-def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path, start_holder):
+    holder = start_holder(tmp_path)
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(SoupError, match=f"pid {holder.pid}"):
         with root_lock(tmp_path, "run"):

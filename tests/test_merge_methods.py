@@ -180,6 +180,35 @@ def test_dare_keeps_each_entry_whole_and_rescaled_or_drops_it_at_rate_p_with_see
     assert any(not torch.equal(got[key], other[key]) for key in tau)
 
 
+def reference_dropped(store, anchor, p: float, seed: int) -> dict[str, torch.Tensor]:
+    """[K, ...] task vectors per floating key, dropped and rescaled with the masks dare.py's docstring documents:
+    ingredient k's generator is seeded with seed * 1_000_003 + k and draws one float64 uniform per entry of each
+    floating tensor in turn, in sorted key order; an entry is kept, divided by 1 - p, where its draw is >= p."""
+    every = stacked(store)
+    keys = sorted(floating(anchor))
+    masks = []
+    for k in range(len(store)):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + k)
+        masks.append({key: torch.rand(anchor[key].shape, generator=generator, dtype=torch.float64) >= p for key in keys})
+    return {key: torch.stack([(every[key][k] - anchor[key]) * masks[k][key] / (1 - p) for k in range(len(store))])
+            for key in keys}
+
+
+@pytest.mark.parametrize("p, seed", [(0.3, 0), (0.7, 11)])
+def test_dare_and_dare_ties_with_p_above_0_and_several_ingredients_match_the_documented_masks(toys, p, seed):
+    store, anchor = toys  # K = 4, tiny tensors
+    dropped = reference_dropped(store, anchor, p, seed)
+    kept = torch.stack([torch.cat([(dropped[key][k] != 0).flatten() for key in dropped]) for k in range(len(store))])
+    assert len({tuple(row.tolist()) for row in kept}) == len(store)  # a mask of its own for each ingredient
+    assert abs(kept.double().mean() - (1 - p)) < 0.1  # about 1 - p of the entries kept
+    expected = {key: anchor[key] + 0.8 * dropped[key].sum(0) if key in dropped else anchor[key] for key in anchor}
+    assert_states_close(dare(store, objective(), DareParams(scale=0.8, drop=p, seed=seed), anchor=anchor).state_dict,
+                        expected)
+    expected = {key: anchor[key] + 1.2 * reference_disjoint_mean(dropped[key]) if key in dropped else anchor[key]
+                for key in anchor}
+    assert_states_close(dare_ties(store, objective(), DareTiesParams(scale=1.2, drop=p, seed=seed),
+                                  anchor=anchor).state_dict, expected)
+
 @pytest.mark.parametrize("K, grouping", [(2, "tensor"), (4, "tensor"), (4, "block"), (4, "model")])
 def test_model_stock_moves_each_group_by_the_ratio_its_mean_pairwise_cosine_gives(tmp_path, K, grouping):
     torch.manual_seed(7)

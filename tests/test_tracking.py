@@ -60,9 +60,10 @@ def local_uri(tmp_path_factory):
         return tracking.tracking_uri(tmp_path_factory.mktemp("mlflow-local"))
 
 
-@pytest.fixture(params=["local", "server"])
+@pytest.fixture(params=["local", pytest.param("server", marks=pytest.mark.slow)])
 def backend(request) -> str:
-    """A connected tracking URI: the local SQLite store or the real server (shared per module)."""
+    """A connected tracking URI: the local SQLite store or the real server (shared per module; it starts a service,
+    so its cases are slow: the quick tier runs the local store only)."""
     uri = request.getfixturevalue(f"{request.param}_uri")
     tracking.connect(uri)
     return uri

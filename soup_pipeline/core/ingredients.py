@@ -16,6 +16,7 @@ import functools
 import json
 import math
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,13 @@ def sidecar_path(path: str | Path) -> Path:
     return path.with_name(path.name[: -len(SUFFIX)] + ".json") if path.name.endswith(SUFFIX) else path.with_suffix(".json")
 
 
+# A file changed less than this long before it is hashed is hashed again at every call: its next rewrite may fall in
+# the same timestamp tick as this version (filesystem timestamps are coarse: a kernel tick, a second or two on some
+# filesystems), so no stat could tell the two apart. Git's "racy" rule, with the wall clock for the index's mtime.
+SETTLED_S = 2.0
+_now = time.time  # the moment a file is hashed; a module reference, so a test can make a file look old
+
+
 @functools.lru_cache(maxsize=4096)
 def _hash_of_version(path: Path, version: tuple[int, ...]) -> str:  # `version`: what a rewrite of the file changes
     return file_sha256(path)
@@ -63,10 +71,20 @@ def _hash_of_version(path: Path, version: tuple[int, ...]) -> str:  # `version`:
 
 def unchanged_file_sha256(path: str | Path) -> str:
     """`file_sha256`, hashed once per version of the file in this process, so stores opened again on the same files
-    (the ablation opens many) do not read them again. The version is the inode, size, mtime and ctime: a rewrite
-    that keeps the size and puts the mtime back (os.utime) still moves the ctime, which no caller can set."""
-    stat = Path(path).stat()
-    return _hash_of_version(Path(path).resolve(), (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
+    (the ablation opens many) do not read them again. The version is the device, inode, size, mtime and ctime: a
+    rewrite that keeps the size and puts the mtime back (os.utime) still moves the ctime, which no caller can set.
+
+    Only a settled version is cached: one whose mtime and ctime are more than SETTLED_S seconds before the moment it
+    is hashed. A rewrite comes after that moment, so its ctime lies in a later timestamp tick than the cached
+    version's and the stat tells them apart; a file changed more recently is hashed at every call, so no rewrite
+    within one tick is taken for the version hashed before it. (A file server whose clock runs more than SETTLED_S
+    behind this machine's would defeat that; its files would only look settled sooner.)"""
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    changed_ns = max(stat.st_mtime_ns, stat.st_ctime_ns)
+    if _now() - changed_ns / 1e9 <= SETTLED_S:
+        return file_sha256(resolved)
+    return _hash_of_version(resolved, (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
 
 
 def verify_sha256(path: str | Path, expected: str, *, recorded_in: str, fix: str) -> None:

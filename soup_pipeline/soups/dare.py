@@ -3,7 +3,11 @@
 `dare` then adds the rescaled vectors as task arithmetic does; `dare_ties` merges them as TIES does
 (sign election and the mean of the agreeing entries), the drop taking the place of TIES's trim.
 The drop masks are seeded by `seed` and the ingredient's index, tensor by tensor in key order, so
-a pass that recomputes them (TIES's second) draws the same ones.
+a pass that recomputes them (TIES's second) draws the same ones. Exactly: for ingredient k (0-based,
+in the store's order) one CPU `torch.Generator().manual_seed(seed * 1_000_003 + k)` draws, for each
+floating tensor of tau_k in turn in the store's key order (the sorted names a safetensors header
+lists; integer tensors draw nothing), `torch.rand(shape, generator=..., dtype=torch.float64)`; an
+entry is kept, and divided by 1 - p, where its draw is >= p, and dropped (set to 0) where it is below.
 """
 
 from __future__ import annotations
