@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from soup_pipeline.core.settings import FinetuneParams, SweepParams
+from soup_pipeline.core.settings import FinetuneParams, ModelParams, SweepParams
 from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.evaluation.scoring import loss_and_accuracy
 from soup_pipeline.training.finetune import finetune
@@ -89,26 +90,63 @@ import json, sys
 import open_clip
 from helpers_clip import TINY_DATA
 from soup_pipeline.core.data import digits_splits
+from soup_pipeline.core.settings import ModelParams
 from soup_pipeline.training.finetune import finetune
 config, base, hparams, out, arch = sys.argv[1:]
 open_clip.add_model_config(config)
-finetune(base, json.loads(hparams), digits_splits(TINY_DATA), out, member=0, arch=arch, device="cpu")
+finetune(base, json.loads(hparams), digits_splits(TINY_DATA), out, member=0, model_params=ModelParams(arch=arch),
+         device="cpu")
 """
 
 
-def test_fine_tunes_with_dropout_in_threads_equal_each_run_alone_in_a_process(pretrained_base, tiny_splits, tmp_path):
+@contextlib.contextmanager
+def open_clip_registry_kept():
+    """What open_clip.add_model_config registers inside the block is gone after it: open_clip's registry is module
+    state (the config folders it scans and the configs it found), so left alone a config one test adds is seen by every
+    later test of the session."""
+    factory = open_clip.factory
+    paths, configs = list(factory._MODEL_CONFIG_PATHS), dict(factory._MODEL_CONFIGS)  # copies: a rescan mutates them
+    try:
+        yield
+    finally:
+        factory._MODEL_CONFIG_PATHS[:] = paths
+        factory._MODEL_CONFIGS = configs
+
+
+@pytest.fixture
+def add_model_config():
+    """open_clip.add_model_config for this test only."""
+    with open_clip_registry_kept():
+        yield open_clip.add_model_config
+
+
+def test_a_model_config_added_for_one_test_is_gone_after_it(tmp_path):
+    name = "soup-tiny-scoped-test"
+    (tmp_path / f"{name}.json").write_text(json.dumps(model_config(TINY_ARCH)))
+    before = open_clip.list_models()
+    with open_clip_registry_kept():
+        open_clip.add_model_config(tmp_path / f"{name}.json")
+        assert name in open_clip.list_models()
+    assert open_clip.list_models() == before
+    open_clip.factory._rescan_model_configs()  # and its file is no longer scanned: a later registration misses it
+    assert open_clip.list_models() == before and open_clip.get_model_config(name) is None
+
+
+def test_fine_tunes_with_dropout_in_threads_equal_each_run_alone_in_a_process(pretrained_base, tiny_splits, tmp_path,
+                                                                            add_model_config):
     """Patch dropout draws from torch's global generator: threads must not share its state."""
     arch = "soup-tiny-dropout-test"
     config = model_config(TINY_ARCH)
     config["vision_cfg"]["patch_dropout"] = 0.5
     config_path = tmp_path / f"{arch}.json"
     config_path.write_text(json.dumps(config))
-    open_clip.add_model_config(config_path)
+    add_model_config(config_path)  # for this test only: the next tests do not see the dropout architecture
     base, _ = pretrained_base
     members = [{**ONE_EPOCH, "epochs": 2, "seed": seed} for seed in (7, 8)]
     with concurrent.futures.ThreadPoolExecutor(len(members)) as pool:
         threaded = list(pool.map(lambda k: finetune(base, members[k], tiny_splits, tmp_path / f"thread-{k}.safetensors",
-                                                    member=0, arch=arch, device="cpu"), range(len(members))))
+                                                    member=0, model_params=ModelParams(arch=arch), device="cpu"),
+                                    range(len(members))))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     for k, hparams in enumerate(members):
         out = tmp_path / f"alone-{k}.safetensors"

@@ -7,23 +7,29 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shlex
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from dvc_repo import PROJECT, TINY, sh
+from dvc_repo import PROJECT, TINY, sh, write_params
 from flow_run import lock_file
 from params_reads import recording
+from soup_pipeline.cli import MODULES_RECORD_ENV
 from soup_pipeline.config import load_params
 from soup_pipeline.core.models import classifier_from_spec, classifier_spec
 from soup_pipeline.stages.code import DVC_STAGES, imported_files, stage_code
 
 STAGES = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
 EXECUTION_ONLY = {"soup.nproc"}  # how a soup is run, not what it computes (documented in core.settings.SoupSettings)
-CONDITIONAL = {"prepare": {"model.arch": "image folders and torchvision sources use the model's eval transform"}}
+CONDITIONAL = {  # declared keys a stage reads only for some settings (the test's: digits, open_clip)
+    "prepare": {"model.family": "image folders and torchvision sources use the model family's eval transform",
+                "model.arch": "the same", "model.kwargs": "timm's transform reads the model's own data config"},
+    "import": {"model.kwargs": "a timm, torchvision or own model's constructor arguments shape what checkpoints fit"},
+}
 
 
 def body(stage: str) -> dict:
@@ -47,6 +53,60 @@ def test_the_closure_follows_function_level_imports_and_only_the_stage_the_cli_d
     config = Path(__file__).resolve().parents[1] / "soup_pipeline" / "config.py"
     assert any(path.name == "__init__.py" and path.parent.name == "soups" for path in imported_files(config))
     assert set(DVC_STAGES) == set(STAGES)
+
+
+ITEMS = {"finetune": "0", "soup": "uniform", "refine": "wise_ft_soup"}  # the one item of each foreach stage run below
+ENTRY = {"import": "importer", "refine": "soup"}  # the stage module a command dispatches to, where its name differs
+
+
+@pytest.fixture(scope="module")
+def stage_modules(tmp_path_factory) -> dict[str, list[str]]:
+    """Each DVC stage run once for real, as dvc.yaml's `cmd` (`soup-pipeline <stage>`, a process of its own), on the
+    least work that runs them all: one fine-tune beside one imported checkpoint, one soup and its refinement. Returns,
+    per stage, the package modules its process had loaded when it exited (written at exit by the CLI, asked to by
+    MODULES_RECORD_ENV)."""
+    root, record = tmp_path_factory.mktemp("stage-modules"), tmp_path_factory.mktemp("loaded")
+    external = root / "external"  # the imported checkpoint: the fine-tune's, scaled once it exists
+    shutil.copy(PROJECT / "params.yaml", root / "params.yaml")
+    write_params(root, {**TINY, "data": {"pretrain_size": 60, "train_size": 40, "heldout_size": 40, "test_size": 40},
+                        "pretrain": {"epochs": 1}, "sweep": {"members": [0], "epochs_range": [1, 1]},
+                        "imports": {"sources": [str(external)], "first_member": 100},
+                        "soup": {**TINY["soup"], "methods": {"uniform": {}}, "refine": {
+                            "wise_ft_soup": {"soup": "uniform", "search": {"alphas": [0.5]}}}},
+                        "evaluate": {"ingredient_counts": [], "remove_top": [], "bootstrap_resamples": 100},
+                        "tracking": {"system_metrics": False, "register_method": "uniform"}})
+    for stage in ("prepare", "pretrain", "finetune", "import", "soup", "refine", "evaluate", "ablate"):  # as DVC orders them
+        if stage == "import":
+            external.mkdir()
+            state = load_file(str(root / "runs/ingredients/member-0.safetensors"))
+            save_file({key: value * 1.01 if value.is_floating_point() else value for key, value in state.items()},
+                      str(external / "other.safetensors"))
+        command = body(stage)["cmd"].replace("${item}", ITEMS.get(stage, "")).replace("${key}", ITEMS.get(stage, ""))
+        sh(*shlex.split(command), cwd=root, env={MODULES_RECORD_ENV: str(record)})
+    loaded: dict[str, list[list[str]]] = {}
+    for path in record.glob("*.json"):
+        run = json.loads(path.read_text())
+        loaded.setdefault(run["command"], []).append(run["modules"])
+    assert {stage: len(runs) for stage, runs in loaded.items()} == {stage: 1 for stage in DVC_STAGES}  # one process each
+    return {stage: runs[0] for stage, runs in loaded.items()}
+
+
+def module_file(name: str) -> str:
+    """The project file of package module `name` (a package's __init__.py); the name itself where there is none."""
+    base = PROJECT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return str(candidate.relative_to(PROJECT))
+    return name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", DVC_STAGES)
+def test_each_stage_run_for_real_loads_only_package_code_its_deps_declare(stage_modules, stage):
+    loaded = stage_modules[stage]
+    assert {"soup_pipeline.cli", f"soup_pipeline.stages.{ENTRY.get(stage, stage)}"} <= set(loaded)  # it ran the stage
+    undeclared = sorted({module_file(name) for name in loaded} - set(code_deps(stage)))
+    assert undeclared == [], f"{stage} ran package code dvc.yaml does not list among its deps"
 
 
 def declared_params(stage: str, method: str | None = None) -> set[str]:

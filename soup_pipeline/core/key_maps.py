@@ -84,10 +84,10 @@ def detect_layout(keys: Sequence[str]) -> KeyMap:
 
 def remap(state: Mapping[str, torch.Tensor], key_map: KeyMap, expected: Sequence[str], *, source: str) -> dict:
     """`state` with `key_map` applied: dropped keys gone, renamed keys, the fills added; every key left must be one of
-    `expected` (the classifier's, with `head.bias` allowed) and named once, else an error names the key and a rule
+    `expected` (the classifier's keys; with `head.bias` where its head may take a bias) and named once, else an error names the key and a rule
     that would place it."""
     renamed = [(key, new_name(key, key_map)) for key in state if not any(re.match(p, key) for p in key_map.drop)]
-    allowed = set(expected) | {HEAD_BIAS}
+    allowed = set(expected)
     unplaced = [(original, new) for original, new in renamed if new not in allowed]
     if unplaced:
         original, new = unplaced[0]

@@ -144,9 +144,16 @@ def resolve_builder(ref: str | None) -> Callable[[dict], nn.Module]:
                          "where the model loads") from exc
 
 
+def make_module(spec: Mapping) -> nn.Module:
+    """The untrained module the spec's builder makes: called with `builder_kwargs` where the spec has them (a
+    library's own factory, e.g. "timm:create_model" or "torchvision.models:get_model"), else with the spec."""
+    builder = resolve_builder(spec.get("builder"))
+    return builder(**spec["builder_kwargs"]) if "builder_kwargs" in spec else builder(dict(spec))
+
+
 def build_module(spec: Mapping, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
     """The module the spec's builder makes, with `state_dict` loaded strictly, in eval mode."""
-    module = resolve_builder(spec.get("builder"))(dict(spec))
+    module = make_module(spec)
     try:
         module.load_state_dict(dict(state_dict), strict=True)
     except RuntimeError as exc:

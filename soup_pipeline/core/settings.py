@@ -5,7 +5,7 @@ into the whole params.yaml model."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -86,11 +86,24 @@ def _check_range(name: str, bounds: tuple[float, float]) -> None:
 
 
 class ModelParams(Strict):
-    """Which open_clip model is fine-tuned."""
+    """Which model is fine-tuned: its family (`core.families`), architecture and base weights."""
 
-    arch: str = "soup-tiny-vit"  # open_clip architecture name; the default is the tiny ViT shipped in the package
-    pretrained: str | None = None  # None: pre-train `arch` here first; else a local weights file or an open_clip tag in the local cache
+    family: str = "open_clip"  # open_clip, timm, torchvision, or "package.module:function" (a team's own builder)
+    arch: str = "soup-tiny-vit"  # the family's architecture name; the default is the tiny open_clip ViT shipped here
+    kwargs: dict[str, Any] = {}  # timm, torchvision, own builder: keyword arguments of the model's constructor
+    pretrained: str | None = None  # None: pre-train `arch` here first; else a local weights file (open_clip: or a tag in the local cache)
     cache_dir: str | None = None  # cache to resolve open_clip tags from; None = the Hugging Face default cache
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        module, sep, function = value.partition(":")
+        if value not in FAMILIES and not (sep and module and function):
+            raise ValueError(f"unknown model family {value!r}; use one of {list(FAMILIES)} or 'package.module:function'")
+        return value
+
+
+FAMILIES = ("open_clip", "timm", "torchvision")  # the model families built in (core.families)
 
 
 class DataParams(Strict):
@@ -100,7 +113,8 @@ class DataParams(Strict):
     root: str | None = None  # image_folder: a folder with train/ heldout/ test/ [test_shift/]; torchvision: the data set's root
     torchvision_name: str | None = None  # torchvision.datasets class already on disk, e.g. "CIFAR10" (never downloaded)
     templates: list[str] | None = None  # prompt templates, each with one {} for the class name; None = the source's default
-    image_size: int = Field(32, gt=0)  # digits: side the 8x8 images are upscaled to (the model's image size)
+    image_size: int = Field(32, gt=0)  # digits: side the 8x8 images are upscaled to; image folders with timm,
+    # torchvision or an own builder: the side images are resized and cropped to (open_clip's architecture has its own)
     pretrain_size: int = Field(400, ge=0)  # digits: clean images for contrastive pre-training, from the training pool
     train_size: int = Field(400, gt=0)  # digits: source images of the fine-tuning split, from the training pool
     heldout_size: int = Field(397, gt=0)  # held-out source images (torchvision: taken from its train split)

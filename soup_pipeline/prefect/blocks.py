@@ -6,8 +6,9 @@ runs/ folder: checkpoints, data sets and methods in, the evaluation table and th
                            methods={"greedy": {}, "mehl_soup_auto": {}}, register="mehl_soup_auto",
                            registered_model="my-soup", workdir="soup-work")
 
-Checkpoints are state dicts of the classifier `soup_pipeline.core.models.classifier_from_spec(classifier_spec(arch,
-num_classes))` builds (safetensors or `torch.load(weights_only=True)` files; never pickle); data sets yield
+Checkpoints are state dicts of the classifier the model family builds for `arch` and `num_classes` (`family`:
+open_clip's image tower and head by default, or timm, torchvision, "package.module:function"; `model_kwargs` its
+constructor's arguments), as safetensors or `torch.load(weights_only=True)` files, never pickle; data sets yield
 (image tensor, label). Fit data fit, select data choose (greedy soup's order uses fit accuracy, the registry's
 champion moves on select accuracy), test data only report.
 """
@@ -25,7 +26,9 @@ from torch.utils.data import Dataset
 from ..core.data import DataSplits
 from ..evaluation.scoring import accuracies, compare_to_reference, predictor, split_correctness
 from ..core.ingredients import Ingredient, IngredientStore, file_sha256, read_ingredient, save_ingredient
-from ..core.models import classifier_from_spec, classifier_spec, preprocess_config
+from ..core.families import family_of
+from ..core.portable_classifier import make_module
+from ..core.settings import ModelParams
 from ..soups import Objective, SoupResult, get_spec, method_params, run_method
 from ..soups.base import best_individual, model_at
 from ..runtime.devices import resolve_device
@@ -46,7 +49,7 @@ def ingredient_task(checkpoint: str, member: int, spec: dict, fit: Dataset, sele
     as `soup-pipeline import` checks them, fit and select accuracy measured; its sidecar records the checkpoint's
     path and SHA-256."""
     state, spec = checked_state(spec, checkpoint)  # the spec gains a head bias where the checkpoint's head has one
-    model = classifier_from_spec(spec)
+    model = make_module(spec)
     model.load_state_dict(state)
     target = resolve_device(device)
     scores = accuracies(split_correctness(predictor(model.to(target), batch_size, target), _splits(fit, select, None),
@@ -98,7 +101,8 @@ def soup_subflow(checkpoints: Sequence[str], *, arch: str, num_classes: int, fit
                  test: Dataset, methods: Mapping[str, Mapping[str, Any]] | None = None, workdir: str = "soup-work",
                  register: str | None = None, registered_model: str = "soup", experiment: str = "soup-pipeline",
                  batch_size: int = 128, device: str = "cpu", pretrained: str | None = None,
-                 classnames: Sequence[str] | None = None, preprocess: Mapping[str, Any] | None = None) -> dict:
+                 classnames: Sequence[str] | None = None, preprocess: Mapping[str, Any] | None = None,
+                 family: str = "open_clip", model_kwargs: Mapping[str, Any] | None = None) -> dict:
     """Soup `checkpoints` with each of `methods` (name -> its parameters; default uniform, greedy and
     mehl_soup_auto), evaluate them, and with `register` (a method name) register that soup in the MLflow registry
     (MLFLOW_TRACKING_URI) with its ingredients' sources and hashes; return the rows, the registered version and
@@ -106,7 +110,7 @@ def soup_subflow(checkpoints: Sequence[str], *, arch: str, num_classes: int, fit
     checkpoints from `pretrained`: a checkpoint of the model they were fine-tuned from, with their keys;
     `wise_ft_soup` interpolates a soup listed before it in `methods` with that model. The registered model answers
     with `classnames` (default the class indices) and preprocesses the images it is sent with `preprocess` (open_clip's
-    preprocess config keys; default the architecture's own open_clip preprocessing): give the one your data sets'
+    preprocess config keys; default the family's own for the data's image size): give the one your data sets'
     tensors were made with."""
     methods = dict(methods or {"uniform": {}, "greedy": {}, "mehl_soup_auto": {}})
     if register is not None and register not in methods:
@@ -115,13 +119,14 @@ def soup_subflow(checkpoints: Sequence[str], *, arch: str, num_classes: int, fit
     if anchored and pretrained is None:
         raise ValueError(f"{anchored} measure the checkpoints from the pre-trained model: give pretrained= (a "
                          "checkpoint of the model they were fine-tuned from, with its classification head)")
-    spec = classifier_spec(arch, num_classes)
+    model = ModelParams(family=family, arch=arch, kwargs=dict(model_kwargs or {}))
+    spec = family_of(model).spec(model, num_classes)
     anchor = checked_state(spec, pretrained)[0] if anchored else None
     work = Path(workdir).resolve()
     ingredients = [ingredient_task(str(c), k, spec, fit, select, str(work / "ingredients"), device=device).path
                    for k, c in enumerate(checkpoints)]
     spec = read_ingredient(ingredients[0]).meta["classifier_spec"]  # as checked: with a head bias where the checkpoints have one
-    objective = Objective(model_factory=lambda: classifier_from_spec(spec), fit=fit, select=select, batch_size=batch_size)
+    objective = Objective(model_factory=lambda: make_module(spec), fit=fit, select=select, batch_size=batch_size)
     results: dict[str, SoupResult] = {}
     for m, settings in methods.items():  # in order: a refined soup (wise_ft_soup's `soup`) is listed before it
         results[m] = soup_task(m, {"device": device, "batch_size": batch_size, **settings}, ingredients, objective,
@@ -134,6 +139,7 @@ def soup_subflow(checkpoints: Sequence[str], *, arch: str, num_classes: int, fit
                                                ingredients, name=registered_model, experiment=experiment,
                                                example=torch.as_tensor(select[0][0]),
                                                classnames=classnames or [str(c) for c in range(num_classes)],
-                                               preprocess=preprocess or preprocess_config(arch))
+                                               preprocess=preprocess or family_of(model).preprocess(
+                                                   model, int(torch.as_tensor(select[0][0]).shape[-1])))
     return {"rows": rows, "registered_version": version,
             "soups": {m: str(work / "soups" / m / "soup.safetensors") for m in methods}}

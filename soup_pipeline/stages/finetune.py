@@ -41,7 +41,7 @@ def run(params: Params, root: str | Path, member: int, *, reuse: bool = False) -
     base = base_reference(params, paths)
     hparams = sample_hparams(params.sweep, member)
     inputs = stage_inputs_sha256(root, "finetune", params)
-    ingredient = finetune(base, hparams, load_splits(params), target, member=member, arch=params.model.arch,
-                          cache_dir=params.model.cache_dir, device=params.sweep.device, extra_meta={"inputs_sha256": inputs})
+    ingredient = finetune(base, hparams, load_splits(params), target, member=member, model_params=params.model,
+                          device=params.sweep.device, extra_meta={"inputs_sha256": inputs})
     reached("finetune-saved", member)
     return ingredient

@@ -23,7 +23,9 @@ from ..runtime.errors import IngredientError
 from ..evaluation.scoring import predictor, split_accuracies
 from ..core.ingredients import Ingredient, check_finite, file_sha256, read_state_file, save_ingredient
 from ..core.key_maps import HEAD_BIAS, KeyMap, KeyRule, detect_layout, remap
-from ..core.models import base_model_id, classifier_from_spec, classifier_spec
+from ..core.families import family_of
+from ..core.models import base_model_id
+from ..core.portable_classifier import make_module
 from ..runtime.devices import resolve_device
 from .paths import StagePaths, base_reference, load_splits
 from ..core.sources import Checkpoint, Remote, resolve
@@ -64,8 +66,8 @@ def key_map_of(params: Params) -> KeyMap:
 
 
 def _spec(params: Params, splits: DataSplits) -> dict:
-    """The classifier spec of `model.arch` for the data's classes, which checkpoints must fit."""
-    return classifier_spec(params.model.arch, len(splits.classnames))
+    """The classifier spec of the model's family and `model.arch` for the data's classes, which checkpoints must fit."""
+    return family_of(params.model).spec(params.model, len(splits.classnames))
 
 
 def checked_state(spec: Mapping, path: str | Path, *, key_map: KeyMap = KeyMap(),
@@ -75,12 +77,13 @@ def checked_state(spec: Mapping, path: str | Path, *, key_map: KeyMap = KeyMap()
     Its keys and shapes must fit that classifier and its floating tensors be finite."""
     fits = f"{spec['arch']} with {spec['num_classes']} classes"
     raw = read_state_file(path, strip_prefix=strip_prefix)
-    expected = classifier_from_spec({**spec, "head_bias": True}).state_dict()
+    clip_classifier = "builder_kwargs" not in spec  # open_clip's classifier, whose head may take a bias
+    expected = make_module({**spec, "head_bias": True} if clip_classifier else spec).state_dict()
     state = remap(raw, key_map or detect_layout(list(raw)), list(expected), source=str(path))
     spec = {key: value for key, value in spec.items() if key != "head_bias"}
-    if HEAD_BIAS in state:
+    if clip_classifier and HEAD_BIAS in state:
         spec["head_bias"] = True
-    else:
+    elif clip_classifier:
         expected.pop(HEAD_BIAS)
     missing = sorted(set(expected) - set(state))
     if missing:
@@ -99,7 +102,7 @@ def _import(params: Params, root: str | Path, splits: DataSplits, checkpoint: Ch
     """Write member `member` from one checkpoint, checked, with its accuracies and its lineage."""
     state, spec = checked_state(_spec(params, splits), checkpoint.path, key_map=key_map, strip_prefix=strip_prefix)
     source_sha256 = file_sha256(checkpoint.path)
-    model = classifier_from_spec(spec)
+    model = make_module(spec)
     model.load_state_dict(state)
     device = resolve_device(params.soup.device)
     accuracies = split_accuracies(predictor(model.to(device), params.evaluate.batch_size, device), splits,

@@ -9,12 +9,11 @@ from pathlib import Path
 import torch
 
 from ..config import Params, SoupSettings
-from ..core import models
+from ..core.families import family_of
 from ..core.data import DataSplits, build_datasets, digits_preprocess
 from ..runtime.errors import SoupError
 from ..core.ingredients import IngredientStore
-from ..core.models import classifier_from_spec
-from ..core.portable_classifier import image_transform
+from ..core.portable_classifier import image_transform, make_module
 from ..soups import Objective
 from ..training.sweep import ingredient_path
 
@@ -110,7 +109,7 @@ def preprocess_config(params: Params) -> dict:
     evaluation's transform is built from it, and the registered model carries it to preprocess what it is sent."""
     if params.data.source == "digits":
         return digits_preprocess(params.data.image_size)
-    return models.preprocess_config(params.model.arch)
+    return family_of(params.model).preprocess(params.model, params.data.image_size)
 
 
 def load_splits(params: Params) -> DataSplits:
@@ -155,7 +154,7 @@ def soup_objective(params: Params, store: IngredientStore, splits: DataSplits,
     spec = store.ingredients[0].meta.get("classifier_spec")
     if spec is None:
         raise SoupError(f"{store.ingredients[0].path} has no classifier_spec in its sidecar; re-run its fine-tune")
-    return Objective(model_factory=lambda: classifier_from_spec(spec), fit=splits.fit, select=splits.select,
+    return Objective(model_factory=lambda: make_module(spec), fit=splits.fit, select=splits.select,
                      batch_size=(settings or params.soup).batch_size)
 
 

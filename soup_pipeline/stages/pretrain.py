@@ -1,7 +1,9 @@
 """Stage `pretrain`: the base model every fine-tune starts from, its zero-shot classifier and its accuracy.
 
-With `model.pretrained` unset (the embedded default), the tiny CLIP is pre-trained here on the
-pre-training split; otherwise the given weights (a file or a cached open_clip tag) are the base.
+With `model.pretrained` unset (the embedded default), the model is pre-trained here on the pre-training split
+(the tiny CLIP contrastively; a family without a zero-shot head, timm or torchvision, supervised, head included);
+otherwise the given weights (a file, or a cached open_clip tag) are the base. The "zero-shot" classifier is the one
+every fine-tune starts from: open_clip's zero-shot head on the image tower, else the base classifier itself.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from ..config import Params
 from ..evaluation.scoring import predictor, split_accuracies
 from ..runtime.kill_points import reached
 from ..core.ingredients import save_ingredient
-from ..core.models import base_model_id, classifier_from_clip, classifier_spec, load_clip, zero_shot_head
-from ..training.pretrain import pretrain
+from ..core.families import family_of
+from ..core.models import base_model_id
+from ..training.pretrain import pretrain, supervised_pretrain
 from ..runtime.devices import resolve_device
 from .inputs import stage_inputs_sha256
 from .paths import StagePaths, base_reference, load_splits, read_json
@@ -50,18 +53,19 @@ def run(params: Params, root: str | Path, *, reuse: bool = False) -> dict:
         return info
     inputs = stage_inputs_sha256(root, "pretrain", params)
     splits = load_splits(params)
-    if params.model.pretrained is None:
+    family = family_of(params.model)
+    spec = family.spec(params.model, len(splits.classnames))
+    if params.model.pretrained is None and family.zero_shot:
         pretrain(params.pretrain, splits, paths.base_weights, arch=params.model.arch,
                  on_epoch=lambda *_: reached("pretrain-epoch"))
+    elif params.model.pretrained is None:
+        supervised_pretrain(params.pretrain, splits, paths.base_weights, spec, on_epoch=lambda *_: reached("pretrain-epoch"))
     base = base_reference(params, paths)
-    clip = load_clip(params.model.arch, base, cache_dir=params.model.cache_dir)
-    head = zero_shot_head(clip.model, clip.tokenizer, splits.classnames, splits.templates)
     device = resolve_device(params.pretrain.device)
-    model = classifier_from_clip(clip.model, head).to(device)
+    model = family.base_classifier(params.model, base, splits).to(device)
     zero_shot = split_accuracies(predictor(model, params.evaluate.batch_size, device), splits)
     base_id = base_model_id(params.model.arch, base)
-    save_ingredient(model.state_dict(), paths.zero_shot_weights,
-                    meta={"base_model": base_id, "classifier_spec": classifier_spec(params.model.arch, len(splits.classnames))})
+    save_ingredient(model.state_dict(), paths.zero_shot_weights, meta={"base_model": base_id, "classifier_spec": spec})
     info = {"base": base_id, "arch": params.model.arch,
             "chance_acc": 1.0 / len(splits.classnames), "zero_shot": zero_shot, "settings": settings(params), "inputs_sha256": inputs}
     write_json(paths.base_info, info)

@@ -317,7 +317,7 @@ def register_soup(
             model_config={portable_classifier.WEIGHTS_SHA256: portable_classifier.file_sha256(weights)},  # checked on load
             signature=signature,
             input_example=input_example,
-            pip_requirements=_pip_requirements(),
+            pip_requirements=_pip_requirements(spec.get("requirements", ())),
         )
     version_tags = _strings({**tags, "method": method})
     version = str(mlflow.register_model(info.model_uri, name, tags=version_tags).version)
@@ -397,10 +397,13 @@ def active_run_id() -> str:
     return run.info.run_id
 
 
-def _pip_requirements() -> list[str]:
-    """The serving requirements, pinned to the versions installed here."""
+def _pip_requirements(extra: Sequence[str] = ()) -> list[str]:
+    """The serving requirements, pinned to the versions installed here: the model's own (REQUIREMENTS) and the
+    distributions of the packages its family's builder imports (`extra`: import names, e.g. timm)."""
+    distributions = metadata.packages_distributions()
+    names = [*REQUIREMENTS, *(dist for package in extra for dist in distributions.get(package, [package]))]
     pinned = []
-    for package in REQUIREMENTS:
+    for package in dict.fromkeys(names):
         with contextlib.suppress(metadata.PackageNotFoundError):
             pinned.append(f"{package}=={metadata.version(package)}")
     return pinned

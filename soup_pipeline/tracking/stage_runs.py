@@ -360,7 +360,7 @@ def register_with_lineage(result: SoupResult, spec: Mapping[str, Any], tags: Map
         tracking.log_table(lineage(ingredients, finetune_runs(tracking.active_parent_run_id())), LINEAGE)
         pointer = f"runs:/{tracking.active_run_id()}/{tracking.TABLES_DIR}/{LINEAGE}.json"
         registered = tracking.register_soup(
-            result.state_dict, {**spec, "builder": portable_classifier.BUILTIN_BUILDER}, name=name, method=result.method,
+            result.state_dict, {"builder": portable_classifier.BUILTIN_BUILDER, **spec}, name=name, method=result.method,
             tags={**{key: value for key, value in tags.items() if value is not None}, "lineage": pointer},
             input_example=example, description=description)
     reached("registered")

@@ -1,4 +1,5 @@
-"""One fine-tune: the pre-trained image tower and its zero-shot head, trained end to end, saved as an ingredient.
+"""One fine-tune: the base classifier of the model's family (open_clip: the pre-trained image tower and its zero-shot
+head), trained end to end, saved as an ingredient.
 
 Also the training loop shared with pre-training: seeded shuffles, AdamW with linear warm-up and
 cosine decay, weight decay on matrices only. On the CPU a given seed gives identical bytes, whether
@@ -17,14 +18,15 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..core.settings import FinetuneParams, parse_section
+from ..core.settings import FinetuneParams, ModelParams, parse_section
 from .augment import augment
 from ..core.data import DataSplits, fetch_batch
 from ..runtime.errors import SoupError
 from ..evaluation.scoring import predictor, split_accuracies
 from ..core.ingredients import Ingredient, save_ingredient
 from ..core.schedule import warmup_cosine_scheduler
-from ..core.models import TINY_ARCH, base_model_id, classifier_from_clip, classifier_spec, load_clip, zero_shot_head
+from ..core.families import family_of
+from ..core.models import base_model_id
 from ..runtime.randomness import OwnGlobalRNG
 from ..runtime.devices import resolve_device
 
@@ -75,9 +77,10 @@ def train_loop(model: nn.Module, dataset: Dataset, loss_fn: Callable[[torch.Tens
 
 
 def finetune(base: str | Path, hparams: Mapping, splits: DataSplits, out_path: str | Path, *, member: int,
-             arch: str = TINY_ARCH, cache_dir: str | None = None, device: str = "cpu",
+             model_params: ModelParams = ModelParams(), device: str = "cpu",
              on_epoch: EpochCallback | None = None, extra_meta: Mapping | None = None) -> Ingredient:
-    """Fine-tune the classifier built from pre-trained CLIP `base` (file or cached tag) and save it as an ingredient.
+    """Fine-tune the classifier the model's family starts from `base` (open_clip: a CLIP file or cached tag and its
+    zero-shot head; else the family's module with the base weights) and save it as an ingredient.
 
     hparams: the keys of `FinetuneParams`. The sidecar records hparams, fit_acc and select_acc
     (accuracy on the two held-out roles), the mean training loss per epoch, base_model, member
@@ -86,11 +89,9 @@ def finetune(base: str | Path, hparams: Mapping, splits: DataSplits, out_path: s
     hp = parse_section(FinetuneParams, dict(hparams), f"hparams of member {member}")
     target = resolve_device(device)
     rng = OwnGlobalRNG(hp.seed, target)
-    with rng.active():
-        clip = load_clip(arch, base, cache_dir=cache_dir)
-        head = zero_shot_head(clip.model, clip.tokenizer, splits.classnames, splits.templates)
-        model = classifier_from_clip(clip.model, head).to(target)
-    del clip  # the text tower is no longer needed
+    family = family_of(model_params)
+    with rng.active():  # open_clip builds a CLIP (its text tower freed on return) and draws nothing after
+        model = family.base_classifier(model_params, base, splits).to(target)
     generator = torch.Generator().manual_seed(hp.seed)
 
     def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -105,8 +106,8 @@ def finetune(base: str | Path, hparams: Mapping, splits: DataSplits, out_path: s
         "train_loss": losses,
         "hparams": hp.model_dump(),
         **split_accuracies(predictor(model, 256, target), splits, roles=("fit", "select")),
-        "base_model": base_model_id(arch, base),
+        "base_model": base_model_id(model_params.arch, base),
         "member": int(member),
-        "classifier_spec": classifier_spec(arch, len(splits.classnames)),
+        "classifier_spec": family.spec(model_params, len(splits.classnames)),
     }
     return save_ingredient(model.state_dict(), out_path, meta=meta)
