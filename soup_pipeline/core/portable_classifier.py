@@ -1,11 +1,13 @@
 """The classifier as it travels with the registered model: self-contained, so it loads without soup-pipeline.
 
-This file imports torch, numpy, Pillow and open_clip only (never a `soup_pipeline` module): MLflow logs
-it beside the registered model (`code_paths`), where it is the top-level module `portable_classifier`,
+This file imports torch, numpy, Pillow, safetensors and open_clip only (open_clip where a model or a transform is
+built; never a `soup_pipeline` module): MLflow logs it beside the registered model (`code_paths`), where it is the
+top-level module `portable_classifier`,
 so the model loads and predicts in an environment built from nothing but its own requirements. The
 pipeline imports the same file, so what the registry serves is what the pipeline evaluated.
 
-It holds the image classifier and how it is rebuilt from its JSON spec, the weights' SHA-256 check,
+It holds the open_clip image classifier and how any family's module is rebuilt from its JSON spec (a builder
+"module:function", called with the spec or with its `builder_kwargs`), the weights' SHA-256 check,
 and the serving contract: what a client sends (encoded images as bytes or base64 strings, alone or as
 one DataFrame column, or preprocessed float arrays) becomes a batch through the preprocessing the
 evaluation used (resize, centre crop, RGB, the model's own mean and std), and each image gets its

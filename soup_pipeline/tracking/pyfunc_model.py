@@ -4,7 +4,8 @@ MLflow logs this file "from code" (it runs it to get the model: `set_model` at t
 `portable_classifier.py` beside it (`code_paths`), so the registered model loads where only its own
 requirements are installed: this file imports MLflow, pandas, torch, safetensors and the logged
 `portable_classifier`, never `soup_pipeline`. The spec's `builder` is `portable_classifier:classifier_from_spec`
-(the open_clip classifier) or a team's own "module:function" (then that package must be installed).
+(the open_clip classifier), a library's factory such as "timm:create_model" with `builder_kwargs` (that library is
+among the model's requirements), or a team's own "module:function" (then that package must be installed).
 The weights' SHA-256 is recorded in the model's MLmodel file (pyfunc `model_config`, key
 "weights_sha256") when it is logged and checked before they are loaded. `predict` takes encoded images
 (or preprocessed float arrays) and answers per image the class name, its probability and every class's;
