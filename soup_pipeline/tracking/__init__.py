@@ -1,9 +1,12 @@
-"""MLflow tracking and model registry for the pipeline; the only module that imports MLflow (lazily).
+"""MLflow tracking and model registry for the pipeline. MLflow is imported in `tracking/` only: here (lazily), in
+`pyfunc_model.py` (the registered model's code), `mlflow_sources.py` (checkpoints named by MLflow URIs) and
+`orphans.py` (runs a killed pipeline left open).
 
 One parent run per pipeline execution (`pipeline_run`), one nested run per fine-tune and per
 soup method (`nested_run`). Params are logged flattened (`soup.batch_size`), step series in batches,
 the mixing weights beta (K x L) as JSON plus a heatmap, tables as JSON, CSV and Markdown.
-Soups are registered as pyfunc models (safetensors + JSON, see `tracking/pyfunc_model.py`), with the weights'
+Soups are registered as pyfunc models (safetensors + JSON, see `tracking/pyfunc_model.py`, with
+`core/portable_classifier.py` as their code so that they load without soup-pipeline), with the weights'
 SHA-256 in their MLmodel file, checked when the model is loaded; the `champion`
 alias moves only to a version whose select accuracy strictly beats the current champion's (select data
 judge soups fitted on the fit data; test accuracy never promotes).
