@@ -10,6 +10,8 @@ every checkpoint before it writes any ingredient, and records each one's lineage
 
 from __future__ import annotations
 
+import functools
+import json
 import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -78,7 +80,7 @@ def checked_state(spec: Mapping, path: str | Path, *, key_map: KeyMap = KeyMap()
     fits = f"{spec['arch']} with {spec['num_classes']} classes"
     raw = read_state_file(path, strip_prefix=strip_prefix)
     clip_classifier = "builder_kwargs" not in spec  # open_clip's classifier, whose head may take a bias
-    expected = make_module({**spec, "head_bias": True} if clip_classifier else spec).state_dict()
+    expected = dict(expected_shapes(json.dumps({**spec, "head_bias": True} if clip_classifier else spec, sort_keys=True)))
     state = remap(raw, key_map or detect_layout(list(raw)), list(expected), source=str(path))
     spec = {key: value for key, value in spec.items() if key != "head_bias"}
     if clip_classifier and HEAD_BIAS in state:
@@ -90,11 +92,17 @@ def checked_state(spec: Mapping, path: str | Path, *, key_map: KeyMap = KeyMap()
         raise IngredientError(f"{path} does not fit {fits}: missing {missing[:5]}; map its keys (imports.key_map, "
                               "--strip-prefix) or fix model.arch")
     for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
+        if tensor.shape != expected[key]:
             raise IngredientError(f"{path}: tensor '{key}' has shape {list(tensor.shape)}, but {fits} needs "
-                                  f"{list(expected[key].shape)}; fix model.arch or the number of classes")
+                                  f"{list(expected[key])}; fix model.arch or the number of classes")
     check_finite(state, str(path))
     return state, spec
+
+
+@functools.lru_cache(maxsize=4)
+def expected_shapes(spec_json: str) -> tuple[tuple[str, torch.Size], ...]:
+    """The keys and shapes of the module a spec (as sorted JSON) builds: built once per spec, not per checkpoint."""
+    return tuple((key, tensor.shape) for key, tensor in make_module(json.loads(spec_json)).state_dict().items())
 
 
 def _import(params: Params, root: str | Path, splits: DataSplits, checkpoint: Checkpoint, member: int, *,
