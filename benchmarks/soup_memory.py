@@ -33,7 +33,8 @@ from torch.utils.data import TensorDataset
 
 from soup_pipeline.core.ingredients import IngredientStore, save_ingredient
 from soup_pipeline.runtime.meters import measure
-from soup_pipeline.core.models import classifier_from_spec, classifier_spec
+from soup_pipeline.core.models import classifier_spec
+from soup_pipeline.core.portable_classifier import classifier_from_spec
 from soup_pipeline.soups import Objective, params_from, run_method
 from soup_pipeline.runtime.devices import rank_device, resolve_device
 from soup_pipeline.soups.distributed import process_group

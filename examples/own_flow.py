@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from soup_pipeline.config import DataParams
 from soup_pipeline.core.data import digits_splits
-from soup_pipeline.core.models import classifier_from_spec, classifier_spec
+from soup_pipeline.core.models import classifier_spec
+from soup_pipeline.core.portable_classifier import classifier_from_spec
 from soup_pipeline.prefect import soup_subflow
 
 ARCH, CLASSES = "soup-tiny-vit", 10

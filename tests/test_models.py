@@ -14,9 +14,10 @@ from safetensors.torch import save_file
 from soup_pipeline.core.ingredients import read_state_file
 from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.core.models import (
-    TINY_ARCH, ImageClassifier, classifier_from_clip, classifier_from_spec, classifier_spec, load_clip, model_config,
+    TINY_ARCH, ImageClassifier, classifier_from_clip, classifier_spec, load_clip, model_config,
     zero_shot_head,
 )
+from soup_pipeline.core.portable_classifier import classifier_from_spec
 
 CLASSNAMES = ["zero", "one", "two"]
 TEMPLATES = ["a photo of the digit {}.", "the number {}."]

@@ -149,7 +149,8 @@ def test_the_subflows_ingredient_task_refuses_a_checkpoint_that_does_not_fit_and
     from safetensors.torch import save_file
 
     from soup_pipeline.runtime.errors import IngredientError
-    from soup_pipeline.core.models import classifier_from_spec, classifier_spec
+    from soup_pipeline.core.models import classifier_spec
+    from soup_pipeline.core.portable_classifier import classifier_from_spec
     from soup_pipeline.prefect import ingredient_task
 
     spec = classifier_spec("soup-tiny-vit", 10)

@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,7 +29,7 @@ from mlflow_server import free_port, stop
 from soup_pipeline.config import load_params
 from soup_pipeline.core import portable_classifier
 from soup_pipeline.core.ingredients import read_ingredient
-from soup_pipeline.core.models import classifier_from_spec
+from soup_pipeline.core.portable_classifier import classifier_from_spec
 from soup_pipeline.evaluation.scoring import model_logits
 from soup_pipeline.stages.paths import load_splits, preprocess_config
 
@@ -78,8 +79,6 @@ def images_json(encoded: list[str]) -> bytes:
 
 def wait_serving(port: int, process: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
     """Poll /ping until the scoring server answers 200; fail with its log if it exits or never answers."""
-    import time
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

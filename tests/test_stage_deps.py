@@ -20,7 +20,8 @@ from flow_run import lock_file
 from params_reads import recording
 from soup_pipeline.cli import MODULES_RECORD_ENV
 from soup_pipeline.config import load_params
-from soup_pipeline.core.models import classifier_from_spec, classifier_spec
+from soup_pipeline.core.models import classifier_spec
+from soup_pipeline.core.portable_classifier import classifier_from_spec
 from soup_pipeline.stages.code import DVC_STAGES, imported_files, stage_code
 
 STAGES = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..runtime.errors import SoupError
 from .ingredients import file_sha256, read_state_file
-from .portable_classifier import ImageClassifier, classifier_from_spec  # noqa: F401 - the builder stages and tests name
+from .portable_classifier import ImageClassifier
 
 TINY_ARCH = "soup-tiny-vit"
 CONFIG_DIR = Path(__file__).parent / "configs"
