@@ -5,7 +5,7 @@ registering `mehl_soup_auto`. The row `auto` is the model `register_method: auto
 (runs/eval/registration.json), so its differences measure the registration rule against both fixed choices.
 
 Each seed is a full pipeline (sweep of K fine-tunes from one shared pre-trained base, every soup
-method, evaluation) in its own root; finished members are reused. Example (the README's table):
+method, evaluation) in its own root; finished members are reused. Example (the tables of docs/results.md):
 
     python benchmarks/seeds.py --seeds 0 1 2 3 4 --workdir /tmp/soup-seeds
 """

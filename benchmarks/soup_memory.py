@@ -6,7 +6,7 @@ trained weights). Every configuration runs in a fresh process (or, with --worlds
 torchrun groups of that many ranks: gloo on a CPU, NCCL on GPUs); peak memory is measured above
 each process's baseline (CPU RSS by sampling; the CUDA allocator peak on a GPU) and reported for
 the rank that peaked highest, beside the ingredient bytes one rank held. Prints a Markdown table.
-Examples (the README's tables):
+Examples (the tables of docs/memory-and-speed.md):
 
     python benchmarks/soup_memory.py --arch ViT-B-32 --ks 4 8 16 32 --bs 1 2 4 --device cuda
     python benchmarks/soup_memory.py --arch ViT-B-32 --ks 8 --bs 4 --worlds 1 2 --device cpu --batch 8 --steps 3

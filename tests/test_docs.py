@@ -1,7 +1,8 @@
-"""What README.md and docs/method.md name exists: every params key they write in backticks is a key of
-params.yaml's model (a method's own keys under `soup.methods.<method>`), every snake_case identifier they name
-appears in the package, and every file path they give is in the repository. A rename that leaves the
-documentation behind fails here."""
+"""What the documentation (README.md and every page of docs/) names exists: every params key it writes in
+backticks is a key of params.yaml's model (a method's own keys under `soup.methods.<method>`), every snake_case
+identifier it names appears in the package, every file path it gives is in the repository, and every link between
+its pages leads to a page and a heading that exist. The README links every page, and CI runs exactly its test
+command. A rename that leaves the documentation behind fails here."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
+from doc_pages import PAGES, headings, section
 from soup_pipeline.config import Params
 from soup_pipeline.soups import SPECS
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["README.md", "docs/method.md"]
+DOCS = [str(page.relative_to(ROOT)) for page in PAGES]
 SECTIONS = set(Params.model_fields)
 OTHER_TOOLS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "RLIMIT_FSIZE"}  # MLflow's, the OS's
 PLACEHOLDER = re.compile(r"^[<$*]")  # soup.methods.<method>, soup.methods.${key}
@@ -58,11 +60,17 @@ def package_words() -> set[str]:
     return set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text))
 
 
+def params_keys(doc: str) -> set[str]:
+    return {token for token in named(doc) if PARAMS_KEY.fullmatch(token) and token.split(".")[0] in SECTIONS}
+
+
 @pytest.mark.parametrize("doc", DOCS)
 def test_every_params_key_the_documentation_names_exists(doc):
-    keys = {token for token in named(doc) if PARAMS_KEY.fullmatch(token) and token.split(".")[0] in SECTIONS}
-    assert keys, "the check found no params key to check"
-    assert sorted(key for key in keys if not params_key_exists(key)) == []
+    assert sorted(key for key in params_keys(doc) if not params_key_exists(key)) == []
+
+
+def test_the_key_check_finds_keys_to_check():  # pages such as failures.md name no key; these must
+    assert {"README.md", "docs/method.md", "docs/pipeline.md"} <= {doc for doc in DOCS if params_keys(doc)}
 
 
 @pytest.mark.parametrize("doc", DOCS)
@@ -80,3 +88,41 @@ def test_the_checks_catch_a_renamed_key_identifier_and_path():
     assert not params_key_exists("soup.methods.<method>.model_epochz")
     assert params_key_exists("soup.methods.mehl_soup_auto.search.lrs") and not params_key_exists("evaluate.basin_gapp")
     assert "project_block" not in package_words() and "hyperplane_soup" in package_words()
+
+
+def anchor(title: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+
+
+def links(page: Path) -> list[str]:
+    """The relative link targets of a page, outside code."""
+    text = re.sub(r"```.*?```|`[^`\n]*`", "", page.read_text(), flags=re.S)
+    return [target for target in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", target)]
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_link_leads_to_a_page_and_heading_that_exist(doc):
+    page = ROOT / doc
+    broken = []
+    for target in links(page):
+        path, _, fragment = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.is_file() or fragment and fragment not in {anchor(title) for _, _, title in
+                                                                   headings(linked.read_text())}:
+            broken.append(target)
+    assert broken == []
+
+
+def test_the_readme_links_every_docs_page_and_ci_runs_its_test_command():
+    linked = {(ROOT / target.partition("#")[0]).resolve() for target in links(ROOT / "README.md")}
+    assert [str(page.relative_to(ROOT)) for page in PAGES[1:] if page not in linked] == []
+    commands = re.findall(r"^    (\S.*)$", section("The two commands"), re.M)
+    test_command = next(command for command in commands if "pytest" in command)
+    assert (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1] == test_command
+
+
+def test_the_link_check_reads_anchors_as_github_makes_them_and_finds_the_links():
+    assert anchor("Choosing honestly: fit, select and test data") == "choosing-honestly-fit-select-and-test-data"
+    assert anchor("Export to open_clip and plain torch") == "export-to-open_clip-and-plain-torch"
+    assert links(ROOT / "README.md") and "docs/results.md" in links(ROOT / "README.md")

@@ -173,7 +173,7 @@ def test_flow_registers_the_soup_with_its_provenance_and_promotes_it(tracked):
 
 
 def test_lineage_leads_from_the_champion_to_each_members_fine_tune_run_and_learning_rate(tracked):
-    client = MlflowClient()  # the README's calls ("From the registered soup to its runs")
+    client = MlflowClient()  # the calls of docs/pipeline.md ("From the registered soup to its runs")
     version = client.get_model_version_by_alias("soup-pipeline-soup", "champion")
     lineage = mlflow.artifacts.load_dict(version.tags["lineage"])
     learning_rates = {row["ingredient"]: client.get_run(row["run_id"]).data.params["hparams.lr"] for row in lineage}

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import ast
 import re
-from pathlib import Path
 
+from doc_pages import section
 from package_layers import LAYERS, PACKAGE, cycles, import_graph, layer_of, upward_arrows
-
-README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_no_module_imports_a_higher_layer_and_there_is_no_cycle():
@@ -36,7 +34,7 @@ def test_a_planted_cycle_and_an_upward_arrow_are_both_found():
 def test_every_module_is_in_a_layer_and_the_readme_lists_the_layers_as_they_are():
     for path in PACKAGE.rglob("*.py"):
         layer_of(path)  # raises for a module outside every layer
-    table = README.read_text().split("### Code layout", 1)[1].split("\n\n", 2)[1]
+    table = section("Code layout").strip().split("\n\n", 1)[0]
     rows = [re.findall(r"`soup_pipeline/([^`]*?)/?`", line.split("|")[2]) for line in table.splitlines()[2:]]
     names = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
     assert names == [name for name, _ in LAYERS]

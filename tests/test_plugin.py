@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import doc_pages
 from dvc_repo import PROJECT, TINY, sh
 from flow_run import FAST
 from prefect_server import prefect_server
@@ -115,7 +116,7 @@ def test_the_wheel_installs_one_package_and_init_repro_run_import_and_the_subflo
 @pytest.mark.slow
 def test_a_teams_own_flow_calls_the_soup_subflow_on_a_real_prefect_server(tmp_path):
     example = PROJECT / "examples" / "own_flow.py"
-    assert example.read_text() in (PROJECT / "README.md").read_text()  # the README shows exactly what is tested
+    assert example.read_text() in doc_pages.section("In your own Prefect flow")  # the docs show exactly what is tested
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with prefect_server(tmp_path / "prefect") as api:
         done = subprocess.run([sys.executable, str(example), str(tmp_path / "out")], cwd=tmp_path, capture_output=True,

@@ -1,6 +1,6 @@
-"""The registered soup outside the project: served over HTTP by `mlflow models serve` (the README's commands), fed
-PNG files as a client has them, refusing what it does not take with a 4xx, and loading in a virtual environment
-built from nothing but its own requirements."""
+"""The registered soup outside the project: served over HTTP by `mlflow models serve` (the commands of
+docs/serving.md), fed PNG files as a client has them, refusing what it does not take with a 4xx, and loading in a
+virtual environment built from nothing but its own requirements."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from dvc_repo import PROJECT
+from doc_pages import section
 from mlflow_server import free_port, stop
 from soup_pipeline.config import load_params
 from soup_pipeline.core import portable_classifier
@@ -39,10 +39,10 @@ MODEL = "soup-pipeline-soup"
 CHAMPION = f"models:/{MODEL}@champion"
 
 
-def readme_block(containing: str) -> str:
-    """The README's one bash block that holds `containing`."""
-    blocks = [b for b in re.findall(r"```bash\n(.*?)```", (PROJECT / "README.md").read_text(), re.S) if containing in b]
-    assert len(blocks) == 1, f"the README has {len(blocks)} bash blocks with {containing!r}"
+def serving_block(containing: str) -> str:
+    """The one bash block of the documentation's "Serve and export the soup" that holds `containing`."""
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", section("Serve and export the soup"), re.S) if containing in b]
+    assert len(blocks) == 1, f'"Serve and export the soup" has {len(blocks)} bash blocks with {containing!r}'
     return blocks[0]
 
 
@@ -94,10 +94,10 @@ def wait_serving(port: int, process: subprocess.Popen, log: Path, timeout_s: flo
 
 @pytest.fixture(scope="module")
 def served(pipeline, tmp_path_factory):
-    """The README's `mlflow models serve` command, verbatim but for its port, run where the flow's mlflow.db is."""
+    """The documented `mlflow models serve` command, verbatim but for its port, run where the flow's mlflow.db is."""
     store = Path(pipeline.uri.removeprefix("sqlite:///"))
     port = free_port()
-    command = readme_block("mlflow models serve").replace("5001", str(port))
+    command = serving_block("mlflow models serve").replace("5001", str(port))
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -111,10 +111,10 @@ def served(pipeline, tmp_path_factory):
         stop(process, sig=signal.SIGTERM)
 
 
-def test_the_readme_curl_example_answers_a_png_with_class_names_and_probabilities(served, pipeline, tmp_path):
+def test_the_documented_curl_example_answers_a_png_with_class_names_and_probabilities(served, pipeline, tmp_path):
     pngs, truth, splits = split_pngs(pipeline.repo)
     (tmp_path / "digit.png").write_bytes(pngs[0])
-    curl = readme_block("curl").replace("5001", str(served))
+    curl = serving_block("curl").replace("5001", str(served))
     answer = json.loads(subprocess.run(["bash", "-c", curl], cwd=tmp_path, capture_output=True, text=True,
                                        check=True).stdout)
     (row,) = answer["predictions"]
