@@ -24,10 +24,10 @@ from soup_pipeline.stages import evaluate, finetune, prepare, pretrain, soup
 from soup_pipeline.stages.paths import StagePaths, member_ids
 from soup_pipeline.stages.results import with_costs
 from soup_pipeline.soups import SPECS
+from soup_pipeline.evaluation.selection import REFERENCE, registration_file
 from soup_pipeline.evaluation.statistics import mean_interval
 from soup_pipeline.evaluation.tables import markdown_table
 
-REFERENCE = "greedy"
 COLUMNS = ("fit_acc", "select_acc", "test_acc", "shifted_test_acc", "seconds", "peak_cpu_mib")
 PAIRED = (("test_acc", "wins/seeds"), ("shifted_test_acc", "shifted wins/seeds"))  # (accuracy, header of its wins)
 
@@ -107,7 +107,7 @@ FIXED_CHOICE = "mehl_soup_auto"  # the registered soup before `auto` became the 
 
 def with_registered(rows: list[dict], root: Path) -> list[dict]:
     """The seed's rows plus the row `auto`: the row of the model `register_method: auto` registered there."""
-    path = StagePaths(root).eval_dir / "registration.json"
+    path = registration_file(StagePaths(root).eval_dir)
     if not path.is_file():
         return rows
     chosen = json.loads(path.read_text())["method"]

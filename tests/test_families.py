@@ -79,7 +79,7 @@ def test_a_base_of_another_module_is_refused_naming_the_keys(tmp_path):
 def test_the_family_is_checked_in_params_and_the_registered_model_requires_the_familys_package():
     from pydantic import ValidationError
 
-    from soup_pipeline.tracking import _pip_requirements
+    from soup_pipeline.tracking.registry import _pip_requirements
 
     with pytest.raises(ValidationError, match="unknown model family 'keras'"):
         ModelParams(family="keras")

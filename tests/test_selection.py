@@ -3,12 +3,16 @@ by a paired interval (resampled by source image) that excludes zero; test data a
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from soup_pipeline.runtime.errors import SoupError
-from soup_pipeline.evaluation.selection import choose_on_select
+from soup_pipeline.evaluation import selection
+from soup_pipeline.evaluation.selection import choose_on_select, compared_rows
 
 N = 600  # select examples: 200 source images x 3 views
 GROUPS = torch.arange(N) // 3
@@ -89,3 +93,24 @@ def test_the_interval_pairs_each_candidate_loss_with_the_reference_loss_on_the_s
     unpaired = per_image[0][draws[0]].mean(1) - per_image[1][draws[1]].mean(1)
     low, high = np.quantile(unpaired, [0.025, 0.975])
     assert low < 0 < high
+
+
+def test_greedy_is_the_reference_of_every_row_and_rows_without_greedy_have_no_comparison():
+    test = torch.tensor([True, False] * 50)
+    correct = {"best_individual": {"fit": test, "test": test}, "greedy": {"fit": test, "test": ~test}}
+    rows = compared_rows(correct, seed=0, resamples=200, extra={"best_individual": {"member": "ft-0"}})
+    assert [row["method"] for row in rows] == ["best_individual", "greedy"] and rows[0]["member"] == "ft-0"
+    assert rows[0]["test_vs_greedy"] == pytest.approx(0.0) and rows[1]["test_vs_greedy"] == 0.0
+    assert list(rows[0])[:2] == ["member", "method"]
+    assert "test_vs_greedy" not in compared_rows({"uniform": correct["greedy"]}, seed=0, resamples=200)[0]
+
+
+def test_the_registration_decision_has_one_owner():
+    """The reference's and the best individual's names, the decision's file and the comparison with greedy soup are
+    written in evaluation/selection.py only; every other module of the package imports them from there."""
+    owner = Path(selection.__file__)
+    spelled = re.compile(r"""["']best_individual["']|registration\.json["']|^REFERENCE\s*=|compare_to_reference\(""",
+                         re.MULTILINE)
+    elsewhere = {str(path.relative_to(owner.parents[1])): spelled.findall(path.read_text())
+                 for path in owner.parents[1].rglob("*.py") if path != owner}
+    assert {path: found for path, found in elsewhere.items() if found} == {"evaluation/scoring.py": ["compare_to_reference("]}

@@ -24,7 +24,8 @@ from prefect.cache_policies import NONE
 from torch.utils.data import Dataset
 
 from ..core.data import DataSplits
-from ..evaluation.scoring import accuracies, compare_to_reference, predictor, split_correctness
+from ..evaluation.scoring import accuracies, predictor, split_correctness
+from ..evaluation.selection import BEST_INDIVIDUAL, compared_rows
 from ..core.ingredients import Ingredient, IngredientStore, file_sha256, read_ingredient, save_ingredient
 from ..core.families import family_of
 from ..core.portable_classifier import make_module
@@ -33,9 +34,7 @@ from ..soups import Objective, SoupResult, get_spec, method_params, run_method
 from ..soups.base import best_individual, model_at
 from ..runtime.devices import resolve_device
 from ..stages.importer import checked_state
-from ..tracking import stage_runs as track
-
-REFERENCE = "greedy"
+from ..tracking.pipeline_registration import register_external_soup
 
 
 def _splits(fit: Dataset, select: Dataset, test: Dataset | None) -> DataSplits:
@@ -84,16 +83,10 @@ def evaluate_task(results: Mapping[str, SoupResult], ingredients: Sequence[str],
     target = resolve_device(device)
     store = IngredientStore(list(ingredients))
     best = best_individual(store)
-    states = {"best_individual": store.load(best), **{m: r.state_dict for m, r in results.items()}}
+    states = {BEST_INDIVIDUAL: store.load(best), **{m: r.state_dict for m, r in results.items()}}
     correct = {name: split_correctness(predictor(model_at(objective, state, target), batch_size, target), splits)
                for name, state in states.items()}
-    rows = []
-    for name, values in correct.items():
-        row = {"method": name, **accuracies(values)}
-        if REFERENCE in correct:
-            row.update(compare_to_reference(values, correct[REFERENCE], name=REFERENCE, seed=seed, resamples=resamples))
-        rows.append(row)
-    return rows
+    return compared_rows(correct, seed=seed, resamples=resamples)
 
 
 @flow(name="soup", validate_parameters=False)
@@ -135,11 +128,11 @@ def soup_subflow(checkpoints: Sequence[str], *, arch: str, num_classes: int, fit
     version = None
     if register is not None:
         row = next(r for r in rows if r["method"] == register)
-        version = track.register_external_soup(results[register], row, spec, work / "soups" / register / "soup.safetensors",
-                                               ingredients, name=registered_model, experiment=experiment,
-                                               example=torch.as_tensor(select[0][0]),
-                                               classnames=classnames or [str(c) for c in range(num_classes)],
-                                               preprocess=preprocess or family_of(model).preprocess(
-                                                   model, int(torch.as_tensor(select[0][0]).shape[-1])))
+        version = register_external_soup(results[register], row, spec, work / "soups" / register / "soup.safetensors",
+                                         ingredients, name=registered_model, experiment=experiment,
+                                         example=torch.as_tensor(select[0][0]),
+                                         classnames=classnames or [str(c) for c in range(num_classes)],
+                                         preprocess=preprocess or family_of(model).preprocess(
+                                             model, int(torch.as_tensor(select[0][0]).shape[-1])))
     return {"rows": rows, "registered_version": version,
             "soups": {m: str(work / "soups" / m / "soup.safetensors") for m in methods}}

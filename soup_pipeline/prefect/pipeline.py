@@ -34,6 +34,7 @@ from soup_pipeline.runtime.lock import file_lock, root_lock
 from soup_pipeline.stages.code import CODE_DIGESTS, write_code_digests
 from soup_pipeline.stages import ablate, evaluate, finetune, importer, prepare, pretrain, soup
 from soup_pipeline.tracking import stage_runs as track, tracking_uri
+from soup_pipeline.tracking.pipeline_registration import recorded_results
 from soup_pipeline.tracking.mlflow_sources import mlflow_sources
 
 MIN_MEMBERS = 2  # a soup of fewer ingredients is not a soup
@@ -180,7 +181,7 @@ def soup_pipeline_flow(params_path: str = "params.yaml", root: str = ".", overri
             committed = dvc_commit_task(root, complete and not overrides and params_file == Path(root, "params.yaml"))
             track.log_tables(tracker, params, root, rows)
             by_method = {row["method"]: row for row in rows}
-            recorded, chosen = track.recorded_results(params, root, results)
+            recorded, chosen = recorded_results(params, root, results)
             versions = [record_soup_task(tracker, params, root, result, by_method[method], register=method == chosen)
                         for method, result in recorded.items()]
     return {"K": len(kept), "members": kept, "rows": rows, "registered_version": next(filter(None, versions), None),

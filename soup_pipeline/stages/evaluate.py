@@ -17,11 +17,11 @@ from ..config import Params
 from ..core.data import DataSplits
 from ..runtime.errors import SoupError
 from ..soups.basin import diagnose
-from ..evaluation.scoring import accuracies, compare_to_reference, predictor, split_outcomes
+from ..evaluation.scoring import predictor, split_outcomes
 from ..core.ingredients import IngredientStore
 from ..runtime.kill_points import reached
 from ..evaluation.plots import plot_methods, plot_mixing_weights
-from ..evaluation.selection import choose_on_select
+from ..evaluation.selection import BEST_INDIVIDUAL, choose_on_select, compared_rows, registration_file
 from ..soups.base import best_individual, model_at
 from ..runtime.devices import resolve_device
 from ..soups.ensemble import ensemble_logits
@@ -29,7 +29,6 @@ from ..evaluation.tables import markdown_table
 from .paths import StagePaths, load_splits, open_anchor, open_store, read_json, soup_objective
 from .results import ingredient_rows, with_costs
 
-REFERENCE = "greedy"  # every method is compared with greedy soup, the practical default
 RESULT_COLUMNS = ["method", "fit_acc", "select_acc", "test_acc", "shifted_test_acc", "test_vs_greedy", "test_ci_low",
                   "test_ci_high", "test_mcnemar_p"]
 COST_COLUMNS = ["seconds", "peak_cpu_mib", "peak_cuda_mib"]  # kept apart, under runs/costs/: they vary between runs
@@ -47,10 +46,10 @@ def evaluate_rows(params: Params, paths: StagePaths, store: IngredientStore,
     batch = params.evaluate.batch_size
     best = best_individual(store)
     rows = [{"method": "zero_shot", **read_json(paths.base_info)["zero_shot"]}]
-    states = {"best_individual": lambda: store.load(best),
+    states = {BEST_INDIVIDUAL: lambda: store.load(best),
               **{method: (lambda method=method: IngredientStore([paths.soup_dir(method) / "soup.safetensors"]).load(0))
                  for method in params.soup.built}}
-    extra = {"best_individual": {"member": store.ingredients[best].name},
+    extra = {BEST_INDIVIDUAL: {"member": store.ingredients[best].name},
              **{method: read_json(paths.soup_dir(method) / "metrics.json") for method in params.soup.built}}
     correct, select_losses = {}, {}
     for method, state in tqdm(states.items(), desc="evaluate", unit="model", disable=None):
@@ -58,12 +57,8 @@ def evaluate_rows(params: Params, paths: StagePaths, store: IngredientStore,
         select_losses[method] = losses["select"]
         reached("evaluate-method")
     correct["ensemble"] = split_outcomes(lambda ds: ensemble_logits(store, objective, device, ds), splits)[0]
-    for method, values in correct.items():
-        row = {**extra.get(method, {}), "method": method, **accuracies(values)}
-        if REFERENCE in correct:
-            row.update(compare_to_reference(values, correct[REFERENCE], name=REFERENCE, seed=params.evaluate.bootstrap_seed,
-                                            resamples=params.evaluate.bootstrap_resamples))
-        rows.append(row)
+    rows += compared_rows(correct, seed=params.evaluate.bootstrap_seed, resamples=params.evaluate.bootstrap_resamples,
+                          extra=extra)
     return rows, correct, select_losses
 
 
@@ -90,8 +85,7 @@ def run(params: Params, root: str | Path) -> list[dict]:
     chosen = choose_on_select(select_losses, {method: values["select"] for method, values in correct.items()},
                               splits.sources["select"] if splits.sources else None,
                               seed=params.evaluate.bootstrap_seed, resamples=params.evaluate.bootstrap_resamples)
-    write_json(out / "registration.json", {"method": chosen.method, "reference": chosen.reference,
-                                           "reason": chosen.reason, "candidates": chosen.candidates})
+    write_json(registration_file(out), chosen.as_dict())
     basin = diagnose(store, soup_objective(params, store, splits), anchor_if_known(paths, store),
                      gap_limit=params.evaluate.basin_gap, device=resolve_device(params.soup.device))
     write_json(out / "basin.json", basin.as_dict())
