@@ -28,6 +28,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from .batches import Inputs
 from .settings import DataParams
 from ..runtime.errors import SoupError
 
@@ -201,12 +202,32 @@ def digits_splits(params: DataParams, mean: Sequence[float] = CLIP_MEAN, std: Se
     )
 
 
-def fetch_batch(dataset: Dataset, indices: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class TokenizedDataset(Dataset):
+    """Examples as named tensors of equal length (a tokenizer's padded output: input_ids, attention_mask, ...), one
+    label each; an example is ({name: tensor}, label), a batch's inputs a mapping the model takes as keywords."""
+
+    def __init__(self, encodings: Mapping[str, Sequence], labels: Sequence[int] | torch.Tensor):
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.encodings = {name: torch.as_tensor(values) for name, values in encodings.items()}
+        wrong = {name: len(values) for name, values in self.encodings.items() if len(values) != len(self.labels)}
+        if not self.encodings or wrong:
+            raise SoupError(f"tokenized data set: {len(self.labels)} labels, but encodings of lengths {wrong or 'none'}; "
+                            "give one row of every named tensor per label (pad to one length)")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        return {name: values[index] for name, values in self.encodings.items()}, self.labels[index]
+
+
+def fetch_batch(dataset: Dataset, indices: Sequence[int] | torch.Tensor) -> tuple[Inputs, torch.Tensor]:
     """The (inputs, targets) of the given examples, by tensor indexing when the data set allows."""
-    if isinstance(dataset, TensorDataset):
+    if isinstance(dataset, (TensorDataset, TokenizedDataset)):
         index = torch.as_tensor(indices, dtype=torch.long)
-        inputs, targets = dataset.tensors[0][index], dataset.tensors[1][index]
-        return inputs, targets
+        if isinstance(dataset, TokenizedDataset):
+            return {name: values[index] for name, values in dataset.encodings.items()}, dataset.labels[index]
+        return dataset.tensors[0][index], dataset.tensors[1][index]
     return default_collate([dataset[int(i)] for i in indices])
 
 

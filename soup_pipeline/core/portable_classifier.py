@@ -1,7 +1,7 @@
 """The classifier as it travels with the registered model: self-contained, so it loads without soup-pipeline.
 
 This file imports torch, numpy, Pillow, safetensors and open_clip only (open_clip where a model or a transform is
-built; never a `soup_pipeline` module): MLflow logs it beside the registered model (`code_paths`), where it is the
+built, transformers where a Hugging Face sequence classifier is; never a `soup_pipeline` module): MLflow logs it beside the registered model (`code_paths`), where it is the
 top-level module `portable_classifier`,
 so the model loads and predicts in an environment built from nothing but its own requirements. The
 pipeline imports the same file, so what the registry serves is what the pipeline evaluated.
@@ -38,7 +38,9 @@ CLASS_PREFIX = "p_"  # output column p_<class name>: the probability of that cla
 WEIGHTS_FILE, SPEC_FILE = "weights.safetensors", "model_spec.json"
 WEIGHTS, SPEC = "weights", "spec"  # the MLflow artifact keys of the two files
 WEIGHTS_SHA256 = "weights_sha256"  # the MLflow model_config key: the SHA-256 of weights.safetensors as logged
-BUILTIN_BUILDER = "portable_classifier:classifier_from_spec"  # this module's builder, whatever its import name
+OWN_MODULE = "portable_classifier"  # how a spec names this file's builders, whatever its import name
+BUILTIN_BUILDER = f"{OWN_MODULE}:classifier_from_spec"
+SEQUENCE_BUILDER = f"{OWN_MODULE}:sequence_classifier"
 EXPECTED_INPUT = (
     'encoded images (PNG, JPEG, ...) as base64 strings or bytes in one column "image" of a DataFrame '
     '(JSON: {"dataframe_split": {"columns": ["image"], "data": [["<base64 PNG>"], ...]}}), '
@@ -131,14 +133,26 @@ def write_model_files(state_dict: Mapping[str, torch.Tensor], spec: Mapping, dir
     return files
 
 
-def resolve_builder(ref: str | None) -> Callable[[dict], nn.Module]:
-    """The module builder a spec names: this file's classifier (None or BUILTIN_BUILDER), or a team's
+def sequence_classifier(model_type: str, **config: Any) -> nn.Module:
+    """A Hugging Face sequence classifier (randomly initialised) of `model_type` ("bert", "distilbert", ...) from
+    its config's keyword arguments (num_labels, vocab_size, hidden_size, ...): transformers is imported here only."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_config(AutoConfig.for_model(model_type, **config))
+
+
+def resolve_builder(ref: str | None) -> Callable[..., nn.Module]:
+    """The module builder a spec names: one of this file's (None is its open_clip classifier), or a team's
     "package.module:function" (that package must then be installed where the model loads)."""
-    if ref in (None, BUILTIN_BUILDER):
+    if ref is None:
         return classifier_from_spec
     module_name, sep, attr = ref.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"model spec builder {ref!r} must look like 'package.module:function'")
+    if module_name == OWN_MODULE:
+        if ref not in (BUILTIN_BUILDER, SEQUENCE_BUILDER):
+            raise ValueError(f"model spec builder {ref!r}: {OWN_MODULE} builds {BUILTIN_BUILDER} or {SEQUENCE_BUILDER}")
+        return classifier_from_spec if ref == BUILTIN_BUILDER else sequence_classifier
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:

@@ -103,7 +103,7 @@ class ModelParams(Strict):
         return value
 
 
-FAMILIES = ("open_clip", "timm", "torchvision")  # the model families built in (core.families)
+FAMILIES = ("open_clip", "timm", "torchvision", "transformers")  # the model families built in (core.families)
 
 
 class DataParams(Strict):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..core.batches import forward, to_device
 from ..core.data import DataSplits, sequential_batches
 from .statistics import paired_comparison
 
@@ -25,7 +26,7 @@ def model_outputs(model: nn.Module, dataset: Dataset, batch_size: int, device: t
     model.eval()
     logits, targets = [], []
     for inputs, batch_targets in sequential_batches(dataset, batch_size):
-        logits.append(model(inputs.to(device)).cpu())
+        logits.append(forward(model, to_device(inputs, device)).cpu())
         targets.append(batch_targets)
     out = torch.cat(logits)
     return out.to(torch.promote_types(out.dtype, torch.float32)), torch.cat(targets)

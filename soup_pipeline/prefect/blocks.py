@@ -108,6 +108,9 @@ def soup_subflow(checkpoints: Sequence[str], *, arch: str, num_classes: int, fit
     methods = dict(methods or {"uniform": {}, "greedy": {}, "mehl_soup_auto": {}})
     if register is not None and register not in methods:
         raise ValueError(f"register={register!r} is not among the methods {list(methods)}; add it to `methods`")
+    if register is not None and isinstance(select[0][0], Mapping):
+        raise ValueError(f"register={register!r}: the registered model answers images, and these examples are named "
+                         f"tensors ({sorted(select[0][0])}); soup and evaluate the text classifier without register=")
     anchored = [method for method in methods if get_spec(method).anchored]
     if anchored and pretrained is None:
         raise ValueError(f"{anchored} measure the checkpoints from the pre-trained model: give pretrained= (a "

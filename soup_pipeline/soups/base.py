@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..core.settings import SoupSettings
+from ..core.batches import Inputs, to_device
 from ..core.data import fetch_batch
 from ..runtime.errors import SoupError
 from ..evaluation.scoring import loss_and_accuracy
@@ -159,11 +160,11 @@ def role_metrics(model: nn.Module, objective: Objective, device: torch.device) -
     return out
 
 
-def step_loss(model: Callable[[torch.Tensor], torch.Tensor], objective: Objective, stream: HeldOutStream,
+def step_loss(logits_of: Callable[[Inputs], torch.Tensor], objective: Objective, stream: HeldOutStream,
               device: torch.device) -> torch.Tensor:
-    """Forward one held-out mini-batch and return its loss."""
+    """Forward one held-out mini-batch (`logits_of(inputs)`, inputs on `device`) and return its loss."""
     inputs, targets = fetch_batch(objective.fit, stream.next())
-    return objective.loss_fn(model(inputs.to(device)), targets.to(device))
+    return objective.loss_fn(logits_of(to_device(inputs, device)), targets.to(device))
 
 
 class LossLog:

@@ -26,6 +26,7 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from ..core.batches import forward
 from ..core.schedule import warmup_cosine_scheduler
 from ..core.settings import SoupSettings
 from ..runtime.errors import SoupError
@@ -261,7 +262,7 @@ class BlockDescent:
         schedule = warmup_cosine_scheduler(optimizer, self.plan.steps, params.warmup_frac)
         for index in range(self.plan.steps):
             soup.grads.flat.zero_()
-            loss = step_loss(soup.model, self.objective, self.stream, X_block.device)
+            loss = step_loss(functools.partial(forward, soup.model), self.objective, self.stream, X_block.device)
             losses.add(loss, f"block {position} (ingredients {self.plan.blocks[position]}), step {index}")
             loss.backward()
             if params.grad_clip is not None:

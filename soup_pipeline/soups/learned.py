@@ -11,8 +11,8 @@ import functools
 
 import torch
 from pydantic import Field
-from torch.func import functional_call
 
+from ..core.batches import Inputs, forward
 from ..core.settings import SoupSettings
 from ..core.ingredients import IngredientStore
 from .base import (HeldOutStream, LossLog, MethodSpec, Objective, SoupResult, check_ingredient_count, mixable_keys,
@@ -62,13 +62,13 @@ def learned_soup(store: IngredientStore, objective: Objective, params: LearnedPa
     def mixed(weights: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(zip(param_keys, MixAll.apply(per_tensor(weights, columns), *stacked.values())))
 
-    def forward(inputs: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, mixed(torch.softmax(logits_w, 0)), (inputs,), strict=False) * temperature
+    def logits_of(inputs: Inputs) -> torch.Tensor:
+        return forward(model, inputs, mixed(torch.softmax(logits_w, 0))) * temperature
 
     steps = params.epochs * stream.batches_per_pass
     for step in range(steps):
         optimizer.zero_grad()
-        loss = step_loss(forward, objective, stream, device)
+        loss = step_loss(logits_of, objective, stream, device)
         losses.add(loss, f"step {step}")
         loss.backward()
         optimizer.step()

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..core.settings import FinetuneParams, ModelParams, parse_section
 from .augment import augment
+from ..core.batches import Inputs, forward, to_device
 from ..core.data import DataSplits, fetch_batch
 from ..runtime.errors import SoupError
 from ..evaluation.scoring import predictor, split_accuracies
@@ -94,9 +95,14 @@ def finetune(base: str | Path, hparams: Mapping, splits: DataSplits, out_path: s
         model = family.base_classifier(model_params, base, splits).to(target)
     generator = torch.Generator().manual_seed(hp.seed)
 
-    def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        images = augment(images, hp.augmentation, generator).to(target)
-        return F.cross_entropy(model(images), labels.to(target), label_smoothing=hp.label_smoothing)
+    def loss_fn(inputs: Inputs, labels: torch.Tensor) -> torch.Tensor:
+        if not isinstance(inputs, Mapping):
+            inputs = augment(inputs, hp.augmentation, generator)
+        elif hp.augmentation != "none":
+            raise SoupError(f"member {member}: augmentation {hp.augmentation!r} transforms images; the inputs are "
+                            f"named tensors ({sorted(inputs)}): give augmentation 'none'")
+        logits = forward(model, to_device(inputs, target))
+        return F.cross_entropy(logits, labels.to(target), label_smoothing=hp.label_smoothing)
 
     losses = train_loop(model, splits.train, loss_fn, epochs=hp.epochs, batch_size=hp.batch_size, lr=hp.lr,
                         weight_decay=hp.weight_decay, warmup_frac=hp.warmup_frac, generator=generator, rng=rng,

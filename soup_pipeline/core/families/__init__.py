@@ -1,7 +1,8 @@
 """Model families: how each kind of classifier is described, preprocessed and started from its base.
 
 `model.family` in params.yaml picks one: `open_clip` (the default: an open_clip image tower with a zero-shot head
-from the text tower), `timm`, `torchvision`, or a team's own builder `"package.module:function"`. A family gives
+from the text tower), `timm`, `torchvision`, a team's own builder `"package.module:function"`, or `transformers` (a
+Hugging Face text classifier, souped through `soup_subflow`: the pipeline's stages read images). A family gives
 
 - `spec(model, num_classes)`: the JSON spec every ingredient, soup and registered model is built from (by
   `portable_classifier.make_module`, the one builder, also where the registered model loads);
@@ -11,7 +12,8 @@ from the text tower), `timm`, `torchvision`, or a team's own builder `"package.m
 - `zero_shot`: whether that classifier's head comes from text prompts (open_clip) or from pre-training here
   (the pipeline then pre-trains the whole classifier on the pre-training split, supervised).
 
-Each family's own package (open_clip, timm, torchvision) is imported in its module only.
+Each family's own package (open_clip, timm, torchvision) is imported in its module only (transformers in
+`portable_classifier.sequence_classifier`, the builder the registered model would call).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from .custom_family import CustomFamily
 from .open_clip_family import OpenClipFamily
 from .timm_family import TimmFamily
 from .torchvision_family import TorchvisionFamily
+from .transformers_family import TransformersFamily
 
 BUILT_IN: dict[str, ModelFamily] = {"open_clip": OpenClipFamily(), "timm": TimmFamily(),
-                                    "torchvision": TorchvisionFamily()}
+                                    "torchvision": TorchvisionFamily(), "transformers": TransformersFamily()}
 
 
 def family_of(model: ModelParams) -> ModelFamily:
