@@ -18,7 +18,8 @@ from soup_pipeline.soups.task_arithmetic import TaskArithmeticParams, task_arith
 from soup_pipeline.soups.ties import TiesParams, ties
 from soup_pipeline.soups.wise_ft import WiseFTParams, WiseFTSoupParams, wise_ft, wise_ft_soup
 from test_soup_search import Counted
-from toys import Blocks, Toy, toy_data, toy_ingredients
+from tensor_bytes import LiveTensorBytes
+from toys import Blocks, Deep, Toy, toy_data, toy_ingredients
 
 MERGES = ["task_arithmetic", "ties", "dare", "dare_ties", "model_stock", "wise_ft", "wise_ft_soup"]
 
@@ -309,16 +310,45 @@ def test_an_impossible_setting_or_grid_is_refused_naming_the_key(name, bad):
 
 
 @pytest.mark.parametrize("name", MERGES)
-def test_a_merge_method_holds_one_ingredient_at_a_time_whatever_k(tmp_path, name):
+def test_a_merge_method_holds_one_tensor_of_one_ingredient_at_a_time_whatever_k(tmp_path, name):
     store, anchor = toy_ingredients(tmp_path, 6, spread=0.3), anchor_of()
     given = options(name, store, anchor)
     run_method(name, store, objective(), method_params(name), **given)
     held = 0 if get_spec(name).refines else 1  # a refinement reads the soup it refines, no ingredient
     assert store.peak_resident_count == held and store.resident_count == 0
+    assert store.peak_resident_bytes <= held * max(store.ingredient_bytes([key]) for key in store.keys)
+
+
+TWO_CANDIDATES = {"task_arithmetic": {"scales": [0.1, 0.3]}, "ties": {"scales": [1.0], "densities": [0.2, 0.5]},
+                  "dare": {"scales": [0.1, 0.3], "drops": [0.5]}, "dare_ties": {"scales": [1.0], "drops": [0.5, 0.9]},
+                  "model_stock": {"groupings": ["tensor", "model"]}, "wise_ft": {"alphas": [0.5, 1.0]},
+                  "wise_ft_soup": {"alphas": [0.5, 1.0]}}  # the search keeps the better soup while it scores the next
+
+
+@pytest.mark.parametrize("name", MERGES)
+def test_a_merge_method_holds_at_most_four_model_sizes_whatever_k(tmp_path, name):
+    """Built tensor by tensor, a merge method holds the soup it builds, the better candidate its search keeps and the
+    model that scores a candidate, beside float64 sums the size of one tensor: under 4 models in the files' dtype
+    (float32, so a model-sized float64 sum alone would be 2), counting every tensor it makes and every ingredient
+    tensor it reads, at K = 8 (whole-model sums held 6 to 13)."""
+    store = toy_ingredients(tmp_path, 8, dtype=torch.float32, spread=0.3, model=Deep)
+    torch.manual_seed(0)
+    anchor = Deep(torch.float32).state_dict()  # theta_0 of those ingredients
+    deep = Objective(model_factory=lambda: Deep(torch.float32), fit=toy_data(40, dtype=torch.float32),
+                     select=toy_data(40, seed=1, dtype=torch.float32), batch_size=40)
+    refines = get_spec(name).refines
+    given = {"anchor": anchor, **({"soup": run_method("uniform", store, deep, method_params("uniform"))} if refines else {})}
+    params = method_params(name, search=TWO_CANDIDATES[name], **({"soup": "uniform"} if refines else {}))
+    store = IngredientStore([ingredient.path for ingredient in store.ingredients])  # its counters are this method's
+    with LiveTensorBytes() as made:
+        run_method(name, store, deep, params, **given)
+    model = store.ingredient_bytes()
+    assert made.peak + store.peak_resident_bytes <= 4 * model, (made.peak / model, store.peak_resident_bytes / model)
 
 
 def test_the_soup_stage_anchors_on_the_bases_zero_shot_model_and_refuses_another_base(tmp_path):
-    from soup_pipeline.stages.paths import StagePaths, open_anchor
+    from soup_pipeline.workspace.loading import open_anchor
+    from soup_pipeline.workspace.paths import StagePaths
 
     store, anchor = toy_ingredients(tmp_path, 2), anchor_of()
     paths = StagePaths(tmp_path / "root")

@@ -46,6 +46,25 @@ class Blocks(nn.Module):
         return self.head(h)
 
 
+class Deep(nn.Module):
+    """A stem, `depth` residual layers of one width and a head: many tensors, none of them a large share of the model
+    (the memory a method holds per tensor stays small beside the model's size)."""
+
+    def __init__(self, dtype: torch.dtype = torch.float64, inputs: int = 6, classes: int = 3, width: int = 32,
+                 depth: int = 32):
+        super().__init__()
+        self.stem = nn.Linear(inputs, width)
+        self.blocks = nn.ModuleList([nn.Linear(width, width) for _ in range(depth)])
+        self.head = nn.Linear(width, classes)
+        self.to(dtype)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = h + torch.tanh(block(h))
+        return self.head(h)
+
+
 def toy_data(n: int = 120, inputs: int = 6, seed: int = 0, dtype=torch.float64) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, inputs, generator=g, dtype=dtype)

@@ -3,10 +3,10 @@
 An ingredient is `NAME.safetensors` (the state dict) plus `NAME.json` (hyperparameters, held-out
 accuracy, base model id, content hash). The store checks keys, shapes and dtypes of the whole set
 from the file headers and each file against its recorded hash before any tensor is read (a file
-changed after it was written is refused), loads one ingredient or a stacked block lazily,
-streams the centre (float64 accumulation), and prefetches the next block on a background thread.
-It counts the ingredients it has handed out that are still alive, so tests can assert the
-memory contract. Nothing here unpickles: external checkpoints go through `import_checkpoint`.
+changed after it was written is refused), loads one ingredient, some of its tensors or a stacked
+block lazily, builds the centre tensor by tensor (float64 accumulation), and prefetches the next
+block on a background thread. It counts the ingredients it has handed out that are still alive,
+so tests can assert the memory contract. Nothing here unpickles: external checkpoints go through `import_checkpoint`.
 """
 
 from __future__ import annotations
@@ -314,37 +314,32 @@ class IngredientStore:
         return resident
 
     def centre(self, keys: Sequence[str] | None = None, *, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """The uniform average of all ingredients, one streaming pass, accumulated in float64.
+        """The uniform average of all ingredients, tensor by tensor (each key read from every ingredient in turn,
+        accumulated in float64), so besides the result one tensor's sum and one ingredient's tensor are held.
 
         Non-floating entries must be identical across ingredients; a difference names the key.
         Floating results are returned in `dtype` (the files' dtype when None).
         """
-        keys = self.keys if keys is None else list(keys)
-        total: dict[str, torch.Tensor] = {}
-        for index in range(len(self)):
-            current = self.load(index, keys)
-            for key, tensor in current.items():
+        out = {}
+        for key in self.keys if keys is None else keys:
+            total = None
+            for index in range(len(self)):
+                tensor = self.load(index, [key])[key]
                 if not tensor.is_floating_point():
-                    if key not in total:
-                        total[key] = tensor.clone()
-                    elif not torch.equal(total[key], tensor):
+                    if total is None:
+                        total = tensor
+                    elif not torch.equal(total, tensor):
                         raise IngredientError(
                             f"non-floating entry '{key}' differs between {self.ingredients[0].path} and "
                             f"{self.ingredients[index].path}; such entries must be identical across ingredients"
                         )
-                elif key in total:
-                    total[key] += tensor.to(torch.float64)
+                elif total is None:
+                    total = tensor.to(torch.float64, copy=True)
                 else:
-                    total[key] = tensor.to(torch.float64, copy=True)
-            del current
-        K = len(self)
-        out = {}
-        for key in keys:
-            tensor = total.pop(key)
-            if tensor.is_floating_point():
-                target = dtype or _SAFETENSORS_DTYPES[self.header[key][1]]
-                tensor = (tensor / K).to(target)
-            out[key] = tensor
+                    total += tensor.to(torch.float64)
+            if total.is_floating_point():
+                total = (total / len(self)).to(dtype or _SAFETENSORS_DTYPES[self.header[key][1]])
+            out[key] = total
         return out
 
 

@@ -2,8 +2,9 @@
 
 `dare` then adds the rescaled vectors as task arithmetic does; `dare_ties` merges them as TIES does
 (sign election and the mean of the agreeing entries), the drop taking the place of TIES's trim.
-The drop masks are seeded by `seed` and the ingredient's index, tensor by tensor in key order, so
-a pass that recomputes them (TIES's second) draws the same ones. Exactly: for ingredient k (0-based,
+The drop masks are seeded by `seed` and the ingredient's index, tensor by tensor in key order (the
+soup is built key by key, so each ingredient keeps its own generator across keys, and TIES's second
+pass over a key's tensors rewinds it to draw the same masks again). Exactly: for ingredient k (0-based,
 in the store's order) one CPU `torch.Generator().manual_seed(seed * 1_000_003 + k)` draws, for each
 floating tensor of tau_k in turn in the store's key order (the sorted names a safetensors header
 lists; integer tensors draw nothing), `torch.rand(shape, generator=..., dtype=torch.float64)`; an
@@ -19,8 +20,8 @@ import torch
 from ..core.ingredients import IngredientStore
 from .base import MethodSpec, Objective, SoupResult
 from .layers import Grid
-from .task_vectors import (DropRate, Prune, Scale, ScaledParams, anchored_result, checked_anchor, model_dtype, moved,
-                           summed)
+from .task_vectors import (DropRate, Prune, Pruning, Scale, ScaledParams, anchored_result, anchored_state, checked_anchor,
+                           model_dtype, summed)
 from .ties import disjoint_merge
 
 
@@ -43,21 +44,28 @@ class DareTiesParams(DareParams):
     search: DareTiesGrid = DareTiesGrid()
 
 
-def dropper(drop: float, seed: int) -> Prune:
-    """Prune: tau_k with each entry dropped with probability `drop` and the rest scaled by 1 / (1 - drop)."""
-    def prune(index: int, tau: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        return {key: torch.where(torch.rand(value.shape, generator=generator, dtype=torch.float64) >= drop,
-                                 value / (1 - drop), 0.0) for key, value in tau.items()}
-    return prune
+def dropper(drop: float, seed: int, K: int) -> Pruning:
+    """Pruning: tau_k with each entry dropped with probability `drop` and the rest scaled by 1 / (1 - drop); ingredient
+    k's generator draws its masks key after key, and is rewound to the key's start when a key's tensor is pruned again."""
+    generators = [torch.Generator().manual_seed(seed * 1_000_003 + index) for index in range(K)]
+
+    def next_key() -> Prune:
+        starts = [generator.get_state() for generator in generators]
+
+        def prune(index: int, tau: torch.Tensor) -> torch.Tensor:
+            generators[index].set_state(starts[index])
+            draws = torch.rand(tau.shape, generator=generators[index], dtype=torch.float64)
+            return torch.where(draws >= drop, tau / (1 - drop), 0.0)
+        return prune
+    return next_key
 
 
 def dare(store: IngredientStore, objective: Objective, params: DareParams, *,
          anchor: Mapping[str, torch.Tensor] | None = None, name: str = "dare") -> SoupResult:
     """theta_0 + scale * sum_k (tau_k dropped and rescaled)."""
     theta0 = checked_anchor(store, anchor, name)
-    total = summed(store, theta0, dropper(params.drop, params.seed))
-    state = moved(theta0, total, model_dtype(objective), params.scale)
+    pruning = dropper(params.drop, params.seed, len(store))
+    state = anchored_state(theta0, model_dtype(objective), lambda key: summed(store, theta0, key, pruning()), params.scale)
     return anchored_result(store, name, state, torch.full((len(store), 1), params.scale, dtype=torch.float64), ["model"], {})
 
 
@@ -65,8 +73,8 @@ def dare_ties(store: IngredientStore, objective: Objective, params: DareTiesPara
               anchor: Mapping[str, torch.Tensor] | None = None, name: str = "dare_ties") -> SoupResult:
     """theta_0 + scale * (the TIES merge of the dropped and rescaled task vectors)."""
     theta0 = checked_anchor(store, anchor, name)
-    merged = disjoint_merge(store, theta0, dropper(params.drop, params.seed))
-    state = moved(theta0, merged, model_dtype(objective), params.scale)
+    state = disjoint_merge(store, theta0, model_dtype(objective), dropper(params.drop, params.seed, len(store)),
+                           params.scale)
     beta = torch.full((len(store), 1), params.scale / len(store), dtype=torch.float64)  # nominal: where all agree
     return anchored_result(store, name, state, beta, ["model"], {})
 

@@ -9,7 +9,7 @@ import torch
 from ..core.ingredients import IngredientStore
 from .base import MethodSpec, Objective, SoupResult
 from .layers import Grid
-from .task_vectors import Scale, ScaledParams, anchored_result, checked_anchor, model_dtype, moved, summed
+from .task_vectors import Scale, ScaledParams, anchored_result, anchored_state, checked_anchor, model_dtype, summed
 
 
 class ScaleGrid(Grid):
@@ -25,10 +25,9 @@ class TaskArithmeticParams(ScaledParams):
 
 def task_arithmetic(store: IngredientStore, objective: Objective, params: TaskArithmeticParams, *,
                     anchor: Mapping[str, torch.Tensor] | None = None, name: str = "task_arithmetic") -> SoupResult:
-    """theta_0 + scale * sum_k (theta_k - theta_0), one streaming pass in float64."""
+    """theta_0 + scale * sum_k (theta_k - theta_0), tensor by tensor, one pass in float64."""
     theta0 = checked_anchor(store, anchor, name)
-    total = summed(store, theta0)
-    state = moved(theta0, total, model_dtype(objective), params.scale)
+    state = anchored_state(theta0, model_dtype(objective), lambda key: summed(store, theta0, key), params.scale)
     beta = torch.full((len(store), 1), params.scale, dtype=torch.float64)
     return anchored_result(store, name, state, beta, ["model"], {})
 

@@ -1,14 +1,17 @@
-"""Task vectors: each fine-tune measured from the pre-trained model, tau_k = theta_k - theta_0, streamed.
+"""Task vectors: each fine-tune measured from the pre-trained model, tau_k = theta_k - theta_0, tensor by tensor.
 
 The merge methods (task arithmetic, TIES, DARE, Model Stock, WiSE-FT) are all anchored on theta_0,
 the pre-trained model with its zero-shot head (the `anchor`, a state dict with the ingredients'
-keys). They read one ingredient at a time and keep float64 sums the size of one model, so their
-peak memory does not grow with K.
+keys). They build the soup one tensor at a time: for each key, that tensor of each ingredient in
+turn (read on its own from its file), its float64 sums, and the soup's tensor written out before
+the next key. Besides theta_0 (the caller's) and the soup they build, they hold float64 sums the
+size of one tensor and one tensor of one ingredient, so their peak memory is about one model
+whatever K. A method that needs a whole-vector number first (a norm) reads the ingredients again.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Callable, Iterator, Mapping
+from typing import Annotated, Callable, Iterator, Mapping, Sequence
 
 import torch
 from pydantic import Field
@@ -19,7 +22,9 @@ from ..core.ingredients import IngredientStore
 from .base import Objective, SoupResult
 
 State = dict[str, torch.Tensor]
-Prune = Callable[[int, State], State]  # (ingredient index, its task vector) -> the entries it keeps
+Prune = Callable[[int, torch.Tensor], torch.Tensor]  # (ingredient index, one tensor of its tau) -> the entries it keeps
+# A Prune for the next floating key, in the store's key order; called again for an index, it keeps the same entries
+Pruning = Callable[[], Prune]
 Scale = Annotated[float, Field(gt=0)]  # lambda: how far theta_0 moves along the merged task vector
 Share = Annotated[float, Field(gt=0, le=1)]  # TIES's density: the share of each tensor's entries kept
 DropRate = Annotated[float, Field(ge=0, lt=1)]  # DARE's p
@@ -33,7 +38,7 @@ class ScaledParams(SoupSettings):
 
 
 def checked_anchor(store: IngredientStore, anchor: Mapping[str, torch.Tensor] | None, method: str) -> State:
-    """The anchor as float64 where floating, checked against the ingredients' keys and shapes."""
+    """The anchor's tensors in the store's key order (not copied), checked against the ingredients' keys and shapes."""
     if anchor is None:
         raise SoupError(f"{method} measures the ingredients from the pre-trained model theta_0, and none was given; "
                         "pass anchor= (the zero-shot classifier's state dict), as the soup stage does from runs/base")
@@ -42,33 +47,42 @@ def checked_anchor(store: IngredientStore, anchor: Mapping[str, torch.Tensor] | 
     if missing or extra or wrong:
         raise SoupError(f"the pre-trained model does not match the ingredients: keys missing {missing[:5]}, extra "
                         f"{extra[:5]}, other shapes {wrong[:5]}; give the model the ingredients were fine-tuned from")
-    return {key: anchor[key].to(torch.float64) if anchor[key].is_floating_point() else anchor[key] for key in store.keys}
+    return {key: anchor[key] for key in store.keys}
 
 
-def task_vectors(store: IngredientStore, anchor: State) -> Iterator[tuple[int, State]]:
-    """(k, tau_k) for each ingredient in turn, in float64, floating entries only; one ingredient is resident."""
+def floating_keys(anchor: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys task vectors have: theta_0's floating entries, in its order."""
+    return [key for key, value in anchor.items() if value.is_floating_point()]
+
+
+def ingredient_tensor(store: IngredientStore, index: int, key: str) -> torch.Tensor:
+    """Tensor `key` of ingredient `index` in float64, read on its own from the file."""
+    return store.load(index, [key])[key].to(torch.float64)
+
+
+def tensor_task_vectors(store: IngredientStore, anchor: Mapping[str, torch.Tensor], key: str
+                        ) -> Iterator[tuple[int, torch.Tensor]]:
+    """(k, tau_k[key]) for each ingredient in turn, in float64; one tensor of one ingredient is resident."""
+    theta0 = anchor[key].to(torch.float64)
     for index in range(len(store)):
-        current = store.load(index)
-        yield index, {key: current[key].to(torch.float64) - anchor[key] for key in store.keys
-                      if anchor[key].is_floating_point()}
-        del current
+        yield index, ingredient_tensor(store, index, key) - theta0
 
 
-def summed(store: IngredientStore, anchor: State, prune: Prune | None = None) -> State:
-    """sum_k tau_k (each pruned by `prune` first, when given), one pass."""
-    total: State = {}
-    for index, tau in task_vectors(store, anchor):
-        for key, value in (prune(index, tau) if prune else tau).items():
-            if key in total:
-                total[key] += value
-            else:
-                total[key] = value.clone()
+def summed(store: IngredientStore, anchor: Mapping[str, torch.Tensor], key: str, prune: Prune | None = None
+           ) -> torch.Tensor:
+    """sum_k tau_k[key] (each pruned by `prune` first, when given), one pass over the ingredients."""
+    total = None
+    for index, tau in tensor_task_vectors(store, anchor, key):
+        value = prune(index, tau) if prune else tau
+        total = value.clone() if total is None else total.add_(value)
     return total
 
 
-def moved(anchor: State, delta: Mapping[str, torch.Tensor], dtype: torch.dtype, scale: float = 1.0) -> State:
-    """theta_0 + scale * delta in `dtype`, one tensor at a time; entries delta lacks (non-floating) are theta_0's."""
-    return {key: (value + scale * delta[key]).to(dtype) if key in delta else value.clone()
+def anchored_state(anchor: Mapping[str, torch.Tensor], dtype: torch.dtype, delta: Callable[[str], torch.Tensor],
+                   scale: float = 1.0) -> State:
+    """theta_0 + scale * delta(key) in `dtype`, built key by key in theta_0's order (`delta` in float64, computed as
+    its key is reached); entries that are not floating are theta_0's."""
+    return {key: (value.to(torch.float64) + scale * delta(key)).to(dtype) if value.is_floating_point() else value.clone()
             for key, value in anchor.items()}
 
 
@@ -90,14 +104,30 @@ def mean_cosine_from_sums(unit_sum_sq: float, nonzero: int, K: int) -> float:
     return 1.0 if K == 1 else (unit_sum_sq - nonzero) / (K * (K - 1))
 
 
-def mean_pairwise_cosine(store: IngredientStore, anchor: State) -> float:
-    """The mean pairwise cosine of the whole-model task vectors (every floating entry), one ingredient resident."""
-    directions = {key: torch.zeros_like(value) for key, value in anchor.items() if value.is_floating_point()}
-    nonzero = 0
-    for _, tau in task_vectors(store, anchor):
-        norm = torch.sqrt(sum((value ** 2).sum() for value in tau.values()))
-        if norm > 0:
-            nonzero += 1
-            for key, value in tau.items():
-                directions[key] += value / norm
-    return mean_cosine_from_sums(float(sum((value ** 2).sum() for value in directions.values())), nonzero, len(store))
+def group_cosines(store: IngredientStore, anchor: Mapping[str, torch.Tensor], keys: Sequence[str],
+                  group_of: Mapping[str, int], groups: int) -> list[float]:
+    """Per group g of `keys`, the mean pairwise cosine of the task vectors restricted to g. Two passes, one tensor of
+    one ingredient resident: the norms ||tau_k||_g, then sum_k tau_k / ||tau_k||_g tensor by tensor, of which only the
+    squared norm is kept."""
+    K = len(store)
+    squares = [[0] * K for _ in range(groups)]
+    for key in keys:
+        for index, tau in tensor_task_vectors(store, anchor, key):
+            squares[group_of[key]][index] = squares[group_of[key]][index] + (tau ** 2).sum()
+    norms = [[torch.sqrt(square) for square in row] for row in squares]
+    aligned = [0] * groups
+    for key in keys:
+        group = group_of[key]
+        direction = torch.zeros_like(anchor[key], dtype=torch.float64)
+        for index, tau in tensor_task_vectors(store, anchor, key):
+            if norms[group][index] > 0:
+                direction += tau / norms[group][index]
+        aligned[group] = aligned[group] + (direction ** 2).sum()
+    return [mean_cosine_from_sums(float(aligned[group]), sum(int(norm > 0) for norm in norms[group]), K)
+            for group in range(groups)]
+
+
+def mean_pairwise_cosine(store: IngredientStore, anchor: Mapping[str, torch.Tensor]) -> float:
+    """The mean pairwise cosine of the whole-model task vectors (every floating entry), one tensor resident."""
+    keys = floating_keys({key: anchor[key] for key in store.keys})
+    return group_cosines(store, anchor, keys, dict.fromkeys(keys, 0), 1)[0]

@@ -9,7 +9,7 @@ fit accuracy (its sidecar's), as the evaluation's best individual; only it and t
 
 from __future__ import annotations
 
-from typing import ClassVar, Mapping
+from typing import Callable, ClassVar, Mapping
 
 import torch
 
@@ -18,7 +18,7 @@ from ..runtime.errors import SoupError
 from ..core.ingredients import IngredientStore
 from .base import MethodSpec, Objective, SoupResult, best_individual
 from .layers import Grid
-from .task_vectors import Mix, State, anchored_result, checked_anchor, model_dtype, moved
+from .task_vectors import Mix, State, anchored_result, anchored_state, checked_anchor, ingredient_tensor, model_dtype
 
 
 class AlphaGrid(Grid):
@@ -35,10 +35,10 @@ class WiseFTSoupParams(WiseFTParams):
     soup: str = "mehl_soup_auto"  # the built soup interpolated with theta_0 (one of soup.methods)
 
 
-def interpolated(theta0: State, theta: Mapping[str, torch.Tensor], alpha: float, dtype: torch.dtype) -> State:
-    """theta_0 + alpha * (theta - theta_0) in `dtype`, from float64 theta_0."""
-    delta = {key: theta[key].to(torch.float64) - value for key, value in theta0.items() if value.is_floating_point()}
-    return moved(theta0, delta, dtype, scale=alpha)
+def interpolated(theta0: Mapping[str, torch.Tensor], theta: Callable[[str], torch.Tensor], alpha: float,
+                 dtype: torch.dtype) -> State:
+    """theta_0 + alpha * (theta - theta_0) in `dtype`, tensor by tensor (`theta(key)`: theta's tensor), in float64."""
+    return anchored_state(theta0, dtype, lambda key: theta(key).to(torch.float64) - theta0[key].to(torch.float64), alpha)
 
 
 def wise_ft(store: IngredientStore, objective: Objective, params: WiseFTParams, *,
@@ -48,8 +48,8 @@ def wise_ft(store: IngredientStore, objective: Objective, params: WiseFTParams, 
     best = best_individual(store)
     beta = torch.zeros(len(store), 1, dtype=torch.float64)
     beta[best] = params.alpha
-    return anchored_result(store, name, interpolated(theta0, store.load(best), params.alpha, model_dtype(objective)),
-                           beta, ["model"], {"members": [store.ingredients[best].name]})
+    state = interpolated(theta0, lambda key: ingredient_tensor(store, best, key), params.alpha, model_dtype(objective))
+    return anchored_result(store, name, state, beta, ["model"], {"members": [store.ingredients[best].name]})
 
 
 def wise_ft_soup(store: IngredientStore, objective: Objective, params: WiseFTSoupParams, *,
@@ -64,8 +64,8 @@ def wise_ft_soup(store: IngredientStore, objective: Objective, params: WiseFTSou
     if soup.ingredient_names != names:
         raise SoupError(f"{name}: the soup {soup.method!r} was built from {soup.ingredient_names}, not from these "
                         f"ingredients {names}; rebuild it first")
-    return anchored_result(store, name, interpolated(theta0, soup.state_dict, params.alpha, model_dtype(objective)),
-                           params.alpha * soup.beta, soup.layer_names, {"soup": soup.method})
+    state = interpolated(theta0, soup.state_dict.__getitem__, params.alpha, model_dtype(objective))
+    return anchored_result(store, name, state, params.alpha * soup.beta, soup.layer_names, {"soup": soup.method})
 
 
 SPECS = (MethodSpec("wise_ft", wise_ft, WiseFTParams, anchored=True, searched=True),
