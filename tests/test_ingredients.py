@@ -15,6 +15,7 @@ from soup_pipeline.runtime.errors import IngredientError, SoupError
 from soup_pipeline.core import ingredients
 from soup_pipeline.core.ingredients import IngredientStore, import_checkpoint, read_ingredient, save_ingredient
 from soup_pipeline.soups import method_params, run_method
+from soup_pipeline.soups.base import OverfittingWarning, overfitting_said_once
 
 from toys import DEVICE, Toy, params_for, toy_ingredients, toy_objective
 
@@ -286,3 +287,23 @@ def test_overfitting_guard_warns(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run_method("hl_soup", store, toy_objective(n=20), params_for("hl_soup", **PARAMS))
+
+
+PAPER_SOUPS = ("learned_soup_plus", "hl_soup_plus", "mehl_soup_plus", "mehl_soup_plus_matched")  # one column per tensor
+
+
+def test_a_run_of_several_soups_says_the_overfitting_warning_once_naming_them(tmp_path):
+    store = toy_ingredients(tmp_path, K=4)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("default")  # Python's own: a message shown once per place, until the filters change
+        with overfitting_said_once():  # as `soup-pipeline run` builds its soups, one after another
+            for name in PAPER_SOUPS:
+                run_method(name, store, toy_objective(n=20), params_for(name, **PARAMS, model_batch=8))
+                warnings.simplefilter("default")  # as Prefect or a library may: each soup's warning would show again
+    overfitting = [w for w in said if issubclass(w.category, OverfittingWarning)]
+    assert len(overfitting) == 1
+    assert str(overfitting[0].message).startswith("; ".join(
+        f"{name}: 24 learned coefficients (K=4 x L=6) exceed the 20 fit examples" for name in PAPER_SOUPS))
+    assert "these 4 soups may overfit them" in str(overfitting[0].message)
+    others = [str(w.message) for w in said if not issubclass(w.category, OverfittingWarning)]
+    assert others == ["model_batch (b) = 8 exceeds K = 4; using b = 4"] * 2  # the MEHL soups': shown, not held back

@@ -29,6 +29,7 @@ from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.core.ingredients import Ingredient
 from soup_pipeline.runtime.kill_points import reached
 from soup_pipeline.soups import SoupResult
+from soup_pipeline.soups.base import overfitting_said_once
 from soup_pipeline.stages.paths import StagePaths, member_ids, with_members
 from soup_pipeline.runtime.lock import file_lock, root_lock
 from soup_pipeline.stages.code import CODE_DIGESTS, write_code_digests
@@ -174,9 +175,10 @@ def soup_pipeline_flow(params_path: str = "params.yaml", root: str = ".", overri
             kept = run_sweep(params, root, tracker)
             complete = kept == member_ids(params)
             params = with_members(params, kept)
-            results = {method: soup_task(params, root, method) for method in params.soup.built}
-            rows = evaluate_task(params, root)
-            ablate_task(params, root)
+            with overfitting_said_once():  # one warning names every soup whose coefficients outnumber the fit data
+                results = {method: soup_task(params, root, method) for method in params.soup.built}
+                rows = evaluate_task(params, root)
+                ablate_task(params, root)
             dvc_locked.close()  # DVC's lock is released for the flow's own `dvc commit` and `dvc push`
             committed = dvc_commit_task(root, complete and not overrides and params_file == Path(root, "params.yaml"))
             track.log_tables(tracker, params, root, rows)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -199,11 +200,52 @@ def uniform_beta(K: int, L: int, dtype: torch.dtype = torch.float64) -> torch.Te
     return torch.full((K, L), 1.0 / K, dtype=dtype)
 
 
-def warn_overfitting(K: int, L: int, fit_size: int) -> None:
+@dataclass(frozen=True)
+class Overfit:
+    """A soup whose K x L learned coefficients outnumber its fit examples."""
+
+    method: str
+    K: int
+    L: int
+    fit_size: int
+
+    def __str__(self) -> str:
+        return (f"{self.method}: {self.K * self.L} learned coefficients (K={self.K} x L={self.L}) exceed the "
+                f"{self.fit_size} fit examples")
+
+
+class OverfittingWarning(UserWarning):
+    """The overfitting guard's warning, naming each soup it concerns (`soups`)."""
+
+    def __init__(self, soups: Sequence[Overfit]):
+        self.soups = tuple(soups)
+        verdict = "the soup may overfit them" if len(self.soups) == 1 else f"these {len(self.soups)} soups may overfit them"
+        super().__init__("; ".join(map(str, self.soups)) + f": {verdict}; let select data choose the grouping "
+                         "(grouping: auto) or use a coarser one")
+
+
+def warn_overfitting(method: str, K: int, L: int, fit_size: int) -> None:
     """Warn when the learned coefficients outnumber the fit examples (the overfitting guard)."""
     if K * L > fit_size:
-        warnings.warn(
-            f"{K * L} learned coefficients (K={K} x L={L}) exceed the {fit_size} fit examples: "
-            "the soup may overfit them; let select data choose the grouping (grouping: auto) or use a coarser one",
-            stacklevel=3,
-        )
+        warnings.warn(OverfittingWarning([Overfit(method, K, L, fit_size)]), stacklevel=3)
+
+
+@contextlib.contextmanager
+def overfitting_said_once() -> Iterator[None]:
+    """Hold back the overfitting guard's warnings within the block and give one at its end, naming every soup they
+    concerned (a run that builds several soups says it once); other warnings are shown as they come."""
+    held: list[Overfit] = []
+    with warnings.catch_warnings():  # the filters and warnings.showwarning are restored on leaving
+        warnings.simplefilter("always", OverfittingWarning)  # not deduplicated: each soup reaches `held`
+        show = warnings.showwarning
+
+        def hold(message, category, filename, lineno, file=None, line=None) -> None:
+            if issubclass(category, OverfittingWarning):
+                held.extend(soup for soup in message.soups if soup not in held)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = hold
+        yield
+    if held:
+        warnings.warn(OverfittingWarning(held), stacklevel=3)

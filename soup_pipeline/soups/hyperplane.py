@@ -310,7 +310,7 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: MEHLPa
     check_ingredient_count(store)
     device, ranks = rank_device(resolve_device(params.device)), Ranks.current()
     soup = bind(store, objective, params.grouping if layerwise else "model", device, name)
-    warn_overfitting(K, soup.grouping.size, len(objective.fit))
+    warn_overfitting(name, K, soup.grouping.size, len(objective.fit))
     stream = HeldOutStream(len(objective.fit), params.batch_size, params.seed, batches)
     blocks = plan(K, params, ranks, stream, permutations, compute_matched)
     saved_at = resume_file(resume_dir, store, params, layerwise, blocks, batches, soup.dtype)

@@ -43,7 +43,7 @@ def learned_soup(store: IngredientStore, objective: Objective, params: LearnedPa
     param_keys, _ = mixable_keys(model, store)
     dtype = next(model.parameters()).dtype
     grouping = group_layers(param_keys, params.grouping if layerwise else "model")
-    warn_overfitting(K, grouping.size, len(objective.fit))
+    warn_overfitting(name, K, grouping.size, len(objective.fit))
 
     other_keys = [k for k in store.keys if k not in set(param_keys)]
     model.load_state_dict(store.centre(other_keys, dtype=dtype), strict=False)

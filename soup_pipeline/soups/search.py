@@ -18,7 +18,7 @@ from typing import Literal
 from ..core.settings import SoupSettings
 from ..runtime.errors import SoupError
 from ..core.ingredients import IngredientStore
-from .base import Method, MethodSpec, Objective, SoupResult, model_at, role_metrics
+from .base import Method, MethodSpec, Objective, OverfittingWarning, SoupResult, model_at, role_metrics
 from ..runtime.devices import resolve_device
 from .hyperplane import BLOCKWISE, MEHLPlusParams, hyperplane_soup
 
@@ -52,7 +52,7 @@ def searched_soup(method: Method, store: IngredientStore, objective: Objective, 
     rows, best, best_loss, blocks_reused = [], None, float("inf"), 0
     for candidate in candidate_settings(params):
         with warnings.catch_warnings():  # K x L against the fit size is a column of the candidate table here
-            warnings.filterwarnings("ignore", message=r".*learned coefficients .* exceed")
+            warnings.simplefilter("ignore", OverfittingWarning)
             result = method(store, objective, candidate, name=name, **options)
         blocks_reused += result.info.get("blocks_reused", 0)
         scores = role_metrics(model_at(objective, result.state_dict, device), objective, device)
