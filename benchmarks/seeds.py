@@ -21,8 +21,9 @@ import yaml
 
 from soup_pipeline.config import load_params
 from soup_pipeline.stages import evaluate, finetune, prepare, pretrain, soup
-from soup_pipeline.stages.paths import StagePaths, member_ids
-from soup_pipeline.stages.results import with_costs
+from soup_pipeline.workspace.loading import member_ids
+from soup_pipeline.workspace.paths import StagePaths
+from soup_pipeline.workspace.results import with_costs
 from soup_pipeline.soups import SPECS
 from soup_pipeline.evaluation.selection import REFERENCE, registration_file
 from soup_pipeline.evaluation.statistics import mean_interval

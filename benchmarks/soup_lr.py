@@ -17,7 +17,8 @@ from soup_pipeline.config import load_params
 from soup_pipeline.soups import run_method
 from soup_pipeline.soups.base import model_at, role_metrics
 from soup_pipeline.runtime.devices import resolve_device
-from soup_pipeline.stages.paths import StagePaths, load_splits, open_store, soup_objective
+from soup_pipeline.workspace.loading import load_splits, open_store, soup_objective
+from soup_pipeline.workspace.paths import StagePaths
 from soup_pipeline.evaluation.tables import markdown_table
 
 

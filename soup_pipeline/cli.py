@@ -119,11 +119,11 @@ def _locked_dispatch(args: argparse.Namespace) -> str:
 def _dispatch(args: argparse.Namespace) -> str:
     """Each command imports only what it runs, so a stage's code is its own import closure (`stage_code`)."""
     if args.command == "init":
-        from .stages.scaffold import init
+        from .workspace.scaffold import init
 
         return init(Path(args.dir), Path(args.remote) if args.remote else None)
     if args.command == "code-digests":
-        from .stages.code import write_code_digests
+        from .workspace.code import write_code_digests
 
         return f"code digests: {len(write_code_digests(Path(args.root)))} changed"
     if args.command == "export":  # a registered version exports without a params file
@@ -190,7 +190,7 @@ def _evaluate(params: Params, root: Path, args: argparse.Namespace) -> str:
 
 
 def _ablate(params: Params, root: Path, args: argparse.Namespace) -> str:
-    from .stages.paths import StagePaths
+    from .workspace.paths import StagePaths
     from .stages import ablate
 
     ablate.run(params, root)

@@ -1,17 +1,18 @@
 """The package's layers, top to bottom, and the import graph they are checked against (read from the source by
-`soup_pipeline.stages.code.imported_files`, function-level imports included)."""
+`soup_pipeline.workspace.code.imported_files`, function-level imports included)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from soup_pipeline.stages.code import PACKAGE, imported_files
+from soup_pipeline.workspace.code import PACKAGE, imported_files
 
 # A module may import its own layer and the layers below it, never one above; the README's code layout lists them.
 LAYERS = [
     ("entry points", ["cli.py", "prefect", "templates"]),
     ("tracking", ["tracking"]),
-    ("pipeline", ["config.py", "stages"]),
+    ("stages", ["stages"]),
+    ("workspace", ["config.py", "workspace"]),
     ("algorithms", ["soups", "training"]),
     ("evaluation", ["evaluation"]),
     ("core", ["core"]),

@@ -1,5 +1,5 @@
-"""Every module below the tracking layer (the stages included) imports without the tracking package, Prefect, MLflow
-or DVC; the CLI names bad params and bad methods clearly."""
+"""Every module below the tracking layer (the stages and the workspace included) imports without the tracking package,
+Prefect, MLflow or DVC; the CLI names bad params and bad methods clearly."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from package_layers import below_tracking
 from soup_pipeline.config import load_params
 from soup_pipeline.runtime.errors import SoupError
 
-CORE = below_tracking()  # the pipeline layer and every layer under it, each module by name
+CORE = below_tracking()  # the stages layer and every layer under it, each module by name
 
 BLOCKER = """
 import sys

@@ -24,7 +24,7 @@ from soup_pipeline.core.data import (
     torchvision_dataset,
 )
 from soup_pipeline.runtime.errors import SoupError
-from soup_pipeline.stages.paths import load_splits
+from soup_pipeline.workspace.loading import load_splits
 
 
 def test_stratified_indices_are_disjoint_deterministic_and_keep_class_shares():

@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from dvc_repo import make_repo, sh, write_params
-from soup_pipeline.stages.paths import StagePaths
+from soup_pipeline.workspace.paths import StagePaths
 
 pytestmark = pytest.mark.slow
 

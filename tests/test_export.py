@@ -192,7 +192,7 @@ def registered(pipeline, monkeypatch):
     import mlflow
 
     from soup_pipeline.config import load_params
-    from soup_pipeline.stages.paths import load_splits
+    from soup_pipeline.workspace.loading import load_splits
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", pipeline.uri)
     mlflow.set_tracking_uri(pipeline.uri)

@@ -30,7 +30,8 @@ from soup_pipeline import tracking
 from soup_pipeline.config import load_params
 from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.core.ingredients import file_sha256, read_ingredient
-from soup_pipeline.stages.paths import StagePaths, load_splits
+from soup_pipeline.workspace.loading import load_splits
+from soup_pipeline.workspace.paths import StagePaths
 from soup_pipeline.core.portable_classifier import classifier_from_spec
 from soup_pipeline.runtime.lock import root_lock
 from soup_pipeline.stages import soup as soup_stage

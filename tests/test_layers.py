@@ -1,5 +1,5 @@
 """The layers the README's code layout names are the package's folders, and the imports keep to them: no cycle,
-no arrow that runs up; no souping function grows past a screen."""
+no arrow that runs up; the stages folder holds entry points only; no souping function grows past a screen."""
 
 from __future__ import annotations
 
@@ -29,6 +29,10 @@ def test_a_planted_cycle_and_an_upward_arrow_are_both_found():
     graph[data] = graph[data] | {ingredients}  # a cycle inside one layer: no arrow runs up, the cycle is found
     assert upward_arrows(graph) == []
     assert ["core/data.py", "core/ingredients.py"] in cycles(graph)
+    graph = import_graph()
+    paths = PACKAGE / "workspace" / "paths.py"
+    graph[paths] = graph[paths] | {PACKAGE / "stages" / "soup.py"}  # the workspace reaching up into an entry point
+    assert "workspace/paths.py -> stages/soup.py" in upward_arrows(graph)
 
 
 def test_every_module_is_in_a_layer_and_the_readme_lists_the_layers_as_they_are():
@@ -42,6 +46,13 @@ def test_every_module_is_in_a_layer_and_the_readme_lists_the_layers_as_they_are(
     on_disk = {path.name for path in PACKAGE.iterdir() if path.name != "__pycache__" and
                (path.suffix == ".py" or path.is_dir())}
     assert on_disk == {entry for _, entries in LAYERS for entry in entries}
+
+
+def test_the_stages_folder_holds_entry_points_only():
+    modules = sorted((PACKAGE / "stages").glob("*.py"))
+    not_entry = [path.name for path in modules if path.name != "__init__.py" and not any(
+        isinstance(node, ast.FunctionDef) and node.name == "run" for node in ast.parse(path.read_text()).body)]
+    assert len(modules) > 1 and not_entry == [], "a module without `run` belongs in soup_pipeline/workspace/"
 
 
 def test_every_souping_function_reads_on_one_screen():

@@ -20,7 +20,7 @@ from dvc_repo import PROJECT, TINY, sh
 from flow_run import FAST
 from prefect_server import prefect_server
 from soup_pipeline.core.ingredients import file_sha256
-from soup_pipeline.stages.code import DVC_STAGES
+from soup_pipeline.workspace.code import DVC_STAGES
 
 TEMPLATES = PROJECT / "soup_pipeline" / "templates"
 

@@ -31,7 +31,7 @@ from soup_pipeline.core import portable_classifier
 from soup_pipeline.core.ingredients import read_ingredient
 from soup_pipeline.core.portable_classifier import classifier_from_spec
 from soup_pipeline.evaluation.scoring import model_logits
-from soup_pipeline.stages.paths import load_splits, preprocess_config
+from soup_pipeline.workspace.loading import load_splits, preprocess_config
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ from soup_pipeline.cli import MODULES_RECORD_ENV
 from soup_pipeline.config import load_params
 from soup_pipeline.core.models import classifier_spec
 from soup_pipeline.core.portable_classifier import classifier_from_spec
-from soup_pipeline.stages.code import DVC_STAGES, imported_files, stage_code
+from soup_pipeline.workspace.code import DVC_STAGES, imported_files, stage_code
 
 STAGES = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
 EXECUTION_ONLY = {"soup.nproc"}  # how a soup is run, not what it computes (documented in core.settings.SoupSettings)
@@ -43,7 +43,7 @@ def code_deps(stage: str) -> list[str]:
 
 @pytest.mark.parametrize("stage", [name for name in STAGES])
 def test_each_stage_depends_on_exactly_the_code_it_runs(stage):
-    assert code_deps(stage) == stage_code(stage), "regenerate the stage's deps from soup_pipeline.stages.code"
+    assert code_deps(stage) == stage_code(stage), "regenerate the stage's deps from soup_pipeline.workspace.code"
 
 
 def test_the_closure_follows_function_level_imports_and_only_the_stage_the_cli_dispatches():

@@ -30,9 +30,10 @@ from soup_pipeline.core.ingredients import Ingredient
 from soup_pipeline.runtime.kill_points import reached
 from soup_pipeline.soups import SoupResult
 from soup_pipeline.soups.base import overfitting_said_once
-from soup_pipeline.stages.paths import StagePaths, member_ids, with_members
+from soup_pipeline.workspace.loading import member_ids, with_members
+from soup_pipeline.workspace.paths import StagePaths
 from soup_pipeline.runtime.lock import file_lock, root_lock
-from soup_pipeline.stages.code import CODE_DIGESTS, write_code_digests
+from soup_pipeline.workspace.code import CODE_DIGESTS, write_code_digests
 from soup_pipeline.stages import ablate, evaluate, finetune, importer, prepare, pretrain, soup
 from soup_pipeline.tracking import stage_runs as track, tracking_uri
 from soup_pipeline.tracking.pipeline_registration import recorded_results

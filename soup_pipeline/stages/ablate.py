@@ -15,7 +15,8 @@ from ..soups import run_method
 from ..soups.base import model_at
 from ..runtime.devices import resolve_device
 from ..evaluation.tables import markdown_table
-from .paths import StagePaths, load_splits, open_store, soup_objective
+from ..workspace.loading import load_splits, open_store, soup_objective
+from ..workspace.paths import StagePaths
 
 CURVE_METHODS = ("greedy", "mehl_soup_plus")
 REMOVAL_METHODS = ("uniform", "greedy", "mehl_soup_plus")

@@ -26,8 +26,9 @@ from ..soups.base import best_individual, model_at
 from ..runtime.devices import resolve_device
 from ..soups.ensemble import ensemble_logits
 from ..evaluation.tables import markdown_table
-from .paths import StagePaths, load_splits, open_anchor, open_store, read_json, soup_objective
-from .results import ingredient_rows, with_costs
+from ..workspace.loading import load_splits, open_anchor, open_store, read_json, soup_objective
+from ..workspace.paths import StagePaths
+from ..workspace.results import ingredient_rows, with_costs
 
 RESULT_COLUMNS = ["method", "fit_acc", "select_acc", "test_acc", "shifted_test_acc", "test_vs_greedy", "test_ci_low",
                   "test_ci_high", "test_mcnemar_p"]

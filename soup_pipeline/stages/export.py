@@ -12,8 +12,9 @@ from ..config import Params
 from ..core.export import export
 from ..core.ingredients import read_ingredient, read_state_file, verify_ingredient
 from ..runtime.errors import SoupError
-from .paths import StagePaths, base_reference, load_splits, preprocess_config
-from .results import served_spec
+from ..workspace.loading import load_splits, preprocess_config
+from ..workspace.paths import StagePaths, base_reference
+from ..workspace.results import served_spec
 
 SOUP_FILE = "soup.safetensors"
 SOURCES = "models:/NAME/VERSION, models:/NAME@ALIAS or runs/soups/<method>"

@@ -9,9 +9,10 @@ from ..training.finetune import finetune
 from ..core.ingredients import Ingredient, read_ingredient
 from ..runtime.kill_points import reached
 from ..core.models import base_model_id
-from .inputs import stage_inputs_sha256
+from ..workspace.inputs import stage_inputs_sha256
 from ..training.sweep import sample_hparams
-from .paths import StagePaths, base_reference, load_splits
+from ..workspace.loading import load_splits
+from ..workspace.paths import StagePaths, base_reference
 
 
 def is_done(ingredient_file: Path, hparams: dict, base_id: str, inputs: str | None) -> bool:

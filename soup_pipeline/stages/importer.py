@@ -29,7 +29,8 @@ from ..core.families import family_of
 from ..core.models import base_model_id
 from ..core.portable_classifier import make_module
 from ..runtime.devices import resolve_device
-from .paths import StagePaths, base_reference, load_splits
+from ..workspace.loading import load_splits
+from ..workspace.paths import StagePaths, base_reference
 from ..core.sources import Checkpoint, Remote, resolve
 
 

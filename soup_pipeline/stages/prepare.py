@@ -16,7 +16,8 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from ..runtime.atomic import write_json
 from ..config import Params
 from ..core.data import dataset_labels
-from .paths import StagePaths, load_splits
+from ..workspace.loading import load_splits
+from ..workspace.paths import StagePaths
 
 SPLITS = ("pretrain", "train", "fit", "select", "test", "test_shift")
 

@@ -20,8 +20,9 @@ from ..core.families import family_of
 from ..core.models import base_model_id
 from ..training.pretrain import pretrain, supervised_pretrain
 from ..runtime.devices import resolve_device
-from .inputs import stage_inputs_sha256
-from .paths import StagePaths, base_reference, load_splits, read_json
+from ..workspace.inputs import stage_inputs_sha256
+from ..workspace.loading import load_splits, read_json
+from ..workspace.paths import StagePaths, base_reference
 
 
 def settings(params: Params) -> dict:

@@ -14,8 +14,9 @@ from pathlib import Path
 from ..config import Params
 from ..runtime.errors import SoupError
 from ..runtime.kill_points import armed, reached
-from .paths import StagePaths, load_splits, open_anchor, open_store, soup_objective
-from .results import INFO_KEYS, read_result, write_result
+from ..workspace.loading import load_splits, open_anchor, open_store, soup_objective
+from ..workspace.paths import StagePaths
+from ..workspace.results import INFO_KEYS, read_result, write_result
 from ..runtime.lock import LOCK_HELD_ENV
 from ..soups import SoupResult, get_spec, run_method
 from ..soups.base import Objective, model_at, role_metrics

@@ -18,8 +18,9 @@ from ..evaluation.selection import BEST_INDIVIDUAL, registration_file
 from ..runtime.kill_points import reached
 from ..soups import SoupResult
 from ..soups.base import best_individual
-from ..stages.paths import StagePaths, load_splits, open_store, preprocess_config, read_json
-from ..stages.results import served_spec  # shared with the export
+from ..workspace.loading import load_splits, open_store, preprocess_config, read_json
+from ..workspace.paths import StagePaths
+from ..workspace.results import served_spec  # shared with the export
 from .provenance import dvc_lock_hash, git_commit, params_hash
 from .records import MIXING_DIR, TABLES_DIR, MixingWeights, log_mixing_weights, log_scalars, log_table
 from .registry import CHAMPION, METRIC_TAGS, find_version, image_frame, promote_if_better, register_soup

@@ -21,8 +21,9 @@ from ..config import Params
 from ..core.ingredients import Ingredient, read_ingredient
 from ..runtime.errors import SoupError
 from ..soups import SoupResult
-from ..stages.paths import StagePaths, member_ids, open_store, read_json, with_members
-from ..stages.results import ingredient_rows, read_result
+from ..workspace.loading import member_ids, open_store, read_json, with_members
+from ..workspace.paths import StagePaths
+from ..workspace.results import ingredient_rows, read_result
 from . import orphans
 from .pipeline_registration import ROW_METRICS, decision, log_beta, recorded_results, register_pipeline_soup
 from .provenance import git_commit, params_hash

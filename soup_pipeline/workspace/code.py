@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..runtime.atomic import write_text
 
-PACKAGE = Path(__file__).resolve().parent.parent  # the soup_pipeline package (this module sits in its stages/)
+PACKAGE = Path(__file__).resolve().parent.parent  # the soup_pipeline package (this module sits in its workspace/)
 NAME = PACKAGE.name
 CLI = "cli.py"  # every stage runs as `soup-pipeline <stage>`: the CLI's module-level imports and the stage's handler
 DVC_STAGES = ("prepare", "pretrain", "import", "finetune", "soup", "refine", "evaluate", "ablate")

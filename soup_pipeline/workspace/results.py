@@ -12,7 +12,8 @@ from ..core.ingredients import Ingredient, IngredientStore, save_ingredient
 from ..runtime.atomic import write_json
 from ..runtime.errors import SoupError
 from ..soups import SoupResult
-from .paths import StagePaths, read_json
+from .loading import read_json
+from .paths import StagePaths
 
 MIB = 2**20
 INFO_KEYS = ("b", "model_epochs", "steps_per_block", "steps", "members", "chosen", "soup")  # of result.info, in metrics.json
