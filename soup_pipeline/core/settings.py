@@ -179,7 +179,8 @@ class SweepParams(Strict):
     augmentations: list[Augmentation] = ["none", "light", "strong"]  # presets drawn uniformly
     batch_size: int = Field(64, gt=0)  # images per step, the same for every member
     warmup_frac: float = Field(0.1, ge=0, lt=1)  # linear warm-up share of the steps, the same for every member
-    device: str = "auto"  # "auto" takes the GPU when there is one; "cpu" for byte-identical reruns
+    device: str = "auto"  # "auto"/"cuda": every visible GPU, member k on GPU k mod count; "cpu" for byte-identical reruns
+    per_device: int = Field(1, ge=1)  # fine-tunes that share one GPU at a time (the flow; on Dask, one GPU resource each)
 
     @field_validator("members", mode="before")
     @classmethod

@@ -33,6 +33,7 @@ from soup_pipeline.soups.base import overfitting_said_once
 from soup_pipeline.workspace.loading import member_ids, with_members
 from soup_pipeline.workspace.paths import StagePaths
 from soup_pipeline.runtime.lock import file_lock, root_lock
+from soup_pipeline.runtime.placement import device_slots, member_device, sweep_devices, visible_gpus
 from soup_pipeline.workspace.code import CODE_DIGESTS, write_code_digests
 from soup_pipeline.stages import ablate, evaluate, finetune, importer, prepare, pretrain, soup
 from soup_pipeline.tracking import stage_runs as track, tracking_uri
@@ -49,7 +50,7 @@ def task_runner() -> TaskRunner:
     """Threads by default; SOUP_TASK_RUNNER=dask gives a DaskTaskRunner (SOUP_DASK_ADDRESS: an existing scheduler)."""
     kind = os.environ.get("SOUP_TASK_RUNNER", "threads")
     if kind == "threads":
-        return ThreadPoolTaskRunner(max_workers=os.cpu_count())  # at most one fine-tune per core
+        return ThreadPoolTaskRunner(max_workers=os.cpu_count())  # one fine-tune per core; per GPU: `device_slots`
     if kind == "dask":
         from prefect_dask import DaskTaskRunner
 
@@ -74,8 +75,11 @@ def pretrain_task(params: Params, root: str) -> dict:
 
 @stage_task(retries=1, retry_delay_seconds=2)
 def finetune_task(params: Params, root: str, member: int, tracker: track.Tracker) -> Ingredient:
-    return track.tracked_finetune(tracker, member, StagePaths(Path(root)).ingredient(member),
-                                  lambda: finetune.run(params, root, member, reuse=True))
+    """One member on its device, waiting while `sweep.per_device` fine-tunes of this process hold that GPU."""
+    device = member_device(member, sweep_devices(params.sweep.device, visible_gpus()))
+    with device_slots(params.sweep.per_device).hold(device):
+        return track.tracked_finetune(tracker, member, StagePaths(Path(root)).ingredient(member),
+                                      lambda: finetune.run(params, root, member, reuse=True))
 
 
 @stage_task
@@ -138,10 +142,21 @@ def _dvc(root: str, *args: str, check: bool = True) -> subprocess.CompletedProce
     return process
 
 
+def gpu_resource(params: Params) -> contextlib.AbstractContextManager:
+    """On Dask with `sweep.device` cuda: each fine-tune asks for one `GPU` worker resource (start the workers with
+    `--resources GPU=<per_device>` per GPU); elsewhere nothing (the thread runner's fine-tunes share `device_slots`)."""
+    if os.environ.get("SOUP_TASK_RUNNER") != "dask" or not params.sweep.device.startswith("cuda"):
+        return contextlib.nullcontext()
+    import dask
+
+    return dask.annotate(resources={"GPU": 1})
+
+
 def run_sweep(params: Params, root: str, tracker: track.Tracker) -> list[int]:
     """Fine-tune every member on the task runner; return those that finished (a failed one is dropped)."""
     members = member_ids(params)
-    futures = finetune_task.map(unmapped(params), unmapped(root), members, unmapped(tracker))
+    with gpu_resource(params):
+        futures = finetune_task.map(unmapped(params), unmapped(root), members, unmapped(tracker))
     kept = []
     for member, future in zip(members, futures):
         future.wait()

@@ -8,6 +8,7 @@ from ..config import Params
 from ..training.finetune import finetune
 from ..core.ingredients import Ingredient, read_ingredient
 from ..runtime.kill_points import reached
+from ..runtime.placement import member_device, sweep_devices, visible_gpus
 from ..core.models import base_model_id
 from ..workspace.inputs import stage_inputs_sha256
 from ..training.sweep import sample_hparams
@@ -34,7 +35,8 @@ def up_to_date(params: Params, root: str | Path, member: int) -> bool:
 
 
 def run(params: Params, root: str | Path, member: int, *, reuse: bool = False) -> Ingredient:
-    """Fine-tune member `member`; with `reuse`, a finished member that is `up_to_date` is returned, not recomputed."""
+    """Fine-tune member `member` on its device (`runtime.placement`: GPU member mod count on CUDA); with `reuse`, a
+    finished member that is `up_to_date` is returned, not recomputed."""
     paths = StagePaths(Path(root))
     target = paths.ingredient(member)
     if reuse and up_to_date(params, root, member):
@@ -42,7 +44,8 @@ def run(params: Params, root: str | Path, member: int, *, reuse: bool = False) -
     base = base_reference(params, paths)
     hparams = sample_hparams(params.sweep, member)
     inputs = stage_inputs_sha256(root, "finetune", params)
+    device = member_device(member, sweep_devices(params.sweep.device, visible_gpus()))
     ingredient = finetune(base, hparams, load_splits(params), target, member=member, model_params=params.model,
-                          device=params.sweep.device, extra_meta={"inputs_sha256": inputs})
+                          device=device, extra_meta={"inputs_sha256": inputs})
     reached("finetune-saved", member)
     return ingredient
