@@ -37,7 +37,7 @@ from soup_pipeline.core.models import classifier_spec
 from soup_pipeline.core.portable_classifier import classifier_from_spec
 from soup_pipeline.soups import Objective, params_from, run_method
 from soup_pipeline.runtime.devices import rank_device, resolve_device
-from soup_pipeline.soups.distributed import process_group
+from soup_pipeline.soups.engine.distributed import process_group
 
 NUM_CLASSES = 10
 MERGES = ("task_arithmetic", "ties", "dare", "dare_ties", "model_stock", "wise_ft")

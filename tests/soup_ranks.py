@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from soup_pipeline.core.ingredients import IngredientStore  # noqa: E402
 from soup_pipeline.soups import run_method  # noqa: E402
 from soup_pipeline.runtime.devices import resolve_device
-from soup_pipeline.soups.distributed import Ranks, process_group  # noqa: E402
+from soup_pipeline.soups.engine.distributed import Ranks, process_group  # noqa: E402
 from toys import params_for, toy_objective  # noqa: E402
 
 SETTINGS = dict(device="cpu", batch_size=32, passes=1.0, lr=0.05, seed=3, model_batch=3, model_epochs=2, prefetch=False)

@@ -1,4 +1,4 @@
-"""The basin diagnostic (soup_pipeline.soups.basin) on both regimes: fine-tunes around one solution, whose average is as
+"""The basin diagnostic (soup_pipeline.soups.comparators.basin) on both regimes: fine-tunes around one solution, whose average is as
 good as they are, and the same solution with its hidden units permuted (each member exactly as accurate, their
 average far worse): only the second is warned about."""
 
@@ -9,9 +9,9 @@ import itertools
 import pytest
 import torch
 
-from soup_pipeline.soups.basin import Basin, diagnose
+from soup_pipeline.soups.comparators.basin import Basin, diagnose
 from soup_pipeline.core.ingredients import IngredientStore, save_ingredient
-from soup_pipeline.soups.task_vectors import mean_pairwise_cosine
+from soup_pipeline.soups.engine.task_vectors import mean_pairwise_cosine
 from toys import Toy, toy_data, toy_ingredients, toy_objective
 
 HIDDEN = 12  # Toy's hidden width: Linear(6, 12) -> LayerNorm(12) -> Tanh -> Linear(12, 3)

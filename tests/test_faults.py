@@ -164,7 +164,7 @@ def test_dvc_repro_killed_at_every_stage_in_turn_ends_as_the_uninterrupted_flow(
 WRITE_UNDER_LIMIT = """
 import resource, sys, torch
 from soup_pipeline.core.ingredients import save_ingredient
-from soup_pipeline.soups.resume import save_state
+from soup_pipeline.soups.engine.resume import save_state
 resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # as a full disk would: writes past 200 kB fail
 if sys.argv[1] == "ingredient":
     save_ingredient({"w": torch.ones(100_000)}, sys.argv[2], meta={"member": 1})

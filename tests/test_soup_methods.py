@@ -10,8 +10,8 @@ from torch.utils.data import TensorDataset
 from soup_pipeline.core.ingredients import IngredientStore, save_ingredient
 from soup_pipeline.soups import Objective, run_method
 from soup_pipeline.evaluation.scoring import loss_and_accuracy
-from soup_pipeline.soups.base import model_at
-from soup_pipeline.soups.hyperplane import hyperplane_soup
+from soup_pipeline.soups.engine.base import model_at
+from soup_pipeline.soups.methods.hyperplane import hyperplane_soup
 
 from toys import DEVICE, params_for, toy_ingredients, toy_objective
 

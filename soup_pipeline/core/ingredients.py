@@ -293,7 +293,7 @@ class IngredientStore:
         memory back whole: per-tensor allocations that come and go with every block would fragment
         the CPU heap, and the process's RSS would then grow with the number of blocks (with K).
         Consecutive keys of one shape and dtype are placed back to back, so that each such stack is one
-        strided tensor (soups/fused.py); other tensors start on an ALIGN-byte boundary.
+        strided tensor (soups/engine/fused.py); other tensors start on an ALIGN-byte boundary.
         """
         slots, size, previous = {}, 0, None
         for key in keys:

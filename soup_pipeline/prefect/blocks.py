@@ -31,7 +31,7 @@ from ..core.families import family_of
 from ..core.portable_classifier import make_module
 from ..core.settings import ModelParams
 from ..soups import Objective, SoupResult, get_spec, method_params, run_method
-from ..soups.base import best_individual, model_at
+from ..soups.engine.base import best_individual, model_at
 from ..runtime.devices import resolve_device
 from ..stages.importer import checked_state
 from ..tracking.pipeline_registration import register_external_soup

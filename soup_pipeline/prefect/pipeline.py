@@ -29,7 +29,7 @@ from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.core.ingredients import Ingredient
 from soup_pipeline.runtime.kill_points import reached
 from soup_pipeline.soups import SoupResult
-from soup_pipeline.soups.base import overfitting_said_once
+from soup_pipeline.soups.engine.base import overfitting_said_once
 from soup_pipeline.workspace.loading import member_ids, with_members
 from soup_pipeline.workspace.paths import StagePaths
 from soup_pipeline.runtime.lock import file_lock, root_lock

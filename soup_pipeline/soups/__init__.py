@@ -1,4 +1,7 @@
-"""Souping methods behind a small registry: a method is one module declaring its spec plus one line here."""
+"""Souping methods behind a small registry: a method is one module of `methods/` declaring its spec plus one line here.
+
+`methods/` holds the methods, `engine/` the machinery they share, `comparators/` what soups are compared with or
+checked against (the output ensemble, the basin diagnostic)."""
 
 from __future__ import annotations
 
@@ -11,10 +14,11 @@ from ..core.settings import SoupSettings, format_validation_error
 from ..runtime.errors import SoupError
 from ..core.ingredients import IngredientStore
 from ..runtime.meters import measure
-from . import dare, ensemble, greedy, hyperplane, learned, model_stock, search, task_arithmetic, ties, uniform, wise_ft
-from .base import Method, MethodSpec, Objective, SoupResult
+from .comparators import ensemble
+from .methods import dare, greedy, hyperplane, learned, model_stock, search, task_arithmetic, ties, uniform, wise_ft
+from .engine.base import Method, MethodSpec, Objective, SoupResult
 from ..runtime.devices import rank_device, resolve_device
-from .layers import SearchableParams
+from .engine.layers import SearchableParams
 
 SPECS: dict[str, MethodSpec] = {spec.name: spec for module in (uniform, greedy, learned, hyperplane, search, task_arithmetic,
                                                               ties, dare, model_stock, wise_ft, ensemble)

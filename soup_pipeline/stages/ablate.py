@@ -12,7 +12,7 @@ from ..evaluation.scoring import SPLIT_COLUMNS, predictor, split_accuracies
 from ..core.ingredients import IngredientStore
 from ..evaluation.plots import plot_curves
 from ..soups import run_method
-from ..soups.base import model_at
+from ..soups.engine.base import model_at
 from ..runtime.devices import resolve_device
 from ..evaluation.tables import markdown_table
 from ..workspace.loading import load_splits, open_store, soup_objective

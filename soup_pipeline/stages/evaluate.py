@@ -16,15 +16,15 @@ from ..runtime.atomic import write_json
 from ..config import Params
 from ..core.data import DataSplits
 from ..runtime.errors import SoupError
-from ..soups.basin import diagnose
+from ..soups.comparators.basin import diagnose
 from ..evaluation.scoring import predictor, split_outcomes
 from ..core.ingredients import IngredientStore
 from ..runtime.kill_points import reached
 from ..evaluation.plots import plot_methods, plot_mixing_weights
 from ..evaluation.selection import BEST_INDIVIDUAL, choose_on_select, compared_rows, registration_file
-from ..soups.base import best_individual, model_at
+from ..soups.engine.base import best_individual, model_at
 from ..runtime.devices import resolve_device
-from ..soups.ensemble import ensemble_logits
+from ..soups.comparators.ensemble import ensemble_logits
 from ..evaluation.tables import markdown_table
 from ..workspace.loading import load_splits, open_anchor, open_store, read_json, soup_objective
 from ..workspace.paths import StagePaths
@@ -75,7 +75,7 @@ def anchor_if_known(paths: StagePaths, store: IngredientStore) -> dict[str, torc
 
 def run(params: Params, root: str | Path) -> list[dict]:
     """Write runs/eval/{metrics.json, methods.json, table.md, ingredients.json, registration.json (the model select
-    data prefer, `soup_pipeline.evaluation.selection`), basin.json (`soup_pipeline.soups.basin`, warned when the members sit
+    data prefer, `soup_pipeline.evaluation.selection`), basin.json (`soup_pipeline.soups.comparators.basin`, warned when the members sit
     apart)} and runs/eval/plots/*.png (the same bytes for the same inputs), and runs/costs/evaluation.md; return
     the rows with each soup's cost."""
     paths = StagePaths(Path(root))

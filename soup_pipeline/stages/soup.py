@@ -19,9 +19,9 @@ from ..workspace.paths import StagePaths
 from ..workspace.results import INFO_KEYS, read_result, write_result
 from ..runtime.lock import LOCK_HELD_ENV
 from ..soups import SoupResult, get_spec, run_method
-from ..soups.base import Objective, model_at, role_metrics
+from ..soups.engine.base import Objective, model_at, role_metrics
 from ..runtime.devices import rank_device, resolve_device
-from ..soups.distributed import launched_world, process_group
+from ..soups.engine.distributed import launched_world, process_group
 
 def soup_metrics(result: SoupResult, objective: Objective, device) -> dict:
     """The numbers a soup is judged by before test data is touched: loss and accuracy on the fit and

@@ -17,7 +17,7 @@ from ..core.ingredients import Ingredient, read_ingredient
 from ..evaluation.selection import BEST_INDIVIDUAL, registration_file
 from ..runtime.kill_points import reached
 from ..soups import SoupResult
-from ..soups.base import best_individual
+from ..soups.engine.base import best_individual
 from ..workspace.loading import load_splits, open_store, preprocess_config, read_json
 from ..workspace.paths import StagePaths
 from ..workspace.results import served_spec  # shared with the export

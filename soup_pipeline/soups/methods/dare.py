@@ -17,12 +17,11 @@ from typing import ClassVar, Mapping
 
 import torch
 
-from ..core.ingredients import IngredientStore
-from .base import MethodSpec, Objective, SoupResult
-from .layers import Grid
-from .task_vectors import (DropRate, Prune, Pruning, Scale, ScaledParams, anchored_result, anchored_state, checked_anchor,
-                           model_dtype, summed)
-from .ties import disjoint_merge
+from ...core.ingredients import IngredientStore
+from ..engine.base import MethodSpec, Objective, SoupResult
+from ..engine.layers import Grid
+from ..engine.task_vectors import (DropRate, Prune, Pruning, Scale, ScaledParams, anchored_result, anchored_state,
+                                   checked_anchor, disjoint_merge, model_dtype, summed)
 
 
 class DareGrid(Grid):

@@ -16,9 +16,9 @@ from typing import Annotated, Callable, Iterator, Mapping, Sequence
 import torch
 from pydantic import Field
 
-from ..core.settings import SoupSettings
-from ..runtime.errors import SoupError
-from ..core.ingredients import IngredientStore
+from ...core.settings import SoupSettings
+from ...runtime.errors import SoupError
+from ...core.ingredients import IngredientStore
 from .base import Objective, SoupResult
 
 State = dict[str, torch.Tensor]
@@ -131,3 +131,23 @@ def mean_pairwise_cosine(store: IngredientStore, anchor: Mapping[str, torch.Tens
     """The mean pairwise cosine of the whole-model task vectors (every floating entry), one tensor resident."""
     keys = floating_keys({key: anchor[key] for key in store.keys})
     return group_cosines(store, anchor, keys, dict.fromkeys(keys, 0), 1)[0]
+
+
+def disjoint_mean(store: IngredientStore, anchor: Mapping[str, torch.Tensor], key: str, prune: Prune) -> torch.Tensor:
+    """The TIES merge of tensor `key` of the pruned task vectors: per entry, the mean of the pruned tau_k whose sign
+    is the sign of their sum (0 where none agrees). Two passes over the ingredients; the pruning is recomputed in the
+    second."""
+    elected = torch.sign(summed(store, anchor, key, prune))
+    total, count = torch.zeros_like(elected), torch.zeros_like(elected)
+    for index, tau in tensor_task_vectors(store, anchor, key):
+        value = prune(index, tau)
+        agrees = (torch.sign(value) == elected) & (value != 0)
+        total += torch.where(agrees, value, 0.0)
+        count += agrees
+    return total / count.clamp(min=1)
+
+
+def disjoint_merge(store: IngredientStore, anchor: Mapping[str, torch.Tensor], dtype: torch.dtype, pruning: Pruning,
+                   scale: float) -> dict[str, torch.Tensor]:
+    """theta_0 + scale * (the disjoint mean of the pruned task vectors), in `dtype`, tensor by tensor."""
+    return anchored_state(anchor, dtype, lambda key: disjoint_mean(store, anchor, key, pruning()), scale)

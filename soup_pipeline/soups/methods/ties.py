@@ -15,11 +15,11 @@ from typing import ClassVar, Mapping
 
 import torch
 
-from ..core.ingredients import IngredientStore
-from .base import MethodSpec, Objective, SoupResult
-from .layers import Grid
-from .task_vectors import (Prune, Pruning, Scale, ScaledParams, Share, anchored_result, anchored_state, checked_anchor,
-                           model_dtype, summed, tensor_task_vectors)
+from ...core.ingredients import IngredientStore
+from ..engine.base import MethodSpec, Objective, SoupResult
+from ..engine.layers import Grid
+from ..engine.task_vectors import (Pruning, Scale, ScaledParams, Share, anchored_result, checked_anchor, disjoint_merge,
+                                   model_dtype)
 
 
 class TiesGrid(Grid):
@@ -49,26 +49,6 @@ def trimming(density: float) -> Pruning:
     def prune(_: int, tau: torch.Tensor) -> torch.Tensor:
         return trimmed(tau, density)
     return lambda: prune
-
-
-def disjoint_mean(store: IngredientStore, anchor: Mapping[str, torch.Tensor], key: str, prune: Prune) -> torch.Tensor:
-    """The TIES merge of tensor `key` of the pruned task vectors: per entry, the mean of the pruned tau_k whose sign
-    is the sign of their sum (0 where none agrees). Two passes over the ingredients; the pruning is recomputed in the
-    second."""
-    elected = torch.sign(summed(store, anchor, key, prune))
-    total, count = torch.zeros_like(elected), torch.zeros_like(elected)
-    for index, tau in tensor_task_vectors(store, anchor, key):
-        value = prune(index, tau)
-        agrees = (torch.sign(value) == elected) & (value != 0)
-        total += torch.where(agrees, value, 0.0)
-        count += agrees
-    return total / count.clamp(min=1)
-
-
-def disjoint_merge(store: IngredientStore, anchor: Mapping[str, torch.Tensor], dtype: torch.dtype, pruning: Pruning,
-                   scale: float) -> dict[str, torch.Tensor]:
-    """theta_0 + scale * (the disjoint mean of the pruned task vectors), in `dtype`, tensor by tensor."""
-    return anchored_state(anchor, dtype, lambda key: disjoint_mean(store, anchor, key, pruning()), scale)
 
 
 def ties(store: IngredientStore, objective: Objective, params: TiesParams, *,

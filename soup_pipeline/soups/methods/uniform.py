@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..core.settings import SoupSettings
-from ..core.ingredients import IngredientStore
-from .base import MethodSpec, Objective, SoupResult, check_ingredient_count, uniform_beta
+from ...core.settings import SoupSettings
+from ...core.ingredients import IngredientStore
+from ..engine.base import MethodSpec, Objective, SoupResult, check_ingredient_count, uniform_beta
 
 
 def uniform_soup(store: IngredientStore, objective: Objective, params: SoupSettings, *, name: str = "uniform") -> SoupResult:

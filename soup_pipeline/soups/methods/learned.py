@@ -12,14 +12,14 @@ import functools
 import torch
 from pydantic import Field
 
-from ..core.batches import Inputs, forward
-from ..core.settings import SoupSettings
-from ..core.ingredients import IngredientStore
-from .base import (HeldOutStream, LossLog, MethodSpec, Objective, SoupResult, check_ingredient_count, mixable_keys,
+from ...core.batches import Inputs, forward
+from ...core.settings import SoupSettings
+from ...core.ingredients import IngredientStore
+from ..engine.base import (HeldOutStream, LossLog, MethodSpec, Objective, SoupResult, check_ingredient_count, mixable_keys,
                    step_loss, warn_overfitting)
-from ..runtime.devices import resolve_device
-from .layers import LayerwiseParams, group_layers
-from .mixing import MixAll, per_tensor, tensor_columns
+from ...runtime.devices import resolve_device
+from ..engine.layers import LayerwiseParams, group_layers
+from ..engine.mixing import MixAll, per_tensor, tensor_columns
 
 
 class LearnedParams(SoupSettings):

@@ -26,19 +26,19 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from ..core.batches import forward
-from ..core.schedule import warmup_cosine_scheduler
-from ..core.settings import SoupSettings
-from ..runtime.errors import SoupError
-from ..core.ingredients import BlockPrefetcher, IngredientStore
-from .base import (HeldOutStream, LossLog, MethodSpec, Objective, SoupResult, check_ingredient_count, mixable_keys,
+from ...core.batches import forward
+from ...core.schedule import warmup_cosine_scheduler
+from ...core.settings import SoupSettings
+from ...runtime.errors import SoupError
+from ...core.ingredients import BlockPrefetcher, IngredientStore
+from ..engine.base import (HeldOutStream, LossLog, MethodSpec, Objective, SoupResult, check_ingredient_count, mixable_keys,
                    step_loss, warn_overfitting)
-from ..runtime.devices import rank_device, resolve_device
-from .layers import Grouping, SearchableParams, group_layers
-from .distributed import Combiner, Ranks
-from .fused import BlockStep, FlatTensors, ShapeOrder, bind_parameters, block_step
-from .mixing import group_rows, per_tensor, row_norms, tensor_columns
-from .resume import resume_key, load_state, save_state, state_path
+from ...runtime.devices import rank_device, resolve_device
+from ..engine.layers import Grouping, SearchableParams, group_layers
+from ..engine.distributed import Combiner, Ranks
+from ..engine.fused import BlockStep, FlatTensors, ShapeOrder, bind_parameters, block_step
+from ..engine.mixing import group_rows, per_tensor, row_norms, tensor_columns
+from ..engine.resume import resume_key, load_state, save_state, state_path
 
 MASK_RTOL = 1e-6  # a direction with |d_{k,l}| <= MASK_RTOL * |c_l| is masked (its coefficient stays 0)
 
@@ -58,7 +58,7 @@ class HLParams(SoupSettings):
     grad_clip: float | None = Field(1.0, gt=0)  # max global norm of grad_theta before projection; None = off
     normalize_directions: bool = False  # use d/|d| (the reference script) instead of raw d
     prefetch: bool = True  # load the next block on a background thread
-    fused_step: bool = True  # one batched product per shape (soups/fused.py); False: per tensor
+    fused_step: bool = True  # one batched product per shape (soups/engine/fused.py); False: per tensor
 
 
 class MEHLParams(HLParams):
@@ -304,7 +304,7 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: MEHLPa
     compare implementations step by step. resume_dir: save state after each block and resume.
     compute_matched: S scaled by b/K, so the run takes HL-Soup's number of steps.
     Under torch.distributed each rank holds and steps only its share of every block
-    (soups/distributed.py); the result is the same on every rank and equals the run alone.
+    (soups/engine/distributed.py); the result is the same on every rank and equals the run alone.
     """
     K = len(store)
     check_ingredient_count(store)

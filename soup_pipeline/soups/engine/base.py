@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..core.settings import SoupSettings
-from ..core.batches import Inputs, to_device
-from ..core.data import fetch_batch
-from ..runtime.errors import SoupError
-from ..evaluation.scoring import loss_and_accuracy
-from ..core.ingredients import IngredientStore
+from ...core.settings import SoupSettings
+from ...core.batches import Inputs, to_device
+from ...core.data import fetch_batch
+from ...runtime.errors import SoupError
+from ...evaluation.scoring import loss_and_accuracy
+from ...core.ingredients import IngredientStore
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Method = Callable[..., "SoupResult"]
@@ -68,7 +68,7 @@ class MethodSpec:
     resumable: bool = False  # takes resume_dir= and continues after its last finished block
     distributed: bool = False  # runs across torch.distributed ranks, each holding its share of a block (soup.nproc)
     anchored: bool = False  # takes anchor= (the pre-trained model theta_0 its task vectors are measured from)
-    searched: bool = False  # always chooses its setting from its grid `search` on select data (soups/search.py)
+    searched: bool = False  # always chooses its setting from its grid `search` on select data (soups/methods/search.py)
     refines: bool = False  # takes soup= (the built soup its `soup` parameter names); listed under soup.refine
 
 

@@ -8,8 +8,8 @@ from typing import ClassVar, Literal
 
 from pydantic import model_validator
 
-from ..core.settings import Strict
-from ..runtime.errors import SoupError
+from ...core.settings import Strict
+from ...runtime.errors import SoupError
 
 GroupingName = Literal["tensor", "block", "model"] | list[str]  # a named grouping, or regex patterns (group_layers)
 
@@ -86,7 +86,7 @@ class LayerwiseParams(Strict):
 
 class Grid(Strict):
     """Candidate settings of a method: one list per parameter, every combination a candidate, each fitted on fit
-    data; the lowest select loss is kept (soups/search.py). `SETS` names the parameter each list sets."""
+    data; the lowest select loss is kept (soups/methods/search.py). `SETS` names the parameter each list sets."""
 
     SETS: ClassVar[dict[str, str]] = {}
 
