@@ -20,14 +20,14 @@ from pathlib import Path
 import yaml
 
 from soup_pipeline.config import load_params
+from soup_pipeline.evaluation.selection import REFERENCE, registration_file
+from soup_pipeline.evaluation.statistics import mean_interval
+from soup_pipeline.evaluation.tables import markdown_table
+from soup_pipeline.soups import SPECS
 from soup_pipeline.stages import evaluate, finetune, prepare, pretrain, soup
 from soup_pipeline.workspace.loading import member_ids
 from soup_pipeline.workspace.paths import StagePaths
 from soup_pipeline.workspace.results import with_costs
-from soup_pipeline.soups import SPECS
-from soup_pipeline.evaluation.selection import REFERENCE, registration_file
-from soup_pipeline.evaluation.statistics import mean_interval
-from soup_pipeline.evaluation.tables import markdown_table
 
 COLUMNS = ("fit_acc", "select_acc", "test_acc", "shifted_test_acc", "seconds", "peak_cpu_mib")
 PAIRED = (("test_acc", "wins/seeds"), ("shifted_test_acc", "shifted wins/seeds"))  # (accuracy, header of its wins)

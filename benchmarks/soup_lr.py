@@ -14,12 +14,12 @@ import argparse
 from pathlib import Path
 
 from soup_pipeline.config import load_params
+from soup_pipeline.evaluation.tables import markdown_table
+from soup_pipeline.runtime.devices import resolve_device
 from soup_pipeline.soups import run_method
 from soup_pipeline.soups.engine.base import model_at, role_metrics
-from soup_pipeline.runtime.devices import resolve_device
 from soup_pipeline.workspace.loading import load_splits, open_store, soup_objective
 from soup_pipeline.workspace.paths import StagePaths
-from soup_pipeline.evaluation.tables import markdown_table
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -149,7 +149,8 @@ def _finetune(params: Params, root: Path, args: argparse.Namespace) -> str:
     from .stages import finetune
 
     ingredient = finetune.run(params, root, args.member)
-    return f"{ingredient.path}: fit accuracy {ingredient.fit_acc:.4f}, select accuracy {ingredient.meta['select_acc']:.4f}"
+    return (f"{ingredient.path}: fit accuracy {ingredient.fit_acc:.4f}, "
+            f"select accuracy {ingredient.meta['select_acc']:.4f}")
 
 
 def _soup(params: Params, root: Path, args: argparse.Namespace) -> str:
@@ -183,24 +184,24 @@ def _import(params: Params, root: Path, args: argparse.Namespace) -> str:
 
 
 def _evaluate(params: Params, root: Path, args: argparse.Namespace) -> str:
-    from .stages import evaluate
     from .evaluation.tables import markdown_table
+    from .stages import evaluate
 
     return markdown_table(evaluate.run(params, root), evaluate.TABLE_COLUMNS)
 
 
 def _ablate(params: Params, root: Path, args: argparse.Namespace) -> str:
-    from .workspace.paths import StagePaths
     from .stages import ablate
+    from .workspace.paths import StagePaths
 
     ablate.run(params, root)
     return (StagePaths(root).ablation_dir / "ablation.md").read_text()
 
 
 def _run(params: Params, root: Path, args: argparse.Namespace) -> str:
+    from .evaluation.tables import markdown_table
     from .prefect.pipeline import soup_pipeline_flow
     from .stages.evaluate import TABLE_COLUMNS
-    from .evaluation.tables import markdown_table
 
     summary = soup_pipeline_flow(params_path=args.params, root=str(root))
     if summary["tracking_missed"]:
@@ -217,7 +218,8 @@ def _track(params: Params, root: Path, args: argparse.Namespace) -> str:
     summary = replay(params, root)
     if summary["missed"]:
         raise SoupError(f"MLflow failed again; not logged: {', '.join(summary['missed'])}. Rerun `soup-pipeline track`")
-    return f"logged {root.resolve()} as MLflow run {summary['mlflow_run_id']}; registered version {summary['registered_version']}"
+    return (f"logged {root.resolve()} as MLflow run {summary['mlflow_run_id']}; "
+            f"registered version {summary['registered_version']}")
 
 
 def _export(params: Params | None, root: Path, args: argparse.Namespace) -> str:
@@ -243,8 +245,9 @@ def _registry(params: Params, root: Path, args: argparse.Namespace) -> str:
     return registry_compare_main(args.name or params.tracking.registered_model, tracking_uri(root))
 
 
-COMMANDS = {"prepare": _prepare, "pretrain": _pretrain, "finetune": _finetune, "soup": _soup, "refine": _refine, "import": _import,
-            "evaluate": _evaluate, "ablate": _ablate, "run": _run, "track": _track, "registry": _registry}
+COMMANDS = {"prepare": _prepare, "pretrain": _pretrain, "finetune": _finetune, "soup": _soup, "refine": _refine,
+            "import": _import, "evaluate": _evaluate, "ablate": _ablate, "run": _run, "track": _track,
+            "registry": _registry}
 
 
 if __name__ == "__main__":

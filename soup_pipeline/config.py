@@ -7,8 +7,19 @@ from pathlib import Path
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from .core.settings import (DataParams, EvaluateParams, ImportParams, ModelParams, PretrainParams, SoupSettings, Strict, SweepParams,
-                            error_lines, load_yaml, parse_section)
+from .core.settings import (
+    DataParams,
+    EvaluateParams,
+    ImportParams,
+    ModelParams,
+    PretrainParams,
+    SoupSettings,
+    Strict,
+    SweepParams,
+    error_lines,
+    load_yaml,
+    parse_section,
+)
 from .soups import SPECS, get_spec
 
 
@@ -110,7 +121,8 @@ class Params(Strict):
     def _imports_after_the_sweep(self) -> "Params":
         if self.imports.sources and self.imports.first_member <= max(self.sweep.members):
             raise ValueError(f"imports.first_member: {self.imports.first_member} is not above the sweep's member ids "
-                             f"(up to {max(self.sweep.members)}); imported and fine-tuned members need ids of their own")
+                             f"(up to {max(self.sweep.members)}); imported and fine-tuned members need ids of their "
+                             "own")
         return self
 
     @model_validator(mode="after")

@@ -38,7 +38,8 @@ def lock_file(repo: Path) -> dict:
 
 
 def run_flow(root: Path) -> dict:
-    from soup_pipeline.prefect.pipeline import soup_pipeline_flow  # Prefect is imported by the tests that run the flow only
+    # Prefect is imported by the tests that run the flow only
+    from soup_pipeline.prefect.pipeline import soup_pipeline_flow
 
     return soup_pipeline_flow(params_path=str(root / "params.yaml"), root=str(root))
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from soup_pipeline.core.settings import DataParams, PretrainParams
 from soup_pipeline.core.data import digits_splits
+from soup_pipeline.core.settings import DataParams, PretrainParams
 from soup_pipeline.training.pretrain import pretrain
 
 TINY_DATA = DataParams(pretrain_size=500, train_size=64, heldout_size=200, test_size=200, heldout_views=1,  # clean digits:

@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from soup_pipeline.core.ingredients import IngredientStore  # noqa: E402
-from soup_pipeline.soups import run_method  # noqa: E402
 from soup_pipeline.runtime.devices import resolve_device
+from soup_pipeline.soups import run_method  # noqa: E402
 from soup_pipeline.soups.engine.distributed import Ranks, process_group  # noqa: E402
 from toys import params_for, toy_objective  # noqa: E402
 

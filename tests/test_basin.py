@@ -9,8 +9,8 @@ import itertools
 import pytest
 import torch
 
-from soup_pipeline.soups.comparators.basin import Basin, diagnose
 from soup_pipeline.core.ingredients import IngredientStore, save_ingredient
+from soup_pipeline.soups.comparators.basin import Basin, diagnose
 from soup_pipeline.soups.engine.task_vectors import mean_pairwise_cosine
 from toys import Toy, toy_data, toy_ingredients, toy_objective
 

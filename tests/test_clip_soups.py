@@ -5,16 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from soup_pipeline.core.settings import FinetuneParams
-from soup_pipeline.training.finetune import finetune
 from soup_pipeline.core.ingredients import IngredientStore
 from soup_pipeline.core.models import TINY_ARCH, classifier_from_clip, load_clip, zero_shot_head
 from soup_pipeline.core.portable_classifier import classifier_from_spec
-from soup_pipeline.soups import SPECS, Objective, SoupResult, run_method
+from soup_pipeline.core.settings import FinetuneParams
 from soup_pipeline.evaluation.scoring import accuracy, dataset_targets, loss_and_accuracy, model_logits
+from soup_pipeline.soups import SPECS, Objective, SoupResult, run_method
 from soup_pipeline.soups.engine.base import model_at
 from soup_pipeline.soups.engine.layers import group_layers
-
+from soup_pipeline.training.finetune import finetune
 from toys import params_for
 
 

@@ -17,13 +17,19 @@ from sklearn.datasets import load_digits
 from torchvision.transforms import ToTensor
 
 from soup_pipeline.config import Params, load_params
-from soup_pipeline.core.settings import Augmentation, DataParams, SweepParams, parse_section
-from soup_pipeline.training.augment import AUGMENTATIONS, augment
 from soup_pipeline.core.data import (
-    DIGIT_CLASSNAMES, IMAGE_TEMPLATES, build_datasets, digits_arrays, digits_splits, select_split, stratified_indices,
+    DIGIT_CLASSNAMES,
+    IMAGE_TEMPLATES,
+    build_datasets,
+    digits_arrays,
+    digits_splits,
+    select_split,
+    stratified_indices,
     torchvision_dataset,
 )
+from soup_pipeline.core.settings import Augmentation, DataParams, SweepParams, parse_section
 from soup_pipeline.runtime.errors import SoupError
+from soup_pipeline.training.augment import AUGMENTATIONS, augment
 from soup_pipeline.workspace.loading import load_splits
 
 

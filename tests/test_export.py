@@ -19,8 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from soup_pipeline.cli import main
-from soup_pipeline.core import export as core_export
-from soup_pipeline.core import portable_classifier
+from soup_pipeline.core import export as core_export, portable_classifier
 from soup_pipeline.core.data import digits_preprocess
 from soup_pipeline.core.models import TINY_ARCH, base_model_id, classifier_from_clip, classifier_spec, load_clip
 from soup_pipeline.runtime.errors import SoupError

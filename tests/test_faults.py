@@ -24,9 +24,9 @@ from prefect_server import prefect_server, spawn
 from soup_pipeline.config import Params
 from soup_pipeline.core.ingredients import file_sha256
 from soup_pipeline.runtime.kill_points import KILL_AT_ENV
-from soup_pipeline.workspace.paths import StagePaths
 from soup_pipeline.tracking import stage_runs as track
 from soup_pipeline.tracking.orphans import RESUMED_BY_TAG, ROOT_TAG
+from soup_pipeline.workspace.paths import StagePaths
 
 
 def test_the_next_run_closes_what_a_killed_run_left_running(tmp_path, monkeypatch):

@@ -16,14 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from soup_pipeline.core.settings import FinetuneParams, ModelParams, SweepParams
-from soup_pipeline.runtime.errors import SoupError
-from soup_pipeline.evaluation.scoring import loss_and_accuracy
-from soup_pipeline.training.finetune import finetune
 from soup_pipeline.core.ingredients import IngredientStore, file_sha256
-from soup_pipeline.core.models import (TINY_ARCH, classifier_from_clip, load_clip, model_config,
-                                  zero_shot_head)
+from soup_pipeline.core.models import TINY_ARCH, classifier_from_clip, load_clip, model_config, zero_shot_head
 from soup_pipeline.core.portable_classifier import classifier_from_spec
+from soup_pipeline.core.settings import FinetuneParams, ModelParams, SweepParams
+from soup_pipeline.evaluation.scoring import loss_and_accuracy
+from soup_pipeline.runtime.errors import SoupError
+from soup_pipeline.training.finetune import finetune
 from soup_pipeline.training.sweep import ingredient_path, sample_hparams
 
 ONE_EPOCH = FinetuneParams(epochs=1, lr=1e-4, augmentation="strong", label_smoothing=0.1, seed=7).model_dump()

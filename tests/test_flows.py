@@ -22,19 +22,28 @@ from safetensors.torch import load_file
 
 from dvc_repo import PROJECT, TINY, make_repo, sh, tool_env, write_params
 from flow_run import FAST, run_flow
-from soup_pipeline.prefect.serve import NIGHTLY
 from mlflow_server import free_port
-from prefect_server import (cli, deployment, finished_flow_run, flow_run_states, poll, prefect_server, spawn,
-                            serve_deployment, worker)
+from prefect_server import (
+    cli,
+    deployment,
+    finished_flow_run,
+    flow_run_states,
+    poll,
+    prefect_server,
+    serve_deployment,
+    spawn,
+    worker,
+)
 from soup_pipeline import tracking
 from soup_pipeline.config import load_params
-from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.core.ingredients import file_sha256, read_ingredient
-from soup_pipeline.workspace.loading import load_splits
-from soup_pipeline.workspace.paths import StagePaths
 from soup_pipeline.core.portable_classifier import classifier_from_spec
+from soup_pipeline.prefect.serve import NIGHTLY
+from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.runtime.lock import root_lock
 from soup_pipeline.stages import soup as soup_stage
+from soup_pipeline.workspace.loading import load_splits
+from soup_pipeline.workspace.paths import StagePaths
 
 pytestmark = pytest.mark.slow
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from soup_pipeline.config import Params, SoupParams
-from soup_pipeline.core.settings import DataParams
-from soup_pipeline.runtime.errors import IngredientError
 from soup_pipeline.core.ingredients import IngredientStore
 from soup_pipeline.core.models import classifier_spec
 from soup_pipeline.core.portable_classifier import classifier_from_spec
+from soup_pipeline.core.settings import DataParams
+from soup_pipeline.runtime.errors import IngredientError
 from soup_pipeline.stages import importer
 
 PARAMS = Params(data=DataParams(pretrain_size=10, train_size=10, heldout_size=50, test_size=10),

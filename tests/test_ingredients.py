@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from soup_pipeline.core.settings import SoupSettings
-from soup_pipeline.runtime.errors import IngredientError, SoupError
 from soup_pipeline.core import ingredients
 from soup_pipeline.core.ingredients import IngredientStore, import_checkpoint, read_ingredient, save_ingredient
+from soup_pipeline.core.settings import SoupSettings
+from soup_pipeline.runtime.errors import IngredientError, SoupError
 from soup_pipeline.soups import method_params, run_method
 from soup_pipeline.soups.engine.base import OverfittingWarning, overfitting_said_once
-
 from toys import DEVICE, Toy, params_for, toy_ingredients, toy_objective
 
 PARAMS = dict(device=DEVICE, batch_size=32, passes=1.0)

@@ -8,17 +8,17 @@ import math
 import pytest
 import torch
 
-from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.core.ingredients import IngredientStore, save_ingredient
+from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.soups import SPECS, Objective, get_spec, method_params, run_method
-from soup_pipeline.soups.methods.dare import DareParams, DareTiesParams, dare, dare_ties
 from soup_pipeline.soups.engine.layers import group_layers
+from soup_pipeline.soups.methods.dare import DareParams, DareTiesParams, dare, dare_ties
 from soup_pipeline.soups.methods.model_stock import ModelStockParams, model_stock
 from soup_pipeline.soups.methods.task_arithmetic import TaskArithmeticParams, task_arithmetic
 from soup_pipeline.soups.methods.ties import TiesParams, ties
 from soup_pipeline.soups.methods.wise_ft import WiseFTParams, WiseFTSoupParams, wise_ft, wise_ft_soup
-from test_soup_search import Counted
 from tensor_bytes import LiveTensorBytes
+from test_soup_search import Counted
 from toys import Blocks, Deep, Toy, toy_data, toy_ingredients
 
 MERGES = ["task_arithmetic", "ties", "dare", "dare_ties", "model_stock", "wise_ft", "wise_ft_soup"]

@@ -12,12 +12,17 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from soup_pipeline.core.ingredients import read_state_file
-from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.core.models import (
-    TINY_ARCH, ImageClassifier, classifier_from_clip, classifier_spec, load_clip, model_config,
+    TINY_ARCH,
+    ImageClassifier,
+    classifier_from_clip,
+    classifier_spec,
+    load_clip,
+    model_config,
     zero_shot_head,
 )
 from soup_pipeline.core.portable_classifier import classifier_from_spec
+from soup_pipeline.runtime.errors import SoupError
 
 CLASSNAMES = ["zero", "one", "two"]
 TEMPLATES = ["a photo of the digit {}.", "the number {}."]

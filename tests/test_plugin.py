@@ -149,10 +149,10 @@ def test_a_teams_own_flow_calls_the_soup_subflow_on_a_real_prefect_server(tmp_pa
 def test_the_subflows_ingredient_task_refuses_a_checkpoint_that_does_not_fit_and_writes_nothing(tmp_path):
     from safetensors.torch import save_file
 
-    from soup_pipeline.runtime.errors import IngredientError
     from soup_pipeline.core.models import classifier_spec
     from soup_pipeline.core.portable_classifier import classifier_from_spec
     from soup_pipeline.prefect import ingredient_task
+    from soup_pipeline.runtime.errors import IngredientError
 
     spec = classifier_spec("soup-tiny-vit", 10)
     state = classifier_from_spec(classifier_spec("soup-tiny-vit", 7)).state_dict()  # a head for 7 classes, not 10

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.evaluation import selection
 from soup_pipeline.evaluation.selection import choose_on_select, compared_rows
+from soup_pipeline.runtime.errors import SoupError
 
 N = 600  # select examples: 200 source images x 3 views
 GROUPS = torch.arange(N) // 3

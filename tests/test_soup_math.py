@@ -8,14 +8,13 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from soup_pipeline.core.data import fetch_batch
 from soup_pipeline.soups import Objective, run_method
 from soup_pipeline.soups.engine import fused
-from soup_pipeline.core.data import fetch_batch
 from soup_pipeline.soups.engine.fused import stack_projections, stack_rebuild
-from soup_pipeline.soups.methods.hyperplane import hyperplane_soup
 from soup_pipeline.soups.engine.layers import group_layers
 from soup_pipeline.soups.engine.mixing import group_rows, tensor_columns, tensor_rows
-
+from soup_pipeline.soups.methods.hyperplane import hyperplane_soup
 from toys import DEVICE, Blocks, Toy, params_for, toy_data, toy_ingredients, toy_objective
 
 PARAMS = dict(device=DEVICE, batch_size=32, passes=1.0, lr=0.05, seed=3, prefetch=False)

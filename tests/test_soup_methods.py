@@ -8,11 +8,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from soup_pipeline.core.ingredients import IngredientStore, save_ingredient
-from soup_pipeline.soups import Objective, run_method
 from soup_pipeline.evaluation.scoring import loss_and_accuracy
+from soup_pipeline.soups import Objective, run_method
 from soup_pipeline.soups.engine.base import model_at
 from soup_pipeline.soups.methods.hyperplane import hyperplane_soup
-
 from toys import DEVICE, params_for, toy_ingredients, toy_objective
 
 PARAMS = dict(device=DEVICE, batch_size=32, passes=2.0, seed=0)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.core.ingredients import IngredientStore, save_ingredient
+from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.soups import SPECS, Objective, method_params, run_method
 from toys import params_for, toy_data, toy_ingredients, toy_objective
 

@@ -14,11 +14,11 @@ from safetensors.torch import save_file
 from mlflow_server import serve_mlflow
 from soup_pipeline.cli import main
 from soup_pipeline.config import Params, SoupParams
-from soup_pipeline.core.settings import DataParams
-from soup_pipeline.runtime.errors import IngredientError
 from soup_pipeline.core.ingredients import IngredientStore, file_sha256
 from soup_pipeline.core.models import classifier_spec
 from soup_pipeline.core.portable_classifier import classifier_from_spec
+from soup_pipeline.core.settings import DataParams
+from soup_pipeline.runtime.errors import IngredientError
 from soup_pipeline.stages import importer
 from soup_pipeline.tracking.mlflow_sources import mlflow_sources
 

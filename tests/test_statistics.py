@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from soup_pipeline.evaluation.statistics import (
+    McNemar,
+    mcnemar_exact,
+    mean_interval,
+    paired_bootstrap_interval,
+    paired_comparison,
+)
 from soup_pipeline.runtime.errors import SoupError
-from soup_pipeline.evaluation.statistics import McNemar, mcnemar_exact, mean_interval, paired_bootstrap_interval, paired_comparison
 
 T_975_2_DF = 4.302652729911275  # Student-t 0.975 quantile, 2 degrees of freedom
 T_975_4_DF = 2.7764451051977987  # 4 degrees of freedom

@@ -19,8 +19,8 @@ from mlflow import MlflowClient
 
 from mlflow_server import free_port, serve_mlflow
 from soup_pipeline import tracking
-from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.core.ingredients import file_sha256
+from soup_pipeline.runtime.errors import SoupError
 from test_ingredients import flip_data_byte
 
 SPEC = {"builder": f"{__name__}:tiny_classifier", "channels": 1, "image_size": 8, "hidden": 16, "num_classes": 10}

@@ -28,9 +28,9 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ..runtime.errors import SoupError
 from .batches import Inputs
 from .settings import DataParams
-from ..runtime.errors import SoupError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default (OpenAI CLIP) normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -74,7 +74,8 @@ def stratified_indices(labels: torch.Tensor, sizes: Sequence[int], seed: int) ->
     labels = torch.as_tensor(labels)
     n = len(labels)
     if min(sizes, default=0) < 0 or sum(sizes) > n:
-        raise SoupError(f"split sizes {list(sizes)} do not fit a data set of {n} images; make them smaller (and none negative)")
+        raise SoupError(f"split sizes {list(sizes)} do not fit a data set of {n} images; "
+                        "make them smaller (and none negative)")
     permutation = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     permuted = labels[permutation]
     position = torch.empty(n, dtype=torch.float64)
@@ -93,8 +94,8 @@ def select_split(labels: torch.Tensor, select_fraction: float, seed: int) -> tup
     n = len(labels)
     n_select = round(select_fraction * n)
     if not 0 < n_select < n:
-        raise SoupError(f"data.select_fraction {select_fraction} leaves {n_select} of {n} held-out examples for select; "
-                        "both fit and select need some: use a fraction between 0 and 1 or more held-out data")
+        raise SoupError(f"data.select_fraction {select_fraction} leaves {n_select} of {n} held-out examples for "
+                        "select; both fit and select need some: use a fraction between 0 and 1 or more held-out data")
     select, fit = stratified_indices(labels, [n_select, n - n_select], seed)
     return fit.sort().values, select.sort().values
 
@@ -174,9 +175,10 @@ def digits_splits(params: DataParams, mean: Sequence[float] = CLIP_MEAN, std: Se
     pool_size = len(labels) - params.heldout_size - params.test_size
     if pool_size < max(params.train_size, params.pretrain_size):
         raise SoupError(f"data: heldout_size {params.heldout_size} + test_size {params.test_size} leave {pool_size} of "
-                        f"{len(labels)} digits for training, fewer than train_size {params.train_size} or pretrain_size "
-                        f"{params.pretrain_size}; make the splits smaller")
-    heldout, test, pool = stratified_indices(labels, [params.heldout_size, params.test_size, pool_size], params.split_seed)
+                        f"{len(labels)} digits for training, fewer than train_size {params.train_size} or "
+                        f"pretrain_size {params.pretrain_size}; make the splits smaller")
+    heldout, test, pool = stratified_indices(labels, [params.heldout_size, params.test_size, pool_size],
+                                             params.split_seed)
     target = {"rotation": params.target_rotation, "noise": params.target_noise}
 
     def views(index: torch.Tensor, count: int, seed: int, rotation: float, noise: float) -> TensorDataset:
@@ -211,8 +213,8 @@ class TokenizedDataset(Dataset):
         self.encodings = {name: torch.as_tensor(values) for name, values in encodings.items()}
         wrong = {name: len(values) for name, values in self.encodings.items() if len(values) != len(self.labels)}
         if not self.encodings or wrong:
-            raise SoupError(f"tokenized data set: {len(self.labels)} labels, but encodings of lengths {wrong or 'none'}; "
-                            "give one row of every named tensor per label (pad to one length)")
+            raise SoupError(f"tokenized data set: {len(self.labels)} labels, but encodings of lengths "
+                            f"{wrong or 'none'}; give one row of every named tensor per label (pad to one length)")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -249,11 +251,13 @@ def source_views(sources: torch.Tensor, views: int) -> torch.Tensor:
 
 
 def image_folder_dataset(root: str | Path, transform: Callable | None) -> torchvision.datasets.ImageFolder:
-    """A torchvision ImageFolder (root/CLASS/IMAGE), with a clear error for a missing folder or an empty class folder."""
+    """A torchvision ImageFolder (root/CLASS/IMAGE), with a clear error for a missing folder or an empty class
+    folder."""
     try:
         dataset = torchvision.datasets.ImageFolder(str(root), transform=transform, allow_empty=True)
     except (FileNotFoundError, OSError) as exc:
-        raise SoupError(f"image folder {root} cannot be read ({exc}); it needs one sub-folder of images per class") from exc
+        raise SoupError(f"image folder {root} cannot be read ({exc}); "
+                        "it needs one sub-folder of images per class") from exc
     empty = sorted(set(dataset.classes) - {dataset.classes[target] for target in dataset.targets})
     if empty:
         raise SoupError(
@@ -311,7 +315,8 @@ def torchvision_dataset(name: str, root: str | Path, split: str, transform: Call
     """A torchvision data set already on disk (download=False); `split` is "train" or "test"."""
     cls = getattr(torchvision.datasets, name, None)
     if not isinstance(cls, type) or not issubclass(cls, Dataset):
-        raise SoupError(f"unknown torchvision data set {name!r}; use a class name from torchvision.datasets, e.g. 'CIFAR10'")
+        raise SoupError(f"unknown torchvision data set {name!r}; "
+                        "use a class name from torchvision.datasets, e.g. 'CIFAR10'")
     accepted = inspect.signature(cls).parameters
     options = {"root": str(root), "transform": transform, "download": False, "split": split, "train": split == "train"}
     if "split" in accepted:
@@ -347,7 +352,8 @@ def fit_and_select(heldout: Dataset, select_fraction: float, seed: int) -> tuple
 def _classnames(dataset: Dataset) -> tuple[str, ...]:
     classes = getattr(dataset, "classes", None)
     if not classes:
-        raise SoupError(f"{type(dataset).__name__} has no `classes` list; class names are needed for the zero-shot head")
+        raise SoupError(f"{type(dataset).__name__} has no `classes` list; "
+                        "class names are needed for the zero-shot head")
     return tuple(str(name).replace("_", " ") for name in classes)
 
 

@@ -90,7 +90,8 @@ def classifier_from_spec(spec: Mapping) -> ImageClassifier:
     missing = [key for key in ("num_classes", "model_config") if key not in spec]
     if missing:
         raise ValueError(f"classifier spec lacks {missing}; build it with soup_pipeline.core.models.classifier_spec")
-    from open_clip.model import _build_vision_tower  # open_clip only where a model is built (ingredients import this file)
+    # open_clip only where a model is built (ingredients import this file)
+    from open_clip.model import _build_vision_tower
 
     config = spec["model_config"]
     visual = _build_vision_tower(config["embed_dim"], config["vision_cfg"], config.get("quick_gelu", False))

@@ -25,8 +25,10 @@ class SoupSettings(Strict):
     batch_size: int = Field(128, gt=0)  # held-out mini-batch size
     seed: int = 0  # seeds the ingredient permutations and the held-out stream
     device: str = "auto"  # "auto" takes the GPU when there is one; else "cpu", "cuda", "cuda:1"
-    storage_dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = None  # ingredient dtype in memory; None = the file's
-    nproc: int = Field(1, ge=1)  # processes (torchrun, one per GPU) for the methods that run distributed; results do not depend on it
+    storage_dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = None  # ingredient dtype in memory;
+    # None = the file's
+    nproc: int = Field(1, ge=1)  # processes (torchrun, one per GPU) for the methods that run distributed; results do
+    # not depend on it
 
 
 def error_lines(exc: ValidationError, prefix: str = "") -> list[str]:
@@ -91,7 +93,8 @@ class ModelParams(Strict):
     family: str = "open_clip"  # open_clip, timm, torchvision, or "package.module:function" (a team's own builder)
     arch: str = "soup-tiny-vit"  # the family's architecture name; the default is the tiny open_clip ViT shipped here
     kwargs: dict[str, Any] = {}  # timm, torchvision, own builder: keyword arguments of the model's constructor
-    pretrained: str | None = None  # None: pre-train `arch` here first; else a local weights file (open_clip: or a tag in the local cache)
+    pretrained: str | None = None  # None: pre-train `arch` here first; else a local weights file (open_clip: or a tag
+    # in the local cache)
     cache_dir: str | None = None  # cache to resolve open_clip tags from; None = the Hugging Face default cache
 
     @field_validator("family")
@@ -99,7 +102,8 @@ class ModelParams(Strict):
     def _known_family(cls, value: str) -> str:
         module, sep, function = value.partition(":")
         if value not in FAMILIES and not (sep and module and function):
-            raise ValueError(f"unknown model family {value!r}; use one of {list(FAMILIES)} or 'package.module:function'")
+            raise ValueError(f"unknown model family {value!r}; use one of {list(FAMILIES)} "
+                             "or 'package.module:function'")
         return value
 
 
@@ -110,9 +114,11 @@ class DataParams(Strict):
     """Where the images come from and how they are split."""
 
     source: Literal["digits", "image_folder", "torchvision"] = "digits"  # digits = scikit-learn's, the embedded default
-    root: str | None = None  # image_folder: a folder with train/ heldout/ test/ [test_shift/]; torchvision: the data set's root
+    root: str | None = None  # image_folder: a folder with train/ heldout/ test/ [test_shift/]; torchvision: the data
+    # set's root
     torchvision_name: str | None = None  # torchvision.datasets class already on disk, e.g. "CIFAR10" (never downloaded)
-    templates: list[str] | None = None  # prompt templates, each with one {} for the class name; None = the source's default
+    templates: list[str] | None = None  # prompt templates, each with one {} for the class name; None = the source's
+    # default
     image_size: int = Field(32, gt=0)  # digits: side the 8x8 images are upscaled to; image folders with timm,
     # torchvision or an own builder: the side images are resized and cropped to (open_clip's architecture has its own)
     pretrain_size: int = Field(400, ge=0)  # digits: clean images for contrastive pre-training, from the training pool
@@ -123,9 +129,12 @@ class DataParams(Strict):
     select_fraction: float = Field(0.5, gt=0, lt=1)  # share of the held-out data in the select role (the rest fits)
     split_seed: int = 0  # seeds the split permutations and the target-task views
     target_rotation: float = Field(20.0, ge=0)  # digits: max |rotation| in degrees of a target-task view
-    target_scale: tuple[float, float] = (0.8, 1.0)  # digits: the digit's side as a fraction of the canvas, drawn uniformly
-    target_offset: float = Field(0.08, ge=0, lt=0.5)  # digits: max |move| of the digit's centre, as a fraction of the side
-    target_noise: float = Field(0.1, ge=0)  # digits: std of Gaussian pixel noise (pixels in [0, 1]) of a target-task view
+    target_scale: tuple[float, float] = (0.8, 1.0)  # digits: the digit's side as a fraction of the canvas, drawn
+    # uniformly
+    target_offset: float = Field(0.08, ge=0, lt=0.5)  # digits: max |move| of the digit's centre, as a fraction of the
+    # side
+    target_noise: float = Field(0.1, ge=0)  # digits: std of Gaussian pixel noise (pixels in [0, 1]) of a target-task
+    # view
     shift_rotation: float = Field(45.0, ge=0)  # digits: max |rotation| in degrees of the shifted test views
     shift_noise: float = Field(0.25, ge=0)  # digits: std of Gaussian pixel noise of the shifted test views
     shift_seed: int = 1  # seeds the shifted test views
@@ -149,7 +158,8 @@ class PretrainParams(Strict):
     weight_decay: float = Field(0.1, ge=0)  # AdamW weight decay (matrices only)
     batch_size: int = Field(32, gt=0)  # image-caption pairs per step
     warmup_frac: float = Field(0.1, ge=0, lt=1)  # linear warm-up share of the steps, cosine decay after
-    augmentation: Augmentation = "light"  # augmentation preset (robust features make fine-tuning with augmentation work)
+    augmentation: Augmentation = "light"  # augmentation preset (robust features make fine-tuning with augmentation
+    # work)
     seed: int = 0  # seeds the initialisation, the shuffling, the augmentation and the caption choice
     device: str = "auto"  # "auto" takes the GPU when there is one; "cpu" for byte-identical reruns
 
@@ -170,7 +180,8 @@ class FinetuneParams(Strict):
 class SweepParams(Strict):
     """Seeded random search: member k's hyperparameters depend only on (seed, k)."""
 
-    members: list[int] = list(range(12))  # member ids (K = how many); an int n means 0..n-1. Append ids to grow the sweep
+    members: list[int] = list(range(12))  # member ids (K = how many); an int n means 0..n-1. Append ids to grow the
+    # sweep
     seed: int = Field(0, ge=0)  # seeds every member's draw
     lr_range: tuple[float, float] = (3e-5, 1e-3)  # learning rate, drawn log-uniformly
     weight_decay_range: tuple[float, float] = (0.0, 0.2)  # weight decay, drawn uniformly
@@ -179,8 +190,10 @@ class SweepParams(Strict):
     augmentations: list[Augmentation] = ["none", "light", "strong"]  # presets drawn uniformly
     batch_size: int = Field(64, gt=0)  # images per step, the same for every member
     warmup_frac: float = Field(0.1, ge=0, lt=1)  # linear warm-up share of the steps, the same for every member
-    device: str = "auto"  # "auto"/"cuda": every visible GPU, member k on GPU k mod count; "cpu" for byte-identical reruns
-    per_device: int = Field(1, ge=1)  # fine-tunes that share one GPU at a time (the flow; on Dask, one GPU resource each)
+    device: str = "auto"  # "auto"/"cuda": every visible GPU, member k on GPU k mod count; "cpu" for byte-identical
+    # reruns
+    per_device: int = Field(1, ge=1)  # fine-tunes that share one GPU at a time (the flow; on Dask, one GPU resource
+    # each)
 
     @field_validator("members", mode="before")
     @classmethod
@@ -195,7 +208,8 @@ class SweepParams(Strict):
             _check_range(name, getattr(self, name))
         if self.lr_range[0] <= 0:
             raise ValueError(f"lr_range: low {self.lr_range[0]} must be > 0 (drawn log-uniformly)")
-        if self.weight_decay_range[0] < 0 or not 0 <= self.label_smoothing_range[0] <= self.label_smoothing_range[1] < 1:
+        smoothing = self.label_smoothing_range
+        if self.weight_decay_range[0] < 0 or not 0 <= smoothing[0] <= smoothing[1] < 1:
             raise ValueError("weight_decay_range must be >= 0 and label_smoothing_range within [0, 1)")
         if self.epochs_range[0] < 1:
             raise ValueError(f"epochs_range: low {self.epochs_range[0]} must be >= 1")
@@ -212,11 +226,13 @@ class EvaluateParams(Strict):
     remove_top: list[int] = [1, 3]  # Table 3: soups after removing the n best ingredients (by fit accuracy)
     bootstrap_seed: int = 0  # seeds the paired-bootstrap intervals of each method against greedy soup
     bootstrap_resamples: int = Field(2000, gt=0)  # paired-bootstrap resamples
-    basin_gap: float = Field(0.1, ge=0, le=1)  # warn when the uniform soup's fit accuracy is this far below the best member's
+    basin_gap: float = Field(0.1, ge=0, le=1)  # warn when the uniform soup's fit accuracy is this far below the best
+    # member's
 
 
 class KeyRuleParams(Strict):
-    """One rule of `imports.key_map`: keys starting with `prefix` (or matching `regex` at their start) get `to` there."""
+    """One rule of `imports.key_map`: keys starting with `prefix` (or matching `regex` at their start) get `to`
+    there."""
 
     to: str
     prefix: str | None = None
@@ -232,7 +248,9 @@ class KeyRuleParams(Strict):
 class ImportParams(Strict):
     """External checkpoints souped beside the sweep's fine-tunes (the `import` stage; soup_pipeline.core.sources)."""
 
-    sources: list[str] = []  # files, folders, globs, runs:/<run>/<path>, models:/<name>/<version|@alias>, experiment:<name>/<path>[?metric=...&top=N]
+    # files, folders, globs, runs:/<run>/<path>, models:/<name>/<version|@alias>,
+    # experiment:<name>/<path>[?metric=...&top=N]
+    sources: list[str] = []
     first_member: int = Field(1000, ge=0)  # member id of the first imported checkpoint; the next ones follow
     strip_prefix: str = ""  # removed from every key, e.g. "module."
     key_map: list[KeyRuleParams] = []  # ordered: the first rule matching a key renames it (core.key_maps)

@@ -24,15 +24,15 @@ from prefect.cache_policies import NONE
 from torch.utils.data import Dataset
 
 from ..core.data import DataSplits
-from ..evaluation.scoring import accuracies, predictor, split_correctness
-from ..evaluation.selection import BEST_INDIVIDUAL, compared_rows
-from ..core.ingredients import Ingredient, IngredientStore, file_sha256, read_ingredient, save_ingredient
 from ..core.families import family_of
+from ..core.ingredients import Ingredient, IngredientStore, file_sha256, read_ingredient, save_ingredient
 from ..core.portable_classifier import make_module
 from ..core.settings import ModelParams
+from ..evaluation.scoring import accuracies, predictor, split_correctness
+from ..evaluation.selection import BEST_INDIVIDUAL, compared_rows
+from ..runtime.devices import resolve_device
 from ..soups import Objective, SoupResult, get_spec, method_params, run_method
 from ..soups.engine.base import best_individual, model_at
-from ..runtime.devices import resolve_device
 from ..stages.importer import checked_state
 from ..tracking.pipeline_registration import register_external_soup
 

@@ -25,20 +25,20 @@ from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from soup_pipeline.config import Params, load_params
-from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.core.ingredients import Ingredient
+from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.runtime.kill_points import reached
-from soup_pipeline.soups import SoupResult
-from soup_pipeline.soups.engine.base import overfitting_said_once
-from soup_pipeline.workspace.loading import member_ids, with_members
-from soup_pipeline.workspace.paths import StagePaths
 from soup_pipeline.runtime.lock import file_lock, root_lock
 from soup_pipeline.runtime.placement import device_slots, member_device, sweep_devices, visible_gpus
-from soup_pipeline.workspace.code import CODE_DIGESTS, write_code_digests
+from soup_pipeline.soups import SoupResult
+from soup_pipeline.soups.engine.base import overfitting_said_once
 from soup_pipeline.stages import ablate, evaluate, finetune, importer, prepare, pretrain, soup
 from soup_pipeline.tracking import stage_runs as track, tracking_uri
-from soup_pipeline.tracking.pipeline_registration import recorded_results
 from soup_pipeline.tracking.mlflow_sources import mlflow_sources
+from soup_pipeline.tracking.pipeline_registration import recorded_results
+from soup_pipeline.workspace.code import CODE_DIGESTS, write_code_digests
+from soup_pipeline.workspace.loading import member_ids, with_members
+from soup_pipeline.workspace.paths import StagePaths
 
 MIN_MEMBERS = 2  # a soup of fewer ingredients is not a soup
 

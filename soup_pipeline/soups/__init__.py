@@ -9,16 +9,16 @@ from typing import Any, Mapping
 
 from pydantic import ValidationError
 
-from ..runtime.allocator import map_large_allocations
-from ..core.settings import SoupSettings, format_validation_error
-from ..runtime.errors import SoupError
 from ..core.ingredients import IngredientStore
+from ..core.settings import SoupSettings, format_validation_error
+from ..runtime.allocator import map_large_allocations
+from ..runtime.devices import rank_device, resolve_device
+from ..runtime.errors import SoupError
 from ..runtime.meters import measure
 from .comparators import ensemble
-from .methods import dare, greedy, hyperplane, learned, model_stock, search, task_arithmetic, ties, uniform, wise_ft
 from .engine.base import Method, MethodSpec, Objective, SoupResult
-from ..runtime.devices import rank_device, resolve_device
 from .engine.layers import SearchableParams
+from .methods import dare, greedy, hyperplane, learned, model_stock, search, task_arithmetic, ties, uniform, wise_ft
 
 SPECS: dict[str, MethodSpec] = {spec.name: spec for module in (uniform, greedy, learned, hyperplane, search, task_arithmetic,
                                                               ties, dare, model_stock, wise_ft, ensemble)

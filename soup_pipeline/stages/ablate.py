@@ -5,16 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..runtime.atomic import write_json
 from ..config import Params
 from ..core.data import DataSplits
-from ..evaluation.scoring import SPLIT_COLUMNS, predictor, split_accuracies
 from ..core.ingredients import IngredientStore
 from ..evaluation.plots import plot_curves
+from ..evaluation.scoring import SPLIT_COLUMNS, predictor, split_accuracies
+from ..evaluation.tables import markdown_table
+from ..runtime.atomic import write_json
+from ..runtime.devices import resolve_device
 from ..soups import run_method
 from ..soups.engine.base import model_at
-from ..runtime.devices import resolve_device
-from ..evaluation.tables import markdown_table
 from ..workspace.loading import load_splits, open_store, soup_objective
 from ..workspace.paths import StagePaths
 

@@ -12,20 +12,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..runtime.atomic import write_json
 from ..config import Params
 from ..core.data import DataSplits
-from ..runtime.errors import SoupError
-from ..soups.comparators.basin import diagnose
-from ..evaluation.scoring import predictor, split_outcomes
 from ..core.ingredients import IngredientStore
-from ..runtime.kill_points import reached
 from ..evaluation.plots import plot_methods, plot_mixing_weights
+from ..evaluation.scoring import predictor, split_outcomes
 from ..evaluation.selection import BEST_INDIVIDUAL, choose_on_select, compared_rows, registration_file
-from ..soups.engine.base import best_individual, model_at
-from ..runtime.devices import resolve_device
-from ..soups.comparators.ensemble import ensemble_logits
 from ..evaluation.tables import markdown_table
+from ..runtime.atomic import write_json
+from ..runtime.devices import resolve_device
+from ..runtime.errors import SoupError
+from ..runtime.kill_points import reached
+from ..soups.comparators.basin import diagnose
+from ..soups.comparators.ensemble import ensemble_logits
+from ..soups.engine.base import best_individual, model_at
 from ..workspace.loading import load_splits, open_anchor, open_store, read_json, soup_objective
 from ..workspace.paths import StagePaths
 from ..workspace.results import ingredient_rows, with_costs

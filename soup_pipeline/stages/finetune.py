@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Params
-from ..training.finetune import finetune
 from ..core.ingredients import Ingredient, read_ingredient
+from ..core.models import base_model_id
 from ..runtime.kill_points import reached
 from ..runtime.placement import member_device, sweep_devices, visible_gpus
-from ..core.models import base_model_id
-from ..workspace.inputs import stage_inputs_sha256
+from ..training.finetune import finetune
 from ..training.sweep import sample_hparams
+from ..workspace.inputs import stage_inputs_sha256
 from ..workspace.loading import load_splits
 from ..workspace.paths import StagePaths, base_reference
 

@@ -18,20 +18,20 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..runtime.atomic import write_json
 from ..config import Params
 from ..core.data import DataSplits
-from ..runtime.errors import IngredientError
-from ..evaluation.scoring import predictor, split_accuracies
+from ..core.families import family_of
 from ..core.ingredients import Ingredient, check_finite, file_sha256, read_state_file, save_ingredient
 from ..core.key_maps import HEAD_BIAS, KeyMap, KeyRule, detect_layout, remap
-from ..core.families import family_of
 from ..core.models import base_model_id
 from ..core.portable_classifier import make_module
+from ..core.sources import Checkpoint, Remote, resolve
+from ..evaluation.scoring import predictor, split_accuracies
+from ..runtime.atomic import write_json
 from ..runtime.devices import resolve_device
+from ..runtime.errors import IngredientError
 from ..workspace.loading import load_splits
 from ..workspace.paths import StagePaths, base_reference
-from ..core.sources import Checkpoint, Remote, resolve
 
 
 def run(params: Params, root: str | Path, source: str | Path, member: int, *, strip_prefix: str = "",

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from ..runtime.atomic import write_json
 from ..config import Params
 from ..core.data import dataset_labels
+from ..runtime.atomic import write_json
 from ..workspace.loading import load_splits
 from ..workspace.paths import StagePaths
 

@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..runtime.atomic import write_json
 from ..config import Params
-from ..evaluation.scoring import predictor, split_accuracies
-from ..runtime.kill_points import reached
-from ..core.ingredients import save_ingredient
 from ..core.families import family_of
+from ..core.ingredients import save_ingredient
 from ..core.models import base_model_id
-from ..training.pretrain import pretrain, supervised_pretrain
+from ..evaluation.scoring import predictor, split_accuracies
+from ..runtime.atomic import write_json
 from ..runtime.devices import resolve_device
+from ..runtime.kill_points import reached
+from ..training.pretrain import pretrain, supervised_pretrain
 from ..workspace.inputs import stage_inputs_sha256
 from ..workspace.loading import load_splits, read_json
 from ..workspace.paths import StagePaths, base_reference

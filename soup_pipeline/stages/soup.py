@@ -10,18 +10,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 from ..config import Params
+from ..runtime.devices import rank_device, resolve_device
 from ..runtime.errors import SoupError
 from ..runtime.kill_points import armed, reached
-from ..workspace.loading import load_splits, open_anchor, open_store, soup_objective
-from ..workspace.paths import StagePaths
-from ..workspace.results import INFO_KEYS, read_result, write_result
 from ..runtime.lock import LOCK_HELD_ENV
 from ..soups import SoupResult, get_spec, run_method
 from ..soups.engine.base import Objective, model_at, role_metrics
-from ..runtime.devices import rank_device, resolve_device
 from ..soups.engine.distributed import launched_world, process_group
+from ..workspace.loading import load_splits, open_anchor, open_store, soup_objective
+from ..workspace.paths import StagePaths
+from ..workspace.results import INFO_KEYS, read_result, write_result
+
 
 def soup_metrics(result: SoupResult, objective: Objective, device) -> dict:
     """The numbers a soup is judged by before test data is touched: loss and accuracy on the fit and

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qsl
 
-from ..runtime.errors import IngredientError
 from ..core.sources import CHECKPOINT_SUFFIXES, Checkpoint, Remote
+from ..runtime.errors import IngredientError
 
 _EXPERIMENT_QUERY = ("metric", "top", "order")
 _REACH = "check MLFLOW_TRACKING_URI and that the tracking server is up"

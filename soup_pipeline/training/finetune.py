@@ -18,18 +18,18 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..core.settings import FinetuneParams, ModelParams, parse_section
-from .augment import augment
 from ..core.batches import Inputs, forward, to_device
 from ..core.data import DataSplits, fetch_batch
-from ..runtime.errors import SoupError
-from ..evaluation.scoring import predictor, split_accuracies
-from ..core.ingredients import Ingredient, save_ingredient
-from ..core.schedule import warmup_cosine_scheduler
 from ..core.families import family_of
+from ..core.ingredients import Ingredient, save_ingredient
 from ..core.models import base_model_id
-from ..runtime.randomness import OwnGlobalRNG
+from ..core.schedule import warmup_cosine_scheduler
+from ..core.settings import FinetuneParams, ModelParams, parse_section
+from ..evaluation.scoring import predictor, split_accuracies
 from ..runtime.devices import resolve_device
+from ..runtime.errors import SoupError
+from ..runtime.randomness import OwnGlobalRNG
+from .augment import augment
 
 EpochCallback = Callable[[int, float], None]  # (epoch index, mean training loss)
 

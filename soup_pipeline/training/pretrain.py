@@ -16,16 +16,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from ..runtime.atomic import atomic_path
-from .augment import augment
-from ..core.settings import PretrainParams
 from ..core.data import DataSplits
-from ..runtime.errors import SoupError
-from .finetune import EpochCallback, train_loop
 from ..core.models import TINY_ARCH, load_clip, tokenize_prompts
 from ..core.portable_classifier import make_module
-from ..runtime.randomness import OwnGlobalRNG
+from ..core.settings import PretrainParams
+from ..runtime.atomic import atomic_path
 from ..runtime.devices import resolve_device
+from ..runtime.errors import SoupError
+from ..runtime.randomness import OwnGlobalRNG
+from .augment import augment
+from .finetune import EpochCallback, train_loop
 
 LOGGER = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = 100.0  # the cap CLIP puts on exp(logit_scale)

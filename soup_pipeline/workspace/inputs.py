@@ -15,8 +15,8 @@ from pathlib import Path
 import yaml
 
 from ..config import Params
-from ..runtime.errors import SoupError
 from ..core.ingredients import unchanged_file_sha256
+from ..runtime.errors import SoupError
 
 
 def content_sha256(path: Path) -> str:

@@ -20,8 +20,8 @@ from typing import Mapping
 
 import torch
 
-from ...evaluation.scoring import loss_and_accuracy
 from ...core.ingredients import IngredientStore
+from ...evaluation.scoring import loss_and_accuracy
 from ..engine.base import Objective, best_individual, model_at
 from ..engine.task_vectors import checked_anchor, mean_pairwise_cosine
 

@@ -7,11 +7,11 @@ import functools
 import torch
 from torch.utils.data import Dataset
 
-from ...core.settings import SoupSettings
 from ...core.ingredients import IngredientStore
+from ...core.settings import SoupSettings
 from ...evaluation.scoring import model_logits
-from ..engine.base import MethodSpec, Objective, SoupResult, check_ingredient_count, model_at, uniform_beta
 from ...runtime.devices import resolve_device
+from ..engine.base import MethodSpec, Objective, SoupResult, check_ingredient_count, model_at, uniform_beta
 
 
 @torch.no_grad()

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ...core.settings import SoupSettings
 from ...core.batches import Inputs, to_device
 from ...core.data import fetch_batch
-from ...runtime.errors import SoupError
-from ...evaluation.scoring import loss_and_accuracy
 from ...core.ingredients import IngredientStore
+from ...core.settings import SoupSettings
+from ...evaluation.scoring import loss_and_accuracy
+from ...runtime.errors import SoupError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Method = Callable[..., "SoupResult"]

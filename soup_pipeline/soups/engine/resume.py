@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ...runtime.atomic import atomic_path
 from ...core.ingredients import IngredientStore
+from ...runtime.atomic import atomic_path
 
 STATE_FILE = "mehl_state.safetensors"
 

@@ -16,9 +16,9 @@ from typing import Annotated, Callable, Iterator, Mapping, Sequence
 import torch
 from pydantic import Field
 
+from ...core.ingredients import IngredientStore
 from ...core.settings import SoupSettings
 from ...runtime.errors import SoupError
-from ...core.ingredients import IngredientStore
 from .base import Objective, SoupResult
 
 State = dict[str, torch.Tensor]

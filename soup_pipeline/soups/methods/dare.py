@@ -20,8 +20,19 @@ import torch
 from ...core.ingredients import IngredientStore
 from ..engine.base import MethodSpec, Objective, SoupResult
 from ..engine.layers import Grid
-from ..engine.task_vectors import (DropRate, Prune, Pruning, Scale, ScaledParams, anchored_result, anchored_state,
-                                   checked_anchor, disjoint_merge, model_dtype, summed)
+from ..engine.task_vectors import (
+    DropRate,
+    Prune,
+    Pruning,
+    Scale,
+    ScaledParams,
+    anchored_result,
+    anchored_state,
+    checked_anchor,
+    disjoint_merge,
+    model_dtype,
+    summed,
+)
 
 
 class DareGrid(Grid):

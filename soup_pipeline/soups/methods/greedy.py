@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ...core.settings import SoupSettings
 from ...core.ingredients import IngredientStore
+from ...core.settings import SoupSettings
 from ...evaluation.scoring import loss_and_accuracy
-from ..engine.base import MethodSpec, Objective, SoupResult, check_ingredient_count, model_at
 from ...runtime.devices import resolve_device
+from ..engine.base import MethodSpec, Objective, SoupResult, check_ingredient_count, model_at
 
 
 def fit_accuracy(objective: Objective, state: dict[str, torch.Tensor], device: torch.device) -> float:

@@ -27,18 +27,27 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from ...core.batches import forward
+from ...core.ingredients import BlockPrefetcher, IngredientStore
 from ...core.schedule import warmup_cosine_scheduler
 from ...core.settings import SoupSettings
-from ...runtime.errors import SoupError
-from ...core.ingredients import BlockPrefetcher, IngredientStore
-from ..engine.base import (HeldOutStream, LossLog, MethodSpec, Objective, SoupResult, check_ingredient_count, mixable_keys,
-                   step_loss, warn_overfitting)
 from ...runtime.devices import rank_device, resolve_device
-from ..engine.layers import Grouping, SearchableParams, group_layers
+from ...runtime.errors import SoupError
+from ..engine.base import (
+    HeldOutStream,
+    LossLog,
+    MethodSpec,
+    Objective,
+    SoupResult,
+    check_ingredient_count,
+    mixable_keys,
+    step_loss,
+    warn_overfitting,
+)
 from ..engine.distributed import Combiner, Ranks
 from ..engine.fused import BlockStep, FlatTensors, ShapeOrder, bind_parameters, block_step
+from ..engine.layers import Grouping, SearchableParams, group_layers
 from ..engine.mixing import group_rows, per_tensor, row_norms, tensor_columns
-from ..engine.resume import resume_key, load_state, save_state, state_path
+from ..engine.resume import load_state, resume_key, save_state, state_path
 
 MASK_RTOL = 1e-6  # a direction with |d_{k,l}| <= MASK_RTOL * |c_l| is masked (its coefficient stays 0)
 

@@ -13,11 +13,20 @@ import torch
 from pydantic import Field
 
 from ...core.batches import Inputs, forward
-from ...core.settings import SoupSettings
 from ...core.ingredients import IngredientStore
-from ..engine.base import (HeldOutStream, LossLog, MethodSpec, Objective, SoupResult, check_ingredient_count, mixable_keys,
-                   step_loss, warn_overfitting)
+from ...core.settings import SoupSettings
 from ...runtime.devices import resolve_device
+from ..engine.base import (
+    HeldOutStream,
+    LossLog,
+    MethodSpec,
+    Objective,
+    SoupResult,
+    check_ingredient_count,
+    mixable_keys,
+    step_loss,
+    warn_overfitting,
+)
 from ..engine.layers import LayerwiseParams, group_layers
 from ..engine.mixing import MixAll, per_tensor, tensor_columns
 

@@ -18,11 +18,19 @@ from typing import ClassVar, Mapping
 
 import torch
 
-from ...core.settings import SoupSettings
 from ...core.ingredients import IngredientStore
+from ...core.settings import SoupSettings
 from ..engine.base import MethodSpec, Objective, SoupResult
-from ..engine.layers import GroupingName, Grid, LayerwiseParams, group_layers
-from ..engine.task_vectors import anchored_result, anchored_state, checked_anchor, floating_keys, group_cosines, model_dtype, summed
+from ..engine.layers import Grid, GroupingName, LayerwiseParams, group_layers
+from ..engine.task_vectors import (
+    anchored_result,
+    anchored_state,
+    checked_anchor,
+    floating_keys,
+    group_cosines,
+    model_dtype,
+    summed,
+)
 
 
 class GroupingGrid(Grid):

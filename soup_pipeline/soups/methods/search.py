@@ -15,11 +15,11 @@ import itertools
 import warnings
 from typing import Literal
 
-from ...core.settings import SoupSettings
-from ...runtime.errors import SoupError
 from ...core.ingredients import IngredientStore
-from ..engine.base import Method, MethodSpec, Objective, OverfittingWarning, SoupResult, model_at, role_metrics
+from ...core.settings import SoupSettings
 from ...runtime.devices import resolve_device
+from ...runtime.errors import SoupError
+from ..engine.base import Method, MethodSpec, Objective, OverfittingWarning, SoupResult, model_at, role_metrics
 from .hyperplane import BLOCKWISE, MEHLPlusParams, hyperplane_soup
 
 

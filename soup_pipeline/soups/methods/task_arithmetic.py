@@ -9,7 +9,15 @@ import torch
 from ...core.ingredients import IngredientStore
 from ..engine.base import MethodSpec, Objective, SoupResult
 from ..engine.layers import Grid
-from ..engine.task_vectors import Scale, ScaledParams, anchored_result, anchored_state, checked_anchor, model_dtype, summed
+from ..engine.task_vectors import (
+    Scale,
+    ScaledParams,
+    anchored_result,
+    anchored_state,
+    checked_anchor,
+    model_dtype,
+    summed,
+)
 
 
 class ScaleGrid(Grid):

@@ -18,8 +18,16 @@ import torch
 from ...core.ingredients import IngredientStore
 from ..engine.base import MethodSpec, Objective, SoupResult
 from ..engine.layers import Grid
-from ..engine.task_vectors import (Pruning, Scale, ScaledParams, Share, anchored_result, checked_anchor, disjoint_merge,
-                                   model_dtype)
+from ..engine.task_vectors import (
+    Pruning,
+    Scale,
+    ScaledParams,
+    Share,
+    anchored_result,
+    checked_anchor,
+    disjoint_merge,
+    model_dtype,
+)
 
 
 class TiesGrid(Grid):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ...core.settings import SoupSettings
 from ...core.ingredients import IngredientStore
+from ...core.settings import SoupSettings
 from ..engine.base import MethodSpec, Objective, SoupResult, check_ingredient_count, uniform_beta
 
 

@@ -13,12 +13,20 @@ from typing import Callable, ClassVar, Mapping
 
 import torch
 
+from ...core.ingredients import IngredientStore
 from ...core.settings import SoupSettings
 from ...runtime.errors import SoupError
-from ...core.ingredients import IngredientStore
 from ..engine.base import MethodSpec, Objective, SoupResult, best_individual
 from ..engine.layers import Grid
-from ..engine.task_vectors import Mix, State, anchored_result, anchored_state, checked_anchor, ingredient_tensor, model_dtype
+from ..engine.task_vectors import (
+    Mix,
+    State,
+    anchored_result,
+    anchored_state,
+    checked_anchor,
+    ingredient_tensor,
+    model_dtype,
+)
 
 
 class AlphaGrid(Grid):
