@@ -68,7 +68,8 @@ def write_open_clip(folder: Path, clip_state: Mapping[str, torch.Tensor], spec: 
 
 
 def write_classifier(folder: Path, classifier_state: Mapping[str, torch.Tensor], spec: Mapping) -> Path:
-    """`folder` as the classifier's weights.safetensors and model_spec.json, with portable_classifier.py to load them."""
+    """`folder` as the classifier's weights.safetensors and model_spec.json, with portable_classifier.py to load
+    them."""
     folder.mkdir(parents=True, exist_ok=True)
     portable_classifier.write_model_files(classifier_state, {**spec, "builder": portable_classifier.BUILTIN_BUILDER},
                                           folder)

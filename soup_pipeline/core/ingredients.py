@@ -54,7 +54,8 @@ class Ingredient:
 def sidecar_path(path: str | Path) -> Path:
     """The JSON sidecar that belongs to a weights file."""
     path = Path(path)
-    return path.with_name(path.name[: -len(SUFFIX)] + ".json") if path.name.endswith(SUFFIX) else path.with_suffix(".json")
+    return (path.with_name(path.name[: -len(SUFFIX)] + ".json") if path.name.endswith(SUFFIX)
+            else path.with_suffix(".json"))
 
 
 # A file changed less than this long before it is hashed is hashed again at every call: its next rewrite may fall in
@@ -114,7 +115,8 @@ def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
             )
 
 
-def save_ingredient(state_dict: Mapping[str, torch.Tensor], path: str | Path, *, meta: Mapping | None = None) -> Ingredient:
+def save_ingredient(state_dict: Mapping[str, torch.Tensor], path: str | Path, *,
+                    meta: Mapping | None = None) -> Ingredient:
     """Write a state dict and its sidecar atomically; the sidecar records the file's SHA-256."""
     path = Path(path)
     if not path.name.endswith(SUFFIX):
@@ -214,21 +216,23 @@ class IngredientStore:
         bases = {i.meta.get("base_model") for i in self.ingredients} - {None}
         if len(bases) > 1:
             raise IngredientError(
-                f"ingredients come from different base models {sorted(bases)}; soup only fine-tunes of one pre-trained model"
+                f"ingredients come from different base models {sorted(bases)}; "
+                "soup only fine-tunes of one pre-trained model"
             )
         for ingredient in self.ingredients[1:]:
             header = _header(ingredient.path)
             missing, extra = sorted(set(reference) - set(header)), sorted(set(header) - set(reference))
             if missing or extra:
                 raise IngredientError(
-                    f"{ingredient.path} does not match {first.path}: missing keys {missing[:5]}, extra keys {extra[:5]}; "
-                    "all ingredients must be fine-tunes of the same architecture"
+                    f"{ingredient.path} does not match {first.path}: missing keys {missing[:5]}, "
+                    f"extra keys {extra[:5]}; all ingredients must be fine-tunes of the same architecture"
                 )
             for key, (shape, dtype) in reference.items():
                 if header[key] != (shape, dtype):
                     raise IngredientError(
                         f"{ingredient.path}: tensor '{key}' is {header[key][1]} {list(header[key][0])} but "
-                        f"{first.path} has {dtype} {list(shape)}; export all ingredients with the same architecture and dtype"
+                        f"{first.path} has {dtype} {list(shape)}; "
+                        "export all ingredients with the same architecture and dtype"
                     )
         return reference
 
@@ -275,7 +279,8 @@ class IngredientStore:
                 try:
                     tensor = handle.get_tensor(key)
                 except Exception as exc:
-                    raise IngredientError(f"{ingredient.path}: tensor '{key}' cannot be read ({exc}); the file may be truncated, re-export it") from exc
+                    raise IngredientError(f"{ingredient.path}: tensor '{key}' cannot be read ({exc}); "
+                                          "the file may be truncated, re-export it") from exc
                 check_finite({key: tensor}, str(ingredient.path))
                 if self.storage_dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(self.storage_dtype)
@@ -286,7 +291,8 @@ class IngredientStore:
         keys = self.keys if keys is None else keys
         return self._track(dict(self._read(index, keys)), count=1)
 
-    def load_stacked(self, indices: Sequence[int], keys: Sequence[str], *, pin_memory: bool = False) -> dict[str, torch.Tensor]:
+    def load_stacked(self, indices: Sequence[int], keys: Sequence[str], *,
+                     pin_memory: bool = False) -> dict[str, torch.Tensor]:
         """Load a block of ingredients as one [b, *shape] tensor per key; counted as b while alive.
 
         The block's tensors are views of one allocation (`BlockMemory`), so freeing a block hands its
@@ -313,7 +319,8 @@ class IngredientStore:
         resident.memory = memory
         return resident
 
-    def centre(self, keys: Sequence[str] | None = None, *, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    def centre(self, keys: Sequence[str] | None = None, *,
+               dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """The uniform average of all ingredients, tensor by tensor (each key read from every ingredient in turn,
         accumulated in float64), so besides the result one tensor's sum and one ingredient's tensor are held.
 

@@ -37,7 +37,8 @@ class KeyRule:
         try:
             re.compile(self.pattern)
         except re.error as exc:
-            raise IngredientError(f"key rule regex {self.regex!r} does not compile ({exc}); fix imports.key_map") from exc
+            raise IngredientError(f"key rule regex {self.regex!r} does not compile ({exc}); "
+                                  "fix imports.key_map") from exc
 
     @property
     def pattern(self) -> str:
@@ -84,20 +85,21 @@ def detect_layout(keys: Sequence[str]) -> KeyMap:
 
 def remap(state: Mapping[str, torch.Tensor], key_map: KeyMap, expected: Sequence[str], *, source: str) -> dict:
     """`state` with `key_map` applied: dropped keys gone, renamed keys, the fills added; every key left must be one of
-    `expected` (the classifier's keys; with `head.bias` where its head may take a bias) and named once, else an error names the key and a rule
-    that would place it."""
+    `expected` (the classifier's keys; with `head.bias` where its head may take a bias) and named once, else an error
+    names the key and a rule that would place it."""
     renamed = [(key, new_name(key, key_map)) for key in state if not any(re.match(p, key) for p in key_map.drop)]
     allowed = set(expected)
     unplaced = [(original, new) for original, new in renamed if new not in allowed]
     if unplaced:
         original, new = unplaced[0]
         raise IngredientError(
-            f"{source}: key {original!r} (after {key_map.name or 'no mapping'}: {new!r}) is not a key of the classifier "
-            f"({len(unplaced)} such keys); {suggest_rule(original, expected)}, or drop it with imports.drop")
+            f"{source}: key {original!r} (after {key_map.name or 'no mapping'}: {new!r}) is not a key of the "
+            f"classifier ({len(unplaced)} such keys); {suggest_rule(original, expected)}, or drop it with imports.drop")
     targets = [new for _, new in renamed]
     twice = sorted({new for new in targets if targets.count(new) > 1})
     if twice:
-        raise IngredientError(f"{source}: several keys become {twice[:3]} under {key_map.name}; make the rules tell them apart")
+        raise IngredientError(f"{source}: several keys become {twice[:3]} under {key_map.name}; "
+                              "make the rules tell them apart")
     mapped = {new: state[original] for original, new in renamed}
     for key, value in key_map.fill.items():
         mapped.setdefault(key, torch.tensor(float(value)))
@@ -119,5 +121,6 @@ def suggest_rule(key: str, expected: Sequence[str]) -> str:
         if len(matches) == 1:
             target = matches[0]
             prefix, to = ".".join(parts[:start]) + ".", target[: len(target) - len(suffix)]
-            return f"a rule such as {KeyRule(prefix=prefix, to=to).describe()} in imports.key_map would place it at {target!r}"
+            return (f"a rule such as {KeyRule(prefix=prefix, to=to).describe()} in imports.key_map "
+                    f"would place it at {target!r}")
     return "no classifier key ends like it: check model.arch"

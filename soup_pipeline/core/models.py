@@ -50,7 +50,8 @@ def model_config(arch: str) -> dict:
     config = open_clip.get_model_config(arch)
     if config is None:
         raise SoupError(
-            f"unknown open_clip architecture {arch!r}; use one of open_clip.list_models(), e.g. {TINY_ARCH!r} or 'ViT-B-32'"
+            f"unknown open_clip architecture {arch!r}; use one of open_clip.list_models(), "
+            f"e.g. {TINY_ARCH!r} or 'ViT-B-32'"
         )
     return config
 
@@ -74,7 +75,8 @@ def _cached_tag_file(arch: str, tag: str, cache_dir: str | None) -> tuple[Path, 
             continue
     raise SoupError(
         f"open_clip tag {arch}/{tag} is not in the local cache ({cache_dir or 'the Hugging Face default cache'}) and "
-        f"nothing is downloaded here; fetch hf-hub {repo_id} into that cache on a connected machine, or pass a weights file path"
+        f"nothing is downloaded here; fetch hf-hub {repo_id} into that cache on a connected machine, "
+        "or pass a weights file path"
     )
 
 
@@ -84,7 +86,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise SoupError(
-            f"{path} does not fit the model: missing keys {sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}; "
+            f"{path} does not fit the model: missing keys {sorted(missing)[:5]}, "
+            f"unexpected keys {sorted(unexpected)[:5]}; "
             "check that model.arch is the architecture these weights were trained with"
         )
 
@@ -114,11 +117,14 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, cache_dir: str
         if tag_cfg.get("quick_gelu", False) != config.get("quick_gelu", False):
             raise SoupError(
                 f"tag {pretrained!r} was trained with quick_gelu={tag_cfg.get('quick_gelu', False)} but {arch!r} "
-                f"uses quick_gelu={config.get('quick_gelu', False)}; use the matching architecture (e.g. '{arch}-quickgelu')"
+                f"uses quick_gelu={config.get('quick_gelu', False)}; "
+                f"use the matching architecture (e.g. '{arch}-quickgelu')"
             )
-        overrides = {f"image_{key}": tag_cfg[key] for key in ("mean", "std", "interpolation", "resize_mode") if key in tag_cfg}
+        overrides = {f"image_{key}": tag_cfg[key] for key in ("mean", "std", "interpolation", "resize_mode")
+                     if key in tag_cfg}
     with _quiet_random_init_warning():
-        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(arch, pretrained=None, **overrides)
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(arch, pretrained=None,
+                                                                                        **overrides)
     if weights is not None:
         load_weights(model, weights)
     return LoadedClip(model, preprocess_train, preprocess_val, open_clip.get_tokenizer(arch), arch)

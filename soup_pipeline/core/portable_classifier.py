@@ -1,8 +1,8 @@
 """The classifier as it travels with the registered model: self-contained, so it loads without soup-pipeline.
 
 This file imports torch, numpy, Pillow, safetensors and open_clip only (open_clip where a model or a transform is
-built, transformers where a Hugging Face sequence classifier is; never a `soup_pipeline` module): MLflow logs it beside the registered model (`code_paths`), where it is the
-top-level module `portable_classifier`,
+built, transformers where a Hugging Face sequence classifier is; never a `soup_pipeline` module): MLflow logs it
+beside the registered model (`code_paths`), where it is the top-level module `portable_classifier`,
 so the model loads and predicts in an environment built from nothing but its own requirements. The
 pipeline imports the same file, so what the registry serves is what the pipeline evaluated.
 
@@ -174,7 +174,8 @@ def build_module(spec: Mapping, state_dict: Mapping[str, torch.Tensor]) -> nn.Mo
     try:
         module.load_state_dict(dict(state_dict), strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"weights do not fit the module built by {spec.get('builder', BUILTIN_BUILDER)}: {exc}") from exc
+        raise ValueError(f"weights do not fit the module built by {spec.get('builder', BUILTIN_BUILDER)}: "
+                         f"{exc}") from exc
     return module.eval()
 
 
@@ -230,8 +231,10 @@ def encoded_items(model_input: Any) -> Sequence | None:
         return encoded_items(model_input[IMAGE_COLUMN])
     if isinstance(model_input, (str, bytes)):
         return [model_input]
-    if isinstance(model_input, (list, tuple)) or (isinstance(model_input, np.ndarray) and model_input.dtype.kind in "OSUV"):
-        return list(np.asarray(model_input, dtype=object).ravel()) if isinstance(model_input, np.ndarray) else list(model_input)
+    if isinstance(model_input, (list, tuple)) or (isinstance(model_input, np.ndarray)
+                                                  and model_input.dtype.kind in "OSUV"):
+        return (list(np.asarray(model_input, dtype=object).ravel()) if isinstance(model_input, np.ndarray)
+                else list(model_input))
     return None
 
 
@@ -289,7 +292,8 @@ def prediction_columns(probs: torch.Tensor, names: Sequence[str]) -> dict[str, n
     """Per image: `label` (the most probable class's name), `probability` (its probability) and `p_<name>` for
     every class, as columns (a DataFrame's or a JSON record's)."""
     if probs.shape[1] != len(names):
-        raise ValueError(f"{len(names)} class names for {probs.shape[1]} outputs; register the model with its class names")
+        raise ValueError(f"{len(names)} class names for {probs.shape[1]} outputs; "
+                         "register the model with its class names")
     top = probs.argmax(dim=1)
     columns = {LABEL: np.asarray([names[i] for i in top.tolist()], dtype=object),
                PROBABILITY: probs.gather(1, top[:, None])[:, 0].numpy()}

@@ -208,8 +208,8 @@ class SweepParams(Strict):
             _check_range(name, getattr(self, name))
         if self.lr_range[0] <= 0:
             raise ValueError(f"lr_range: low {self.lr_range[0]} must be > 0 (drawn log-uniformly)")
-        smoothing = self.label_smoothing_range
-        if self.weight_decay_range[0] < 0 or not 0 <= smoothing[0] <= smoothing[1] < 1:
+        if (self.weight_decay_range[0] < 0
+                or not 0 <= self.label_smoothing_range[0] <= self.label_smoothing_range[1] < 1):
             raise ValueError("weight_decay_range must be >= 0 and label_smoothing_range within [0, 1)")
         if self.epochs_range[0] < 1:
             raise ValueError(f"epochs_range: low {self.epochs_range[0]} must be >= 1")

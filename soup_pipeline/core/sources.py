@@ -54,8 +54,10 @@ Remote = Callable[[str, Path], list[Checkpoint]]  # (MLflow source, download fol
 
 
 def resolve(sources: Sequence[str], download_dir: str | Path, *, remote: Remote | None = None) -> list[Checkpoint]:
-    """Every checkpoint the sources name, in order; MLflow sources through `remote`, downloading under `download_dir`."""
-    return [checkpoint for source in sources for checkpoint in resolve_one(str(source), Path(download_dir), remote=remote)]
+    """Every checkpoint the sources name, in order; MLflow sources through `remote`, downloading under
+    `download_dir`."""
+    return [checkpoint for source in sources
+            for checkpoint in resolve_one(str(source), Path(download_dir), remote=remote)]
 
 
 def resolve_one(source: str, download_dir: Path, *, remote: Remote | None = None) -> list[Checkpoint]:
@@ -63,7 +65,8 @@ def resolve_one(source: str, download_dir: Path, *, remote: Remote | None = None
     if source.startswith(MLFLOW_SCHEMES):
         if remote is None:
             raise IngredientError(f"source {source!r} is in MLflow, and no MLflow resolver was given; import it with "
-                                  "`soup-pipeline import` or pass remote=soup_pipeline.tracking.mlflow_sources.mlflow_sources()")
+                                  "`soup-pipeline import` or pass "
+                                  "remote=soup_pipeline.tracking.mlflow_sources.mlflow_sources()")
         return remote(source, download_dir)
     return _local(source)
 

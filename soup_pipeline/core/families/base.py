@@ -30,7 +30,8 @@ class ModelFamily(Protocol):
     def base_classifier(self, model, base: str | Path, splits: DataSplits) -> nn.Module: ...
 
 
-def image_preprocess(image_size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic") -> dict:
+def image_preprocess(image_size: int, mean: Sequence[float], std: Sequence[float],
+                     interpolation: str = "bicubic") -> dict:
     """Resize the shorter side to `image_size`, centre-crop, normalise: open_clip's preprocess keys."""
     return {"size": int(image_size), "mode": "RGB", "mean": [float(m) for m in mean], "std": [float(s) for s in std],
             "interpolation": interpolation, "resize_mode": "shortest", "fill_color": 0}
@@ -63,8 +64,9 @@ class LibraryFamily:
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise SoupError(f"{base} does not fit {self.name} {model.arch} with {len(splits.classnames)} classes: "
-                            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; give model.pretrained "
-                            "as a state dict of that module (with its head for these classes), or leave it out to "
+                            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; "
+                            "give model.pretrained as a state dict of that module (with its head for these classes), "
+                            "or leave it out to "
                             "pre-train here")
         return module
 

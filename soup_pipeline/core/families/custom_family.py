@@ -1,4 +1,5 @@
-"""A team's own module: `model.family: "package.module:function"`, called as function(num_classes=..., **model.kwargs)."""
+"""A team's own module: `model.family: "package.module:function"`, called as
+function(num_classes=..., **model.kwargs)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ from .base import LibraryFamily
 
 
 class TorchvisionFamily(LibraryFamily):
-    """Any torchvision classification model; ImageNet normalisation; the base is a state dict of it or pre-trained here."""
+    """Any torchvision classification model; ImageNet normalisation; the base is a state dict of it or pre-trained
+    here."""
 
     name = "torchvision"
     builder = "torchvision.models:get_model"
