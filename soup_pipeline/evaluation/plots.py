@@ -37,7 +37,8 @@ def plot_mixing_weights(beta: np.ndarray, ingredients: Sequence[str], layers: Se
     figure.savefig(path, dpi=120)
 
 
-def plot_methods(rows: Sequence[Mapping], path: str | Path, columns: Sequence[str] = ("fit_acc", "select_acc", "test_acc", "shifted_test_acc")) -> None:
+def plot_methods(rows: Sequence[Mapping], path: str | Path,
+                 columns: Sequence[str] = ("fit_acc", "select_acc", "test_acc", "shifted_test_acc")) -> None:
     """Grouped bars: one group per method, one bar per accuracy column."""
     methods = [row["method"] for row in rows]
     present = [c for c in columns if any(row.get(c) is not None for row in rows)]
@@ -56,7 +57,8 @@ def plot_methods(rows: Sequence[Mapping], path: str | Path, columns: Sequence[st
     figure.savefig(path, dpi=120)
 
 
-def plot_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path: str | Path, *, xlabel: str, ylabel: str) -> None:
+def plot_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path: str | Path, *, xlabel: str,
+                ylabel: str) -> None:
     """One line per name through (x, y) points, e.g. test accuracy against the number of ingredients (Fig. 2)."""
     figure = _figure(6.0, 4.0)
     axes = figure.add_subplot()

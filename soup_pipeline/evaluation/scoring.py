@@ -20,7 +20,8 @@ Predict = Callable[[Dataset], torch.Tensor]  # data set -> logits [N, classes]
 
 
 @torch.no_grad()
-def model_outputs(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def model_outputs(model: nn.Module, dataset: Dataset, batch_size: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, targets) of a model over a whole data set, read once, in data set order, on the CPU
     (half-precision logits promoted to float32)."""
     model.eval()
@@ -48,7 +49,8 @@ def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def loss_and_accuracy(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
-                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy) -> tuple[float, float]:
+                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+                      ) -> tuple[float, float]:
     """(mean loss, top-1 accuracy) of a model over a whole data set."""
     logits, targets = model_outputs(model, dataset, batch_size, device)
     return float(loss_fn(logits, targets)), accuracy(logits, targets)
@@ -60,7 +62,8 @@ def predictor(model: nn.Module, batch_size: int, device: torch.device) -> Predic
 
 
 def split_outcomes(predict: Predict, splits: DataSplits,
-                   roles: Sequence[str] = tuple(SPLIT_COLUMNS)) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                   roles: Sequence[str] = tuple(SPLIT_COLUMNS)
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per split of `roles` present: whether each example is classified right (bool) and its cross-entropy, in
     data set order."""
     correct, losses = {}, {}
@@ -73,7 +76,8 @@ def split_outcomes(predict: Predict, splits: DataSplits,
     return correct, losses
 
 
-def split_correctness(predict: Predict, splits: DataSplits, roles: Sequence[str] = tuple(SPLIT_COLUMNS)) -> dict[str, torch.Tensor]:
+def split_correctness(predict: Predict, splits: DataSplits,
+                      roles: Sequence[str] = tuple(SPLIT_COLUMNS)) -> dict[str, torch.Tensor]:
     """Per split of `roles` present: whether each example is classified right (bool, in data set order)."""
     return split_outcomes(predict, splits, roles)[0]
 
@@ -83,7 +87,8 @@ def accuracies(correct: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return {SPLIT_COLUMNS[split]: float(values.float().mean()) for split, values in correct.items()}
 
 
-def split_accuracies(predict: Predict, splits: DataSplits, roles: Sequence[str] = tuple(SPLIT_COLUMNS)) -> dict[str, float]:
+def split_accuracies(predict: Predict, splits: DataSplits,
+                     roles: Sequence[str] = tuple(SPLIT_COLUMNS)) -> dict[str, float]:
     """Accuracy of `predict` on every split of `roles` present."""
     return accuracies(split_correctness(predict, splits, roles))
 

@@ -27,7 +27,8 @@ from ..runtime.errors import SoupError
 from .scoring import accuracies, compare_to_reference
 from .statistics import bootstrap_mean_interval
 
-REFERENCE = "greedy"  # greedy soup, the practical default: every model is compared with it, and `auto` keeps it unless beaten
+REFERENCE = "greedy"  # greedy soup, the practical default: every model is compared with it, and `auto` keeps it
+# unless beaten
 BEST_INDIVIDUAL = "best_individual"  # the fine-tune with the highest fit accuracy: a row of every evaluation, and
 # the reference where greedy soup is not built
 NOT_CANDIDATES = ("zero_shot", "ensemble")  # the zero-shot model is not a fine-tune; the ensemble is K models

@@ -121,7 +121,8 @@ def soup_subflow(checkpoints: Sequence[str], *, arch: str, num_classes: int, fit
     work = Path(workdir).resolve()
     ingredients = [ingredient_task(str(c), k, spec, fit, select, str(work / "ingredients"), device=device).path
                    for k, c in enumerate(checkpoints)]
-    spec = read_ingredient(ingredients[0]).meta["classifier_spec"]  # as checked: with a head bias where the checkpoints have one
+    # as checked: with a head bias where the checkpoints have one
+    spec = read_ingredient(ingredients[0]).meta["classifier_spec"]
     objective = Objective(model_factory=lambda: make_module(spec), fit=fit, select=select, batch_size=batch_size)
     results: dict[str, SoupResult] = {}
     for m, settings in methods.items():  # in order: a refined soup (wise_ft_soup's `soup`) is listed before it

@@ -1,7 +1,8 @@
 """The soup pipeline as one Prefect flow, calling the same stage functions as `dvc repro`.
 
-prepare -> pretrain -> import (external checkpoints, when `imports.sources` names any) -> sweep (one task per member, fanned out on the task runner) -> one soup per
-method (one after another, so each is timed and measured alone) -> evaluate -> ablate ->
+prepare -> pretrain -> import (external checkpoints, when `imports.sources` names any) -> sweep (one task per
+member, fanned out on the task runner) -> one soup per method (one after another, so each is timed and measured
+alone) -> evaluate -> ablate ->
 `dvc commit` (+ `dvc push`) -> MLflow tables, soup runs and the registered soup.
 
 The task runner is threads by default; SOUP_TASK_RUNNER=dask runs the sweep on Dask, on the
@@ -203,4 +204,5 @@ def soup_pipeline_flow(params_path: str = "params.yaml", root: str = ".", overri
             versions = [record_soup_task(tracker, params, root, result, by_method[method], register=method == chosen)
                         for method, result in recorded.items()]
     return {"K": len(kept), "members": kept, "rows": rows, "registered_version": next(filter(None, versions), None),
-            "mlflow_run_id": tracker.parent_run_id, "dvc_committed": committed, "tracking_missed": track.missed(tracker)}
+            "mlflow_run_id": tracker.parent_run_id, "dvc_committed": committed,
+            "tracking_missed": track.missed(tracker)}

@@ -34,7 +34,8 @@ def sweep_devices(setting: str, cuda_count: int) -> list[str]:
     if setting == "cuda":
         return [f"cuda:{index}" for index in range(cuda_count)]
     if setting.startswith("cuda:") and int(setting.split(":")[1]) >= cuda_count:
-        raise SoupError(f"sweep.device {setting!r}: only {cuda_count} GPU(s) are visible (cuda:0 to cuda:{cuda_count - 1})")
+        raise SoupError(f"sweep.device {setting!r}: only {cuda_count} GPU(s) are visible "
+                        f"(cuda:0 to cuda:{cuda_count - 1})")
     return [setting]
 
 

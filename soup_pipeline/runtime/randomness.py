@@ -22,7 +22,8 @@ _GLOBAL_GENERATORS = threading.Lock()  # one holder at a time may swap torch's g
 
 
 class OwnGlobalRNG:
-    """torch's global CPU (and CUDA, for `device`) generator states of one run, as `torch.manual_seed(seed)` leaves them."""
+    """torch's global CPU (and CUDA, for `device`) generator states of one run, as `torch.manual_seed(seed)` leaves
+    them."""
 
     def __init__(self, seed: int, device: torch.device | str = "cpu"):
         device = torch.device(device)
