@@ -20,8 +20,9 @@ from .engine.base import Method, MethodSpec, Objective, SoupResult
 from .engine.layers import SearchableParams
 from .methods import dare, greedy, hyperplane, learned, model_stock, search, task_arithmetic, ties, uniform, wise_ft
 
-SPECS: dict[str, MethodSpec] = {spec.name: spec for module in (uniform, greedy, learned, hyperplane, search, task_arithmetic,
-                                                              ties, dare, model_stock, wise_ft, ensemble)
+SPECS: dict[str, MethodSpec] = {spec.name: spec for module in (uniform, greedy, learned, hyperplane, search,
+                                                              task_arithmetic, ties, dare, model_stock, wise_ft,
+                                                              ensemble)
                                 for spec in module.SPECS}
 SOUPS = [name for name, spec in SPECS.items() if spec.kind == "soup"]  # what can be built (one stage each)
 

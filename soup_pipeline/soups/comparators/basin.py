@@ -48,8 +48,9 @@ class Basin:
     def summary(self) -> str:
         cosine = ("not measured (no theta_0 for these ingredients)" if self.mean_cosine is None
                   else f"{self.mean_cosine:.3f}")
-        return (f"Basin: the uniform soup's fit accuracy is {self.uniform_fit_acc:.4f}, {100 * self.gap:.1f} points below "
-                f"the best member's {self.best_fit_acc:.4f}; the mean pairwise cosine of the task vectors is {cosine}.")
+        return (f"Basin: the uniform soup's fit accuracy is {self.uniform_fit_acc:.4f}, {100 * self.gap:.1f} points "
+                f"below the best member's {self.best_fit_acc:.4f}; the mean pairwise cosine of the task vectors is "
+                f"{cosine}.")
 
     @property
     def warning(self) -> str | None:
@@ -76,5 +77,6 @@ def diagnose(store: IngredientStore, objective: Objective, anchor: Mapping[str, 
 
     uniform_fit_acc = fit_accuracy(store.centre(dtype=dtype))
     best_fit_acc = fit_accuracy(store.load(best_individual(store)))
-    cosine = None if anchor is None else mean_pairwise_cosine(store, checked_anchor(store, anchor, "the basin diagnostic"))
+    cosine = (None if anchor is None
+              else mean_pairwise_cosine(store, checked_anchor(store, anchor, "the basin diagnostic")))
     return Basin(uniform_fit_acc=uniform_fit_acc, best_fit_acc=best_fit_acc, mean_cosine=cosine, gap_limit=gap_limit)

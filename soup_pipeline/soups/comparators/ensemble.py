@@ -15,7 +15,8 @@ from ..engine.base import MethodSpec, Objective, SoupResult, check_ingredient_co
 
 
 @torch.no_grad()
-def ensemble_logits(store: IngredientStore, objective: Objective, device: torch.device, dataset: Dataset) -> torch.Tensor:
+def ensemble_logits(store: IngredientStore, objective: Objective, device: torch.device,
+                    dataset: Dataset) -> torch.Tensor:
     """Mean logits of the K models over a data set, one model resident at a time."""
     total = None
     for index in range(len(store)):
@@ -26,7 +27,8 @@ def ensemble_logits(store: IngredientStore, objective: Objective, device: torch.
     return (total / len(store)).float()
 
 
-def ensemble(store: IngredientStore, objective: Objective, params: SoupSettings, *, name: str = "ensemble") -> SoupResult:
+def ensemble(store: IngredientStore, objective: Objective, params: SoupSettings, *,
+             name: str = "ensemble") -> SoupResult:
     """The ensemble as a result with no state dict; `info["predict"](dataset)` gives its logits."""
     check_ingredient_count(store)
     predict = functools.partial(ensemble_logits, store, objective, resolve_device(params.device))

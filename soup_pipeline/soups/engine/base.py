@@ -59,11 +59,13 @@ class SoupResult:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """What the registry, the params checks, the stages and the CLI know of a method; each method module declares its own."""
+    """What the registry, the params checks, the stages and the CLI know of a method; each method module declares
+    its own."""
 
     name: str
     run: Method  # run(store, objective, params, *, name, **options) -> SoupResult
-    params: type[SoupSettings] = SoupSettings  # its typed parameters: params.yaml's soup.methods.NAME on the shared soup keys
+    params: type[SoupSettings] = SoupSettings  # its typed parameters: params.yaml's soup.methods.NAME on the shared
+    # soup keys
     kind: str = "soup"  # "soup" (a state dict) or "ensemble" (predictions only: evaluated, never built as a stage)
     resumable: bool = False  # takes resume_dir= and continues after its last finished block
     distributed: bool = False  # runs across torch.distributed ranks, each holding its share of a block (soup.nproc)
@@ -123,7 +125,8 @@ def check_ingredient_count(store: IngredientStore) -> None:
 
 
 def best_individual(store: IngredientStore) -> int:
-    """The ingredient with the highest fit accuracy in its sidecar (first on ties): chosen on fit data, judged on the rest."""
+    """The ingredient with the highest fit accuracy in its sidecar (first on ties): chosen on fit data, judged on the
+    rest."""
     return max(range(len(store)), key=lambda k: store.ingredients[k].fit_acc or 0.0)
 
 
@@ -156,8 +159,8 @@ def role_metrics(model: nn.Module, objective: Objective, device: torch.device) -
     """{"fit_loss", "fit_acc", "select_loss", "select_acc"}: a model judged on both held-out roles."""
     out = {}
     for role in ("fit", "select"):
-        out[f"{role}_loss"], out[f"{role}_acc"] = loss_and_accuracy(model, getattr(objective, role), objective.batch_size,
-                                                                    device, objective.loss_fn)
+        out[f"{role}_loss"], out[f"{role}_acc"] = loss_and_accuracy(model, getattr(objective, role),
+                                                                    objective.batch_size, device, objective.loss_fn)
     return out
 
 
@@ -191,7 +194,8 @@ class LossLog:
         self._pending = []
         for value, where in zip(losses, places):
             if not math.isfinite(value):
-                raise SoupError(f"non-finite held-out loss ({value}) at {where}; lower the learning rate or check the ingredients")
+                raise SoupError(f"non-finite held-out loss ({value}) at {where}; "
+                                "lower the learning rate or check the ingredients")
             self.values.append(value)
 
 
@@ -219,7 +223,8 @@ class OverfittingWarning(UserWarning):
 
     def __init__(self, soups: Sequence[Overfit]):
         self.soups = tuple(soups)
-        verdict = "the soup may overfit them" if len(self.soups) == 1 else f"these {len(self.soups)} soups may overfit them"
+        verdict = ("the soup may overfit them" if len(self.soups) == 1
+                   else f"these {len(self.soups)} soups may overfit them")
         super().__init__("; ".join(map(str, self.soups)) + f": {verdict}; let select data choose the grouping "
                          "(grouping: auto) or use a coarser one")
 

@@ -101,7 +101,8 @@ class MixAll(torch.autograd.Function):
         ctx.dtype = weights.dtype
         outs = []
         for row, block in zip(weights.detach(), stacked):
-            outs.append(rebuild_(torch.empty(block.shape[1:], dtype=weights.dtype, device=block.device), None, row, block))
+            outs.append(rebuild_(torch.empty(block.shape[1:], dtype=weights.dtype, device=block.device), None, row,
+                                 block))
         return tuple(outs)
 
     @staticmethod

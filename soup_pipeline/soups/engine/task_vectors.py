@@ -82,7 +82,8 @@ def anchored_state(anchor: Mapping[str, torch.Tensor], dtype: torch.dtype, delta
                    scale: float = 1.0) -> State:
     """theta_0 + scale * delta(key) in `dtype`, built key by key in theta_0's order (`delta` in float64, computed as
     its key is reached); entries that are not floating are theta_0's."""
-    return {key: (value.to(torch.float64) + scale * delta(key)).to(dtype) if value.is_floating_point() else value.clone()
+    return {key: ((value.to(torch.float64) + scale * delta(key)).to(dtype) if value.is_floating_point()
+                  else value.clone())
             for key, value in anchor.items()}
 
 

@@ -56,7 +56,8 @@ class DareTiesParams(DareParams):
 
 def dropper(drop: float, seed: int, K: int) -> Pruning:
     """Pruning: tau_k with each entry dropped with probability `drop` and the rest scaled by 1 / (1 - drop); ingredient
-    k's generator draws its masks key after key, and is rewound to the key's start when a key's tensor is pruned again."""
+    k's generator draws its masks key after key, and is rewound to the key's start when a key's tensor is pruned
+    again."""
     generators = [torch.Generator().manual_seed(seed * 1_000_003 + index) for index in range(K)]
 
     def next_key() -> Prune:
@@ -75,8 +76,10 @@ def dare(store: IngredientStore, objective: Objective, params: DareParams, *,
     """theta_0 + scale * sum_k (tau_k dropped and rescaled)."""
     theta0 = checked_anchor(store, anchor, name)
     pruning = dropper(params.drop, params.seed, len(store))
-    state = anchored_state(theta0, model_dtype(objective), lambda key: summed(store, theta0, key, pruning()), params.scale)
-    return anchored_result(store, name, state, torch.full((len(store), 1), params.scale, dtype=torch.float64), ["model"], {})
+    state = anchored_state(theta0, model_dtype(objective), lambda key: summed(store, theta0, key, pruning()),
+                           params.scale)
+    return anchored_result(store, name, state, torch.full((len(store), 1), params.scale, dtype=torch.float64),
+                           ["model"], {})
 
 
 def dare_ties(store: IngredientStore, objective: Objective, params: DareTiesParams, *,

@@ -31,7 +31,8 @@ def fit_order(store: IngredientStore, objective: Objective, device: torch.device
     return sorted(scored, key=lambda pair: -pair[1])
 
 
-def greedy_soup(store: IngredientStore, objective: Objective, params: SoupSettings, *, name: str = "greedy") -> SoupResult:
+def greedy_soup(store: IngredientStore, objective: Objective, params: SoupSettings, *,
+                name: str = "greedy") -> SoupResult:
     """Start from the best ingredient; keep each next one only if the fit accuracy strictly improves.
 
     Memory: the float64 running sum, one ingredient and the candidate.

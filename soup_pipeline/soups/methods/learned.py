@@ -89,8 +89,9 @@ def learned_soup(store: IngredientStore, objective: Objective, params: LearnedPa
         for key, value in mixed(weights).items():
             model.get_parameter(key).copy_(value)
     state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return SoupResult(method=name, state_dict=state_dict, beta=weights.detach().cpu().double(), layer_names=grouping.names,
-                      ingredient_names=[i.name for i in store.ingredients], history=losses.values,
+    return SoupResult(method=name, state_dict=state_dict, beta=weights.detach().cpu().double(),
+                      layer_names=grouping.names, ingredient_names=[i.name for i in store.ingredients],
+                      history=losses.values,
                       info={"K": K, "L": grouping.size, "steps": steps, "temperature": float(temperature.detach())})
 
 

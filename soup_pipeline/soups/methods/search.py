@@ -46,7 +46,8 @@ def searched_soup(method: Method, store: IngredientStore, objective: Objective, 
     """
     if objective.select is None or len(objective.select) == 0:
         raise SoupError(f"{name} chooses its setting on select data, and the objective has none; give "
-                        "Objective(select=...) (or, for a hyperplane soup, a fixed grouping: 'tensor', 'block', 'model')")
+                        "Objective(select=...) (or, for a hyperplane soup, a fixed grouping: 'tensor', 'block', "
+                        "'model')")
     device = resolve_device(params.device)
     settings = list(params.search.SETS.values())
     rows, best, best_loss, blocks_reused = [], None, float("inf"), 0

@@ -7,7 +7,8 @@ from ...core.settings import SoupSettings
 from ..engine.base import MethodSpec, Objective, SoupResult, check_ingredient_count, uniform_beta
 
 
-def uniform_soup(store: IngredientStore, objective: Objective, params: SoupSettings, *, name: str = "uniform") -> SoupResult:
+def uniform_soup(store: IngredientStore, objective: Objective, params: SoupSettings, *,
+                 name: str = "uniform") -> SoupResult:
     """c = (1/K) sum_k theta_k; needs no data."""
     check_ingredient_count(store)
     model = objective.model_factory()

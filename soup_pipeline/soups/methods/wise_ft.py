@@ -45,8 +45,10 @@ class WiseFTSoupParams(WiseFTParams):
 
 def interpolated(theta0: Mapping[str, torch.Tensor], theta: Callable[[str], torch.Tensor], alpha: float,
                  dtype: torch.dtype) -> State:
-    """theta_0 + alpha * (theta - theta_0) in `dtype`, tensor by tensor (`theta(key)`: theta's tensor), in float64."""
-    return anchored_state(theta0, dtype, lambda key: theta(key).to(torch.float64) - theta0[key].to(torch.float64), alpha)
+    """theta_0 + alpha * (theta - theta_0) in `dtype`, tensor by tensor (`theta(key)`: theta's tensor), in
+    float64."""
+    return anchored_state(theta0, dtype, lambda key: theta(key).to(torch.float64) - theta0[key].to(torch.float64),
+                          alpha)
 
 
 def wise_ft(store: IngredientStore, objective: Objective, params: WiseFTParams, *,
