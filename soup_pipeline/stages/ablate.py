@@ -25,7 +25,8 @@ ACCURACY_COLUMNS = list(SPLIT_COLUMNS.values())
 
 def soup_accuracies(params: Params, store: IngredientStore, splits: DataSplits, method: str,
                     built: Path | None = None) -> dict[str, float]:
-    """`method` on `store`, measured on every split; `built` is the soup stage's file when it holds exactly this soup."""
+    """`method` on `store`, measured on every split; `built` is the soup stage's file when it holds exactly this
+    soup."""
     settings = params.soup.method(method)
     objective = soup_objective(params, store, splits, settings)
     device = resolve_device(settings.device)

@@ -38,8 +38,8 @@ TABLE_COLUMNS = RESULT_COLUMNS + COST_COLUMNS
 
 def evaluate_rows(params: Params, paths: StagePaths, store: IngredientStore,
                   splits: DataSplits) -> tuple[list[dict], dict[str, dict], dict[str, torch.Tensor]]:
-    """Rows: zero-shot, best individual, each soup built (`soup.methods`, then `soup.refine`), and the ensemble, each with its
-    accuracies and, where greedy soup is built, its paired comparison against it on the test sets; each model's
+    """Rows: zero-shot, best individual, each soup built (`soup.methods`, then `soup.refine`), and the ensemble, each
+    with its accuracies and, where greedy soup is built, its paired comparison against it on the test sets; each model's
     per-example correctness (method -> split -> booleans) and cross-entropy on the select data (method -> losses),
     for `register_method: auto`."""
     objective = soup_objective(params, store, splits)
@@ -75,8 +75,9 @@ def anchor_if_known(paths: StagePaths, store: IngredientStore) -> dict[str, torc
 
 def run(params: Params, root: str | Path) -> list[dict]:
     """Write runs/eval/{metrics.json, methods.json, table.md, ingredients.json, registration.json (the model select
-    data prefer, `soup_pipeline.evaluation.selection`), basin.json (`soup_pipeline.soups.comparators.basin`, warned when the members sit
-    apart)} and runs/eval/plots/*.png (the same bytes for the same inputs), and runs/costs/evaluation.md; return
+    data prefer, `soup_pipeline.evaluation.selection`), basin.json (`soup_pipeline.soups.comparators.basin`, warned
+    when the members sit apart)} and runs/eval/plots/*.png (the same bytes for the same inputs), and
+    runs/costs/evaluation.md; return
     the rows with each soup's cost."""
     paths = StagePaths(Path(root))
     store = open_store(params, paths)

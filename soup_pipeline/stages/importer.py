@@ -2,8 +2,9 @@
 
 Each file is read by the restricted loader (safetensors or `torch.load(weights_only=True)`), its keys mapped onto
 the classifier's (`imports.key_map` and `imports.drop`, or a recognised layout such as the public model-soups
-fine-tunes': `core.key_maps`), its keys and shapes checked against the classifier of `model.arch` and its tensors for NaN and Inf, and its fit and select
-accuracy are measured, so the imported ingredient is souped like any fine-tune of the sweep. `run_many` takes
+fine-tunes': `core.key_maps`), its keys and shapes checked against the classifier of `model.arch` and its tensors
+for NaN and Inf, and its fit and select accuracy are measured, so the imported ingredient is souped like any
+fine-tune of the sweep. `run_many` takes
 the sources `soup_pipeline.core.sources` resolves (folders, globs, MLflow runs, models and experiments), checks
 every checkpoint before it writes any ingredient, and records each one's lineage in its sidecar.
 """
@@ -46,7 +47,8 @@ def run(params: Params, root: str | Path, source: str | Path, member: int, *, st
 
 def run_many(params: Params, root: str | Path, sources: Sequence[str], *, first_member: int, strip_prefix: str = "",
              base_model: str = "external", remote: Remote | None = None) -> list[Ingredient]:
-    """Import every checkpoint the sources name (`soup_pipeline.core.sources`) as members first_member, first_member + 1, ...
+    """Import every checkpoint the sources name (`soup_pipeline.core.sources`) as members first_member,
+    first_member + 1, ...
 
     All are resolved and checked before the first ingredient is written; MLflow downloads go to a temporary
     folder under runs/.downloads/, removed afterwards."""
@@ -59,7 +61,8 @@ def run_many(params: Params, root: str | Path, sources: Sequence[str], *, first_
         for checkpoint in checkpoints:
             checked_state(_spec(params, splits), checkpoint.path, key_map=key_map, strip_prefix=strip_prefix)
         return [_import(params, root, splits, checkpoint, first_member + offset, key_map=key_map,
-                        strip_prefix=strip_prefix, base_model=base_model) for offset, checkpoint in enumerate(checkpoints)]
+                        strip_prefix=strip_prefix, base_model=base_model)
+                for offset, checkpoint in enumerate(checkpoints)]
 
 
 def key_map_of(params: Params) -> KeyMap:
@@ -81,7 +84,8 @@ def checked_state(spec: Mapping, path: str | Path, *, key_map: KeyMap = KeyMap()
     fits = f"{spec['arch']} with {spec['num_classes']} classes"
     raw = read_state_file(path, strip_prefix=strip_prefix)
     clip_classifier = "builder_kwargs" not in spec  # open_clip's classifier, whose head may take a bias
-    expected = dict(expected_shapes(json.dumps({**spec, "head_bias": True} if clip_classifier else spec, sort_keys=True)))
+    expected = dict(expected_shapes(json.dumps({**spec, "head_bias": True} if clip_classifier else spec,
+                                               sort_keys=True)))
     state = remap(raw, key_map or detect_layout(list(raw)), list(expected), source=str(path))
     spec = {key: value for key, value in spec.items() if key != "head_bias"}
     if clip_classifier and HEAD_BIAS in state:

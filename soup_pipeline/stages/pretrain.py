@@ -27,7 +27,8 @@ from ..workspace.paths import StagePaths, base_reference
 
 def settings(params: Params) -> dict:
     """What the base depends on: the model, the data and the pre-training params."""
-    return {"model": params.model.model_dump(), "data": params.data.model_dump(), "pretrain": params.pretrain.model_dump()}
+    return {"model": params.model.model_dump(), "data": params.data.model_dump(),
+            "pretrain": params.pretrain.model_dump()}
 
 
 def reusable(params: Params, root: str | Path) -> dict | None:
@@ -60,7 +61,8 @@ def run(params: Params, root: str | Path, *, reuse: bool = False) -> dict:
         pretrain(params.pretrain, splits, paths.base_weights, arch=params.model.arch,
                  on_epoch=lambda *_: reached("pretrain-epoch"))
     elif params.model.pretrained is None:
-        supervised_pretrain(params.pretrain, splits, paths.base_weights, spec, on_epoch=lambda *_: reached("pretrain-epoch"))
+        supervised_pretrain(params.pretrain, splits, paths.base_weights, spec,
+                            on_epoch=lambda *_: reached("pretrain-epoch"))
     base = base_reference(params, paths)
     device = resolve_device(params.pretrain.device)
     model = family.base_classifier(params.model, base, splits).to(device)
@@ -68,6 +70,7 @@ def run(params: Params, root: str | Path, *, reuse: bool = False) -> dict:
     base_id = base_model_id(params.model.arch, base)
     save_ingredient(model.state_dict(), paths.zero_shot_weights, meta={"base_model": base_id, "classifier_spec": spec})
     info = {"base": base_id, "arch": params.model.arch,
-            "chance_acc": 1.0 / len(splits.classnames), "zero_shot": zero_shot, "settings": settings(params), "inputs_sha256": inputs}
+            "chance_acc": 1.0 / len(splits.classnames), "zero_shot": zero_shot, "settings": settings(params),
+            "inputs_sha256": inputs}
     write_json(paths.base_info, info)
     return info

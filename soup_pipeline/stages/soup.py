@@ -76,7 +76,8 @@ def launch(params: Params, paths: StagePaths, method: str, nproc: int) -> None:
         given = Path(folder) / "params.json"  # JSON is YAML: the CLI reads it as its params file
         given.write_text(json.dumps(params.model_dump(mode="json")))
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                   "-m", "soup_pipeline.cli", "--params", str(given), "--root", str(paths.root), "soup", "--method", method]
+                   "-m", "soup_pipeline.cli", "--params", str(given), "--root", str(paths.root), "soup",
+                   "--method", method]
         done = subprocess.run(command, env={**os.environ, LOCK_HELD_ENV: "1"})
     if done.returncode != 0:
         raise SoupError(f"{method} on {nproc} processes failed (torchrun exit code {done.returncode}); the log above "

@@ -24,7 +24,8 @@ def model_files(model_dir: Path, source: str) -> tuple[Path, Path, str | None]:
     if not {portable_classifier.WEIGHTS, portable_classifier.SPEC} <= artifacts.keys():
         raise SoupError(f"{source} is not a soup registered by soup-pipeline (its model has the artifacts "
                         f"{sorted(artifacts)}, not {portable_classifier.WEIGHTS!r} and {portable_classifier.SPEC!r})")
-    weights, spec = (model_dir / artifacts[key]["path"] for key in (portable_classifier.WEIGHTS, portable_classifier.SPEC))
+    weights, spec = (model_dir / artifacts[key]["path"]
+                     for key in (portable_classifier.WEIGHTS, portable_classifier.SPEC))
     return weights, spec, (flavor.get("model_config") or {}).get(portable_classifier.WEIGHTS_SHA256)
 
 

@@ -62,7 +62,8 @@ def best_individual_result(params: Params, root: str | Path) -> SoupResult:
                       info={"members": [store.ingredients[best].name], "path": str(store.ingredients[best].path)})
 
 
-def recorded_results(params: Params, root: str | Path, soups: Mapping[str, SoupResult]) -> tuple[dict[str, SoupResult], str]:
+def recorded_results(params: Params, root: str | Path,
+                     soups: Mapping[str, SoupResult]) -> tuple[dict[str, SoupResult], str]:
     """The results a run records (its soups, and the best individual when it is the model registered) and the
     method registered."""
     chosen = registered_method(params, root)
@@ -88,7 +89,8 @@ def model_card(result: SoupResult, row: Mapping[str, Any], paths: StagePaths, *,
     """The registered version's description: what the model is, how it was chosen, and the run's evaluation table."""
     chosen = result.info.get("chosen")
     title = (f"## {result.method}: {result.info['members'][0]}, the fine-tune with the highest fit accuracy"
-             if result.method == BEST_INDIVIDUAL else f"## {result.method}: a soup of {len(result.ingredient_names)} fine-tunes")
+             if result.method == BEST_INDIVIDUAL
+             else f"## {result.method}: a soup of {len(result.ingredient_names)} fine-tunes")
     lines = [
         title,
         "",
@@ -113,7 +115,8 @@ def usage_card(name: str, spec: Mapping[str, Any], row: Mapping[str, Any]) -> st
     size = "x".join(map(str, portable_classifier.size_of(preprocess)))
     lines = [
         "", "### How to call it", "",
-        "Input: encoded images (PNG, JPEG, ...) as base64 strings in the column `image` of a DataFrame, one row per image;"
+        "Input: encoded images (PNG, JPEG, ...) as base64 strings in the column `image` of a DataFrame, "
+        "one row per image;"
         f" the model resizes and centre-crops them to {size} pixels and normalises them with mean "
         f"{list(preprocess['mean'])} and std {list(preprocess['std'])}, as the evaluation did. Or preprocessed float32 "
         f"images N x 3 x {size.replace('x', ' x ')} (`inputs` over HTTP).",
@@ -126,13 +129,14 @@ def usage_card(name: str, spec: Mapping[str, Any], row: Mapping[str, Any]) -> st
         '[[\\"$(base64 -w0 image.png)\\"]]}}"',
         "```", "",
         "### What it must not be used for", "",
-        f"- Images of classes outside its label set ({len(classes)} classes): it always answers one of them, and a high "
-        "probability does not mean the image belongs to any.",
+        f"- Images of classes outside its label set ({len(classes)} classes): it always answers one of them, "
+        "and a high probability does not mean the image belongs to any.",
     ]
     shifted, test = row.get("shifted_test_acc"), row.get("test_acc")
     if shifted is not None and test is not None:
         lines.append(f"- Data unlike its fit data: on the shifted test set (the same classes, stronger distortion) its "
-                     f"accuracy was {shifted:.4f}, against {test:.4f} on the test set; check it on your own data first.")
+                     f"accuracy was {shifted:.4f}, against {test:.4f} on the test set; "
+                     "check it on your own data first.")
     else:
         lines.append("- Data unlike its fit data: no shifted test set was measured; check it on your own data first.")
     return "\n".join(lines) + "\n"
@@ -158,8 +162,8 @@ def lineage(ingredients: Sequence[Ingredient], made_by: Mapping[str, str] | None
             for i in ingredients]
 
 
-def register_with_lineage(result: SoupResult, spec: Mapping[str, Any], tags: Mapping[str, Any], ingredients: Sequence[Ingredient],
-                          *, name: str, example, description: str) -> str:
+def register_with_lineage(result: SoupResult, spec: Mapping[str, Any], tags: Mapping[str, Any],
+                          ingredients: Sequence[Ingredient], *, name: str, example, description: str) -> str:
     """Register the soup from the active run, with its ingredients' lineage as the run's artifact
     `tables/lineage.*` and the version tag `lineage` pointing to it (each row names the run that made its ingredient:
     a fine-tune run of the pipeline run the active run is nested in, or the run it was imported from); idempotent by
@@ -169,7 +173,8 @@ def register_with_lineage(result: SoupResult, spec: Mapping[str, Any], tags: Map
         log_table(lineage(ingredients, finetune_runs(active_parent_run_id())), LINEAGE)
         pointer = f"runs:/{active_run_id()}/{TABLES_DIR}/{LINEAGE}.json"
         registered = register_soup(
-            result.state_dict, {"builder": portable_classifier.BUILTIN_BUILDER, **spec}, name=name, method=result.method,
+            result.state_dict, {"builder": portable_classifier.BUILTIN_BUILDER, **spec}, name=name,
+            method=result.method,
             tags={**{key: value for key, value in tags.items() if value is not None}, "lineage": pointer},
             input_example=example, description=description)
     reached("registered")

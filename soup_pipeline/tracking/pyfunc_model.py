@@ -31,13 +31,15 @@ try:  # the copy logged with the model (its code/ folder is on sys.path when MLf
 except ModuleNotFoundError:  # logging the model from inside the package: the same file
     from soup_pipeline.core import portable_classifier
 
-WEIGHTS, SPEC, WEIGHTS_SHA256 = portable_classifier.WEIGHTS, portable_classifier.SPEC, portable_classifier.WEIGHTS_SHA256
+WEIGHTS, SPEC, WEIGHTS_SHA256 = (portable_classifier.WEIGHTS, portable_classifier.SPEC,
+                                 portable_classifier.WEIGHTS_SHA256)
 
 
 def check_weights(path: str, config: dict | None) -> None:
     """Refuse weights whose SHA-256 is not the one logged in `config` (a model logged without one is not checked)."""
     portable_classifier.check_weights(
-        path, (config or {}).get(WEIGHTS_SHA256), recorded_in=f"the model's MLmodel file (model_config {WEIGHTS_SHA256})",
+        path, (config or {}).get(WEIGHTS_SHA256),
+        recorded_in=f"the model's MLmodel file (model_config {WEIGHTS_SHA256})",
         fix="register the soup again (re-run the soup stage with tracking) or restore the model's artifacts")
 
 

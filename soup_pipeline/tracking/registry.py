@@ -72,7 +72,8 @@ def register_soup(
             code_paths=[portable_classifier.__file__],  # the classifier travels with the model
             artifacts={portable_classifier.WEIGHTS: str(weights),
                        portable_classifier.SPEC: str(files[portable_classifier.SPEC_FILE])},
-            model_config={portable_classifier.WEIGHTS_SHA256: portable_classifier.file_sha256(weights)},  # checked on load
+            # checked on load
+            model_config={portable_classifier.WEIGHTS_SHA256: portable_classifier.file_sha256(weights)},
             signature=signature,
             input_example=input_example,
             pip_requirements=_pip_requirements(spec.get("requirements", ())),

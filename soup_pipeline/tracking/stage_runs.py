@@ -185,7 +185,8 @@ def log_soup(tracker: Tracker, params: Params, root: str | Path, result: SoupRes
              register: bool) -> str | None:
     """What `record_soup` logs, with MLflow up."""
     with child_run(tracker, result.method, kind="soup"):
-        settings = params.soup.method(result.method).model_dump(mode="json") if result.method in params.soup.built else {}
+        settings = (params.soup.method(result.method).model_dump(mode="json") if result.method in params.soup.built
+                    else {})
         log_params({"method": result.method, "K": len(result.ingredient_names),
                     "ingredients": result.ingredient_names, "soup": settings})
         if result.history:

@@ -90,7 +90,8 @@ def supervised_pretrain(params: PretrainParams, splits: DataSplits, out_path: st
 
 def _check_pretrain_split(splits: DataSplits) -> None:
     if splits.pretrain is None or len(splits.pretrain) == 0:
-        raise SoupError("no pre-training split; set data.pretrain_size > 0, or give model.pretrained to skip pre-training")
+        raise SoupError("no pre-training split; set data.pretrain_size > 0, "
+                        "or give model.pretrained to skip pre-training")
 
 
 def save_base(model: torch.nn.Module, out_path: str | Path, made_by: dict) -> Path:

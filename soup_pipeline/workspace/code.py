@@ -99,7 +99,8 @@ def _content(path: Path) -> bytes:
 
 def code_digest(stage: str) -> str:
     """The SHA-256 of the code `stage` runs in the installed package (paths and contents)."""
-    return hashlib.sha256(b"".join(rel.encode() + _content(PACKAGE.parent / rel) for rel in stage_code(stage))).hexdigest()
+    return hashlib.sha256(b"".join(rel.encode() + _content(PACKAGE.parent / rel)
+                                   for rel in stage_code(stage))).hexdigest()
 
 
 def write_code_digests(root: str | Path) -> list[Path]:

@@ -20,7 +20,8 @@ from ..runtime.errors import SoupError
 
 
 def content_sha256(path: Path) -> str:
-    """SHA-256 of a file's content, or of a folder's files (relative path and content, in order); "missing" when absent."""
+    """SHA-256 of a file's content, or of a folder's files (relative path and content, in order); "missing" when
+    absent."""
     if path.is_file():
         return unchanged_file_sha256(path)
     if path.is_dir():

@@ -16,7 +16,8 @@ from .loading import read_json
 from .paths import StagePaths
 
 MIB = 2**20
-INFO_KEYS = ("b", "model_epochs", "steps_per_block", "steps", "members", "chosen", "soup")  # of result.info, in metrics.json
+# of result.info, in metrics.json
+INFO_KEYS = ("b", "model_epochs", "steps_per_block", "steps", "members", "chosen", "soup")
 
 
 def soup_cost(result: SoupResult, processes: int) -> dict:
