@@ -15,9 +15,10 @@ FAST = {  # on top of TINY: the least work that still runs every stage
     "data": {"pretrain_size": 60, "train_size": 40, "heldout_size": 40, "test_size": 40},
     "pretrain": {"epochs": 1},
     "sweep": {"epochs_range": [1, 1]},
-    "soup": {"device": "cpu", "batch_size": 32, "methods": {"uniform": {}, "greedy": {}, "mehl_soup_plus": {"passes": 0.5, "nproc": 2},
-                                                           "mehl_soup_auto": {"passes": 0.5, "search": {  # two candidates
-                                                               "groupings": ["tensor", "model"], "lrs": [0.05]}}},
+    "soup": {"device": "cpu", "batch_size": 32,
+             "methods": {"uniform": {}, "greedy": {}, "mehl_soup_plus": {"passes": 0.5, "nproc": 2},
+                         "mehl_soup_auto": {"passes": 0.5, "search": {  # two candidates
+                             "groupings": ["tensor", "model"], "lrs": [0.05]}}},
              "refine": {"wise_ft_soup": {"soup": "mehl_soup_auto", "search": {"alphas": [0.5, 1.0]}}}},
     "evaluate": {"ingredient_counts": [], "remove_top": [], "bootstrap_resamples": 200},
     "tracking": {"system_metrics": False, "register_method": "mehl_soup_auto"},

@@ -8,8 +8,9 @@ from soup_pipeline.core.data import digits_splits
 from soup_pipeline.core.settings import DataParams, PretrainParams
 from soup_pipeline.training.pretrain import pretrain
 
-TINY_DATA = DataParams(pretrain_size=500, train_size=64, heldout_size=200, test_size=200, heldout_views=1,  # clean digits:
-                      target_rotation=0, target_scale=(1.0, 1.0), target_offset=0, target_noise=0)  # learnable in 1 epoch
+# clean digits: learnable in 1 epoch
+TINY_DATA = DataParams(pretrain_size=500, train_size=64, heldout_size=200, test_size=200, heldout_views=1,
+                      target_rotation=0, target_scale=(1.0, 1.0), target_offset=0, target_noise=0)
 TINY_PRETRAIN = PretrainParams(epochs=5, batch_size=16, lr=5e-4, augmentation="none", device="cpu")
 
 

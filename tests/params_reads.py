@@ -1,6 +1,7 @@
 """Which params keys a stage really reads: every field read of the `Params` tree is recorded, by dotted key,
 while the stage runs (a `model_dump` reads every field under it; a method's settings record a key it takes
-from its own section as `soup.methods.<method>.<key>` (`soup.refine.<method>.<key>`), one it inherits as `soup.<key>`)."""
+from its own section as `soup.methods.<method>.<key>` (`soup.refine.<method>.<key>`), one it inherits as
+`soup.<key>`)."""
 
 from __future__ import annotations
 

@@ -52,7 +52,8 @@ def serve_deployment(api: str, folder: Path, *, name: str, params: Path, root: P
                      env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
     """`python -m soup_pipeline.prefect.serve` against `api`; yields once the deployment is registered."""
     log = folder / f"serve-{name}.log"
-    command = [sys.executable, "-m", "soup_pipeline.prefect.serve", "--name", name, "--params", str(params), "--root", str(root)]
+    command = [sys.executable, "-m", "soup_pipeline.prefect.serve", "--name", name, "--params", str(params),
+               "--root", str(root)]
     full_env = {**os.environ, **(env or {}), "PREFECT_API_URL": api}
     with spawn(command, log, full_env, folder) as process:
         poll(lambda: deployment(api, name), timeout_s=90, process=process, log=log)
@@ -64,7 +65,8 @@ def worker(api: str, folder: Path, *, pool: str, env: dict[str, str] | None = No
     """`prefect worker start --pool POOL` against `api`; stopped with SIGINT (it ignores SIGTERM for long)."""
     log = folder / f"worker-{pool}.log"
     command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool]
-    with spawn(command, log, {**os.environ, **(env or {}), "PREFECT_API_URL": api}, folder, sig=signal.SIGINT) as process:
+    with spawn(command, log, {**os.environ, **(env or {}), "PREFECT_API_URL": api}, folder,
+               sig=signal.SIGINT) as process:
         yield process
 
 

@@ -2,9 +2,9 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/soup_ranks.py OUT METHOD [--crash-at BLOCK]
 
-The test makes the ingredients first (`toys.toy_ingredients(OUT / "ingredients", K)`). Every rank writes OUT/rank-R.json (what it held and its result's digest); rank 0 also writes
-OUT/result.safetensors (coefficients, beta and the soup). A crash is raised by rank 1 (or the
-only rank) at the first step of block BLOCK.
+The test makes the ingredients first (`toys.toy_ingredients(OUT / "ingredients", K)`). Every rank writes
+OUT/rank-R.json (what it held and its result's digest); rank 0 also writes OUT/result.safetensors (coefficients,
+beta and the soup). A crash is raised by rank 1 (or the only rank) at the first step of block BLOCK.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def main() -> None:
     args = parser.parse_args()
     with process_group(resolve_device("cpu")) as ranks:
         store = IngredientStore(sorted((args.out / "ingredients").glob("*.safetensors")))  # made by the test
-        params = params_for(args.method, **SETTINGS, grad_clip=args.grad_clip, nproc=ranks.world)  # as the stage sets it
+        # as the stage sets it
+        params = params_for(args.method, **SETTINGS, grad_clip=args.grad_clip, nproc=ranks.world)
         crash_rank = min(1, ranks.world - 1)
 
         def crash(event):

@@ -48,7 +48,8 @@ def test_the_next_run_closes_what_a_killed_run_left_running(tmp_path, monkeypatc
             run = client.get_run(run_id)
             assert run.info.status == "KILLED" and run.data.tags[RESUMED_BY_TAG] == tracker.parent_run_id
         assert client.get_run(tracker.parent_run_id).info.status == "RUNNING"
-    assert client.get_run(done_child).info.status == "FINISHED" and RESUMED_BY_TAG not in client.get_run(done_child).data.tags
+    assert (client.get_run(done_child).info.status == "FINISHED"
+            and RESUMED_BY_TAG not in client.get_run(done_child).data.tags)
     assert client.get_run(other).info.status == "RUNNING"
     assert client.get_run(first.parent_run_id).info.status == "FINISHED"
 
@@ -57,7 +58,8 @@ KILL = {  # on top of TINY: a short run (the tracking-server and Dask-worker tes
     "data": {"pretrain_size": 60, "train_size": 40, "heldout_size": 40, "test_size": 40},
     "pretrain": {"epochs": 1},
     "sweep": {"epochs_range": [1, 1]},
-    "soup": {"device": "cpu", "batch_size": 16, "methods": {"greedy": {}, "mehl_soup_auto": {"passes": 1.0}}, "refine": {}},
+    "soup": {"device": "cpu", "batch_size": 16, "methods": {"greedy": {}, "mehl_soup_auto": {"passes": 1.0}},
+             "refine": {}},
     "evaluate": {"ingredient_counts": [], "remove_top": [], "bootstrap_resamples": 200},
     "tracking": {"system_metrics": False, "register_method": "mehl_soup_auto"},
 }
@@ -129,15 +131,18 @@ def test_a_run_killed_at_every_stage_in_turn_ends_as_the_uninterrupted_flow_and_
     store = f"sqlite:///{repo / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=store, registry_uri=store)
     assert [str(v.version) for v in client.search_model_versions("name='soup-pipeline-soup'")] == ["1"]  # not two
-    assert {k: str(v) for k, v in client.get_registered_model("soup-pipeline-soup").aliases.items()} == {"champion": "1"}
-    runs = client.search_runs([client.get_experiment_by_name("soup-pipeline").experiment_id], order_by=["start_time ASC"])
+    assert ({k: str(v) for k, v in client.get_registered_model("soup-pipeline-soup").aliases.items()}
+            == {"champion": "1"})
+    runs = client.search_runs([client.get_experiment_by_name("soup-pipeline").experiment_id],
+                              order_by=["start_time ASC"])
     parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
     assert [run.info.status for run in parents] == ["KILLED"] * 6 + ["FINISHED"]
     assert all(run.info.status != "RUNNING" for run in runs)
     assert all(RESUMED_BY_TAG in run.data.tags for run in runs if run.info.status == "KILLED")
     after_sweep_kill = parents[2]  # the run after the one killed mid-sweep: its finished members were reused
     reused = {run.data.tags["mlflow.runName"]: run.data.params.get("reused") for run in runs
-              if run.data.tags.get("mlflow.parentRunId") == after_sweep_kill.info.run_id and run.data.tags.get("kind") == "finetune"}
+              if run.data.tags.get("mlflow.parentRunId") == after_sweep_kill.info.run_id
+              and run.data.tags.get("kind") == "finetune"}
     assert all(reused[f"finetune-{member}"] == "True" for member in saved), reused
     tunes = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parents[-1].info.run_id
              and run.data.tags.get("kind") == "finetune"]
@@ -184,7 +189,8 @@ def test_a_write_that_runs_out_of_room_keeps_the_previous_file_and_names_the_pat
     done = subprocess.run([sys.executable, "-c", WRITE_UNDER_LIMIT, kind, str(target)], capture_output=True, text=True)
     assert done.returncode == 1
     (last,) = done.stderr.strip().splitlines()[-1:]
-    assert last.startswith("soup_pipeline.runtime.errors.SoupError: could not write " + str(target)) and "File too large" in last
+    assert (last.startswith("soup_pipeline.runtime.errors.SoupError: could not write " + str(target))
+            and "File too large" in last)
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before  # intact, no partial file
 
 
@@ -197,7 +203,8 @@ def test_a_tracking_server_lost_mid_run_does_not_stop_it_and_track_replays_it_fr
     quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}  # a lost server fails fast
     with contextlib.ExitStack() as server:
         uri = server.enter_context(serve_mlflow(tmp_path / "mlflow"))
-        with open(tmp_path / "flow.out", "w") as out, open(tmp_path / "flow.err", "w") as errors:  # files: no pipe fills
+        # files: no pipe fills
+        with open(tmp_path / "flow.out", "w") as out, open(tmp_path / "flow.err", "w") as errors:
             flow = subprocess.Popen([str(Path(sys.executable).with_name("soup-pipeline")), "run"], cwd=repo, text=True,
                                     env={**tool_env(), **quick, "MLFLOW_TRACKING_URI": uri}, stdout=out, stderr=errors)
         marker = repo / "runs" / "soups" / "greedy" / "metrics.json"  # the sweep is logged; the soups are not yet
@@ -208,7 +215,8 @@ def test_a_tracking_server_lost_mid_run_does_not_stop_it_and_track_replays_it_fr
     flow.wait(timeout=600)  # the server stopped with the block above
     err = (tmp_path / "flow.err").read_text()
     assert flow.returncode == 0, err[-3000:]
-    assert "MLflow failed mid-run; not logged: " in err and "soup mehl_soup_plus" in err and "`soup-pipeline track`" in err
+    assert ("MLflow failed mid-run; not logged: " in err and "soup mehl_soup_plus" in err
+            and "`soup-pipeline track`" in err)
     files = {path: (path.stat().st_mtime_ns, file_sha256(path)) for path in (repo / "runs").rglob("*")
              if path.is_file() and path.suffix in (".safetensors", ".json")}
 
@@ -223,7 +231,8 @@ def test_a_tracking_server_lost_mid_run_does_not_stop_it_and_track_replays_it_fr
         assert len(replays) == 2 and {run.info.status for run in replays} == {"FINISHED"}
         (lost,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags and run.info.run_name != "replay"]
         assert lost.info.status == "KILLED" and lost.data.tags[RESUMED_BY_TAG] == replays[0].info.run_id
-        children = {run.info.run_name for run in runs if run.data.tags.get("mlflow.parentRunId") == replays[0].info.run_id}
+        children = {run.info.run_name for run in runs
+                    if run.data.tags.get("mlflow.parentRunId") == replays[0].info.run_id}
         assert children == {"finetune-0", "finetune-1", "finetune-2", "greedy", "mehl_soup_plus"}
         (version,) = client.search_model_versions("name='soup-pipeline-soup'")
         assert version.tags["soup_sha256"] == file_sha256(repo / "runs/soups/mehl_soup_plus/soup.safetensors")

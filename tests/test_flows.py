@@ -95,7 +95,8 @@ def tracked(pipeline):
 def test_flow_tracks_a_parent_run_with_nested_fine_tunes_and_soups(tracked):
     summary = tracked.summary
     assert summary["K"] == 3 and summary["members"] == [0, 1, 2]
-    assert {"zero_shot", "best_individual", "uniform", "mehl_soup_plus", "ensemble"} <= {r["method"] for r in summary["rows"]}
+    assert ({"zero_shot", "best_individual", "uniform", "mehl_soup_plus", "ensemble"}
+            <= {r["method"] for r in summary["rows"]})
     client = MlflowClient()
     parent = client.get_run(summary["mlflow_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.metrics["K"] == 3
@@ -103,14 +104,15 @@ def test_flow_tracks_a_parent_run_with_nested_fine_tunes_and_soups(tracked):
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "tables")} >= {
         "tables/ingredients.json", "tables/evaluation.json"}
     runs = children(parent.info.run_id)
-    assert set(runs) == {"finetune-0", "finetune-1", "finetune-2", "uniform", "greedy", "mehl_soup_plus", "mehl_soup_auto",
-                         "wise_ft_soup"}
+    assert set(runs) == {"finetune-0", "finetune-1", "finetune-2", "uniform", "greedy", "mehl_soup_plus",
+                         "mehl_soup_auto", "wise_ft_soup"}
     for k in range(3):
         (run,) = runs[f"finetune-{k}"]
         assert 0 <= run.data.metrics["fit_acc"] <= 1 and run.data.params["hparams.epochs"] == "1"
         assert run.data.params["reused"] == "False" and run.data.tags["kind"] == "finetune"
     (soup,) = runs["mehl_soup_plus"]
-    assert {"fit_acc", "select_acc", "test_acc", "shifted_test_acc", "test_vs_greedy", "test_mcnemar_p", "construction_s", "peak_cpu_rss_bytes"} <= set(soup.data.metrics)
+    assert {"fit_acc", "select_acc", "test_acc", "shifted_test_acc", "test_vs_greedy", "test_mcnemar_p",
+            "construction_s", "peak_cpu_rss_bytes"} <= set(soup.data.metrics)
     assert len(client.get_metric_history(soup.info.run_id, "fit_loss")) >= 1
     assert tracking.load_mixing_weights(soup.info.run_id).beta.shape[0] == 3
     (auto,) = runs["mehl_soup_auto"]  # the grouping chosen on select data, with the whole candidate table
@@ -139,7 +141,8 @@ def test_auto_registers_the_model_the_evaluation_chose_on_select_data_once_with_
     version = client.get_model_version(MODEL, "1")
     assert version.tags["method"] == decision["method"] and version.tags["registered_by"] == "auto"
     assert version.tags["registration_reason"] == decision["reason"]
-    assert f"Registered by `register_method: auto` (the model select data prefer): {decision['reason']}" in version.description
+    assert (f"Registered by `register_method: auto` (the model select data prefer): {decision['reason']}"
+            in version.description)
     assert "Basin: the uniform soup's fit accuracy is" in version.description
     assert str(client.get_registered_model(MODEL).aliases["champion"]) == "1"
     parent = client.get_run(first["mlflow_run_id"])
@@ -150,12 +153,14 @@ def test_auto_registers_the_model_the_evaluation_chose_on_select_data_once_with_
 
     # where the evaluation's decision file names the best individual (when only that member beats greedy soup on
     # select data), the member's own weights are registered, described as that fine-tune
-    best = next(row for row in json.loads((repo / "runs/eval/methods.json").read_text()) if row["method"] == "best_individual")
+    best = next(row for row in json.loads((repo / "runs/eval/methods.json").read_text())
+                if row["method"] == "best_individual")
     (repo / "runs/eval/registration.json").write_text(json.dumps({**decision, "method": "best_individual"}))
     assert replay(params, repo)["registered_version"] == "2"
     version = client.get_model_version(MODEL, "2")
     member = repo / "runs/ingredients" / f"{best['member']}.safetensors"
-    assert version.tags["method"] == "best_individual" and version.tags["soup_sha256"] == read_ingredient(member).meta["sha256"]
+    assert (version.tags["method"] == "best_individual"
+            and version.tags["soup_sha256"] == read_ingredient(member).meta["sha256"])
     assert version.description.startswith(f"## best_individual: {best['member']}, the fine-tune with the highest fit")
 
 
@@ -179,7 +184,8 @@ def test_flow_registers_the_soup_with_its_provenance_and_promotes_it(tracked):
     assert str(MlflowClient().get_registered_model(MODEL).aliases["champion"]) == "1"
     lineage = json.loads(Path(mlflow.artifacts.download_artifacts(version.tags["lineage"])).read_text())
     assert [(row["source_uri"], row["sha256"]) for row in lineage] == [  # traced back to the stages that made them
-        (f"finetune@{k}", file_sha256(tracked.repo / "runs" / "ingredients" / f"member-{k}.safetensors")) for k in (0, 1, 2)]
+        (f"finetune@{k}", file_sha256(tracked.repo / "runs" / "ingredients" / f"member-{k}.safetensors"))
+        for k in (0, 1, 2)]
 
 
 def test_lineage_leads_from_the_champion_to_each_members_fine_tune_run_and_learning_rate(tracked):
@@ -188,7 +194,8 @@ def test_lineage_leads_from_the_champion_to_each_members_fine_tune_run_and_learn
     lineage = mlflow.artifacts.load_dict(version.tags["lineage"])
     learning_rates = {row["ingredient"]: client.get_run(row["run_id"]).data.params["hparams.lr"] for row in lineage}
 
-    sidecars = {name: read_ingredient(tracked.repo / "runs/ingredients" / f"{name}.safetensors").meta for name in learning_rates}
+    sidecars = {name: read_ingredient(tracked.repo / "runs/ingredients" / f"{name}.safetensors").meta
+                for name in learning_rates}
     assert {name: float(lr) for name, lr in learning_rates.items()} == {
         f"member-{k}": sidecars[f"member-{k}"]["hparams"]["lr"] for k in (0, 1, 2)}
     assert not any("run_id" in meta for meta in sidecars.values())  # run ids live in MLflow, not in the DVC outputs
@@ -239,7 +246,8 @@ def test_dvc_status_is_clean_and_pushed_after_a_flow_run(pipeline):
     assert json.loads(sh("dvc", "status", "--cloud", "--json", cwd=pipeline.repo) or "{}") == {}
 
 
-def test_interrupted_sweep_fails_then_rerun_reuses_finished_members_and_drops_a_broken_one(harness, tmp_path, monkeypatch):
+def test_interrupted_sweep_fails_then_rerun_reuses_finished_members_and_drops_a_broken_one(harness, tmp_path,
+                                                                                          monkeypatch):
     root = make_repo(tmp_path / "dvc")  # a DVC repo: the flow could commit, and must not for a partial sweep
     write_params(root, FAST)
     sh("git", "commit", "-qam", "fast params", cwd=root)
@@ -340,7 +348,8 @@ def test_nightly_deployment_runs_on_a_real_prefect_server_with_the_sweep_on_dask
     assert parent.info.status == "FINISHED" and parent.data.metrics["K"] == 3
     tunes = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = "
                                f"'{parent.info.run_id}' and tags.kind = 'finetune'")
-    assert len(tunes) == 3 and all(run.data.params["pid"] != parent.data.tags["pid"] for run in tunes)  # on Dask workers
+    # on Dask workers
+    assert len(tunes) == 3 and all(run.data.params["pid"] != parent.data.tags["pid"] for run in tunes)
 
 
 def test_prefect_yaml_deployment_runs_on_a_worker_and_runs_never_overlap(tmp_path):
@@ -353,7 +362,8 @@ def test_prefect_yaml_deployment_runs_on_a_worker_and_runs_never_overlap(tmp_pat
         assert nightly["schedules"][0]["schedule"]["cron"] == NIGHTLY and nightly["work_pool_name"] == "soup-pipeline"
         assert nightly["global_concurrency_limit"]["limit"] == 1
         overrides = ["--param", f"root={root}", "--param", f"params_path={root / 'params.yaml'}"]
-        ids = [re.search(r"UUID: ([0-9a-f-]{36})", cli(api, "deployment", "run", "soup-pipeline/nightly", *overrides)).group(1)
+        ids = [re.search(r"UUID: ([0-9a-f-]{36})",
+                         cli(api, "deployment", "run", "soup-pipeline/nightly", *overrides)).group(1)
                for _ in range(2)]
         with worker(api, tmp_path, pool="soup-pipeline", env={"MLFLOW_TRACKING_URI": uri}) as process:
             runs = [poll(lambda: finished_flow_run(api, run_id), timeout_s=400, process=process,
