@@ -65,7 +65,8 @@ def test_every_method_on_open_clip_ingredients(clip_store, tiny_splits, method):
     assert 0 < store.peak_resident_bytes <= limit * store.ingredient_bytes(), (store.peak_resident_bytes, limit)
     ingredients = [clip_store.load(k) for k in range(len(clip_store))]
     if method == "ensemble":  # the mean of the K models' logits, computed here by hand
-        by_hand = torch.stack([result_logits(SoupResult(method, state, result.beta, [], []), objective, tiny_splits.test)
+        by_hand = torch.stack([result_logits(SoupResult(method, state, result.beta, [], []), objective,
+                                             tiny_splits.test)
                                for state in ingredients]).mean(0)
         assert torch.allclose(result_logits(result, objective, tiny_splits.test), by_hand, atol=1e-5)
         return
@@ -87,7 +88,8 @@ def test_every_method_on_open_clip_ingredients(clip_store, tiny_splits, method):
         uniform = run_method("uniform", clip_store, objective, params_for("uniform", **settings)).state_dict
         device = torch.device("cpu")
         before = loss_and_accuracy(model_at(objective, uniform, device), objective.fit, objective.batch_size, device)[0]
-        after = loss_and_accuracy(model_at(objective, result.state_dict, device), objective.fit, objective.batch_size, device)[0]
+        after = loss_and_accuracy(model_at(objective, result.state_dict, device), objective.fit, objective.batch_size,
+                                  device)[0]
         assert after < before, (before, after)
 
 
@@ -106,22 +108,26 @@ ONE_CANDIDATE = {"task_arithmetic": {"scales": [0.3]}, "ties": {"scales": [1.0],
 
 
 @pytest.mark.parametrize("method", sorted(name for name, spec in SPECS.items() if spec.anchored))
-def test_every_merge_method_on_open_clip_ingredients_and_their_zero_shot_model(clip_store, tiny_splits, zero_shot, method):
+def test_every_merge_method_on_open_clip_ingredients_and_their_zero_shot_model(clip_store, tiny_splits, zero_shot,
+                                                                               method):
     spec = clip_store.ingredients[0].meta["classifier_spec"]
     objective = Objective(lambda: classifier_from_spec(spec), tiny_splits.fit, tiny_splits.select, batch_size=64)
     params = params_for(method, device="cpu", batch_size=64, search=ONE_CANDIDATE[method],
                         **({"soup": "uniform"} if SPECS[method].refines else {}))
-    refined = {"soup": run_method("uniform", clip_store, objective, params_for("uniform"))} if SPECS[method].refines else {}
+    refined = ({"soup": run_method("uniform", clip_store, objective, params_for("uniform"))}
+               if SPECS[method].refines else {})
     result = run_method(method, clip_store, objective, params, anchor=zero_shot, **refined)
     assert set(result.state_dict) == set(clip_store.keys)
     assert all(torch.isfinite(v).all() for v in result.state_dict.values() if v.is_floating_point())
     assert accuracy(result_logits(result, objective, tiny_splits.test), dataset_targets(tiny_splits.test)) > 0.3
-    if method in ("task_arithmetic", "model_stock", "wise_ft", "wise_ft_soup"):  # theta_0 + sum_k beta_kl tau_k, by group
+    # theta_0 + sum_k beta_kl tau_k, by group
+    if method in ("task_arithmetic", "model_stock", "wise_ft", "wise_ft_soup"):
         grouping = result.info["chosen"].get("grouping", "model")
         keys = [key for key, _ in classifier_from_spec(spec).named_parameters()]
         groups = group_layers(keys, grouping)
         ingredients = [clip_store.load(k) for k in range(len(clip_store))]
         for key in keys:
             column = result.beta[:, result.layer_names.index(groups.names[groups.group_of[key]])].float()
-            moved = zero_shot[key] + sum(weight * (state[key] - zero_shot[key]) for weight, state in zip(column, ingredients))
+            moved = zero_shot[key] + sum(weight * (state[key] - zero_shot[key])
+                                         for weight, state in zip(column, ingredients))
             assert torch.allclose(result.state_dict[key], moved, atol=2e-5, rtol=1e-4), key

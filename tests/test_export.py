@@ -77,8 +77,9 @@ def classify_outside(classifier_dir: Path, images: torch.Tensor, tmp_path: Path)
     """The classifier folder's logits, computed in a process that cannot import soup_pipeline."""
     save_file({"images": images.contiguous()}, str(tmp_path / "images.safetensors"))
     paths = dict.fromkeys([str(classifier_dir), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
-    done = subprocess.run([sys.executable, "-S", "-c", CLASSIFY, str(classifier_dir), str(tmp_path / "images.safetensors"),
-                           str(tmp_path / "logits.safetensors")], cwd=tmp_path, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-S", "-c", CLASSIFY, str(classifier_dir),
+                           str(tmp_path / "images.safetensors"), str(tmp_path / "logits.safetensors")],
+                          cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)})
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip()) == classifier_dir / "portable_classifier.py"
@@ -120,7 +121,8 @@ def test_the_open_clip_folder_is_the_tower_on_the_base_text_tower_with_the_specs
     with torch.no_grad():
         features = model.encode_image(toy["images"])
         torch.testing.assert_close(features, toy["classifier"].visual(toy["images"]), rtol=1e-6, atol=1e-6)
-        assert not torch.allclose(features, toy["base"].encode_image(toy["images"]), atol=1e-3)  # the tower, not the base's
+        # the tower, not the base's
+        assert not torch.allclose(features, toy["base"].encode_image(toy["images"]), atol=1e-3)
         tokens = tokenizer(NEW_CLASSES)
         torch.testing.assert_close(model.encode_text(tokens), toy["base"].encode_text(tokens), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(model.logit_scale, toy["base"].logit_scale)
@@ -150,14 +152,17 @@ def test_a_spec_without_its_base_or_preprocessing_or_with_another_builder_is_ref
     for change, message in (({"base_model": None}, "base_model"), ({"preprocess": None}, "preprocess"),
                             ({"builder": "team.models:build"}, "team.models:build")):
         with pytest.raises(SoupError, match=message):
-            core_export.export(toy["state"], {**toy["spec"], **change}, tmp_path / "out", toy["folder"] / "base.safetensors")
+            core_export.export(toy["state"], {**toy["spec"], **change}, tmp_path / "out",
+                               toy["folder"] / "base.safetensors")
 
 
 def test_unknown_sources_and_a_soup_not_built_are_clear_errors(tmp_path, capsys):
     params = Path(__file__).resolve().parents[1] / "params.yaml"
-    for source, message in (("runs/ingredients/member-0.safetensors", "unknown source"), ("elsewhere", "unknown source"),
+    for source, message in (("runs/ingredients/member-0.safetensors", "unknown source"),
+                            ("elsewhere", "unknown source"),
                             ("runs/soups/uniform", "soup-pipeline soup --method uniform")):
-        code = main(["--params", str(params), "--root", str(tmp_path), "export", source, "--out", str(tmp_path / "out")])
+        code = main(["--params", str(params), "--root", str(tmp_path), "export", source,
+                     "--out", str(tmp_path / "out")])
         assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

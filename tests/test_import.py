@@ -29,11 +29,13 @@ def test_a_wrapped_state_dict_becomes_an_ingredient(tmp_path):
 
 def test_a_checkpoint_of_another_architecture_is_refused_by_key(tmp_path):
     torch.save({"encoder.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
-    with pytest.raises(IngredientError, match="key 'encoder.weight' .* is not a key of the classifier .*check model.arch"):
+    with pytest.raises(IngredientError,
+                       match="key 'encoder.weight' .* is not a key of the classifier .*check model.arch"):
         importer.run(PARAMS, tmp_path, tmp_path / "other.pt", 0)
     model = classifier_from_spec(classifier_spec("soup-tiny-vit", 10))
     torch.save({k: v for k, v in model.state_dict().items() if k != "head.weight"}, tmp_path / "part.pt")
-    with pytest.raises(IngredientError, match="does not fit soup-tiny-vit with 10 classes: missing \\['head.weight'\\]"):
+    with pytest.raises(IngredientError,
+                       match="does not fit soup-tiny-vit with 10 classes: missing \\['head.weight'\\]"):
         importer.run(PARAMS, tmp_path, tmp_path / "part.pt", 0)
     assert not (tmp_path / "runs/imported/member-0.safetensors").exists()
 
@@ -70,8 +72,10 @@ def test_key_map_and_drop_place_a_teams_keys_and_an_unmatched_key_is_refused_nam
     from soup_pipeline.core.settings import ImportParams, KeyRuleParams
 
     model = classifier_from_spec(classifier_spec("soup-tiny-vit", 10))
-    team = {f"backbone.{k.removeprefix('visual.')}": v for k, v in model.state_dict().items() if k.startswith("visual.")}
-    team |= {"fc.weight": model.state_dict()["head.weight"], "logit_scale": model.logit_scale, "text.embed": torch.zeros(2)}
+    team = {f"backbone.{k.removeprefix('visual.')}": v for k, v in model.state_dict().items()
+            if k.startswith("visual.")}
+    team |= {"fc.weight": model.state_dict()["head.weight"], "logit_scale": model.logit_scale,
+             "text.embed": torch.zeros(2)}
     torch.save(team, tmp_path / "team.pt")
     rules = [KeyRuleParams(prefix="backbone.", to="visual."), KeyRuleParams(regex=r"fc\.(weight)", to=r"head.\1")]
     params = PARAMS.model_copy(update={"imports": ImportParams(key_map=rules)})
@@ -79,8 +83,10 @@ def test_key_map_and_drop_place_a_teams_keys_and_an_unmatched_key_is_refused_nam
         importer.run(params, tmp_path, tmp_path / "team.pt", 3)
     params = PARAMS.model_copy(update={"imports": ImportParams(key_map=rules, drop=[r"text\."])})
     loaded = IngredientStore([importer.run(params, tmp_path, tmp_path / "team.pt", 3).path]).load(0)
-    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items()) and set(loaded) == set(model.state_dict())
+    assert (all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+            and set(loaded) == set(model.state_dict()))
     # without the prefix rule, the first tower key is refused with the rule that would place it
     params = PARAMS.model_copy(update={"imports": ImportParams(key_map=rules[1:], drop=[r"text\."])})
-    with pytest.raises(IngredientError, match=r"key 'backbone\..*a rule such as \{prefix: 'backbone.', to: 'visual.'\}"):
+    with pytest.raises(IngredientError,
+                       match=r"key 'backbone\..*a rule such as \{prefix: 'backbone.', to: 'visual.'\}"):
         importer.run(params, tmp_path, tmp_path / "team.pt", 3)

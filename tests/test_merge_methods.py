@@ -40,7 +40,8 @@ def options(name: str, store: IngredientStore, anchor) -> dict:
     if not get_spec(name).refines:
         return {"anchor": anchor}
     same_files = IngredientStore([ingredient.path for ingredient in store.ingredients])  # store's counters untouched
-    return {"anchor": anchor, "soup": run_method("mehl_soup", same_files, objective(), method_params("mehl_soup", passes=1.0))}
+    return {"anchor": anchor,
+            "soup": run_method("mehl_soup", same_files, objective(), method_params("mehl_soup", passes=1.0))}
 
 
 def stacked(store: IngredientStore) -> dict[str, torch.Tensor]:
@@ -124,8 +125,10 @@ def test_ties_trims_per_tensor_elects_signs_and_averages_the_agreeing_entries(to
 
 def shifted_ingredients(folder, anchor, deltas) -> IngredientStore:
     """Ingredients theta_0 + delta_k (deltas: one dict of floating tensors per ingredient; absent keys stay theta_0)."""
-    paths = [save_ingredient({key: value + delta.get(key, torch.zeros_like(value)) if value.is_floating_point() else value
-                              for key, value in anchor.items()}, folder / f"shifted{k}.safetensors", meta={"fit_acc": 0.5})
+    paths = [save_ingredient({key: (value + delta.get(key, torch.zeros_like(value)) if value.is_floating_point()
+                                    else value)
+                              for key, value in anchor.items()}, folder / f"shifted{k}.safetensors",
+                             meta={"fit_acc": 0.5})
              for k, delta in enumerate(deltas)]
     return IngredientStore(paths)
 
@@ -190,7 +193,8 @@ def reference_dropped(store, anchor, p: float, seed: int) -> dict[str, torch.Ten
     masks = []
     for k in range(len(store)):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + k)
-        masks.append({key: torch.rand(anchor[key].shape, generator=generator, dtype=torch.float64) >= p for key in keys})
+        masks.append({key: torch.rand(anchor[key].shape, generator=generator, dtype=torch.float64) >= p
+                      for key in keys})
     return {key: torch.stack([(every[key][k] - anchor[key]) * masks[k][key] / (1 - p) for k in range(len(store))])
             for key in keys}
 
@@ -243,7 +247,8 @@ def test_wise_ft_interpolates_theta_0_and_the_fittest_ingredient(toys, alpha):
 def test_wise_ft_of_a_soup_interpolates_theta_0_and_that_soup_with_its_weights_scaled_by_alpha(toys, alpha):
     store, anchor = toys
     soup = options("wise_ft_soup", store, anchor)["soup"]
-    expected = {key: (1 - alpha) * anchor[key] + alpha * soup.state_dict[key] if key in floating(anchor) else anchor[key]
+    expected = {key: ((1 - alpha) * anchor[key] + alpha * soup.state_dict[key] if key in floating(anchor)
+                      else anchor[key])
                 for key in anchor}
     result = wise_ft_soup(store, objective(), WiseFTSoupParams(alpha=alpha, soup="mehl_soup"), anchor=anchor, soup=soup)
     assert_states_close(result.state_dict, expected)
@@ -300,9 +305,10 @@ def test_every_merge_method_is_registered_anchored_and_searched():
     assert all(SPECS[name].anchored and SPECS[name].searched for name in MERGES)
 
 
-@pytest.mark.parametrize("name, bad", [("ties", {"density": 0.0}), ("dare", {"drop": 1.0}), ("wise_ft", {"alpha": 1.5}),
-                                       ("wise_ft_soup", {"alpha": -0.1}),
-                                       ("task_arithmetic", {"search": {"scales": []}}), ("ties", {"search": {"densities": [2]}})])
+@pytest.mark.parametrize("name, bad", [("ties", {"density": 0.0}), ("dare", {"drop": 1.0}),
+                                       ("wise_ft", {"alpha": 1.5}), ("wise_ft_soup", {"alpha": -0.1}),
+                                       ("task_arithmetic", {"search": {"scales": []}}),
+                                       ("ties", {"search": {"densities": [2]}})])
 def test_an_impossible_setting_or_grid_is_refused_naming_the_key(name, bad):
     section = "refine" if get_spec(name).refines else "methods"
     with pytest.raises(SoupError, match=f"soup.{section}.{name}"):
@@ -337,7 +343,8 @@ def test_a_merge_method_holds_at_most_four_model_sizes_whatever_k(tmp_path, name
     deep = Objective(model_factory=lambda: Deep(torch.float32), fit=toy_data(40, dtype=torch.float32),
                      select=toy_data(40, seed=1, dtype=torch.float32), batch_size=40)
     refines = get_spec(name).refines
-    given = {"anchor": anchor, **({"soup": run_method("uniform", store, deep, method_params("uniform"))} if refines else {})}
+    given = {"anchor": anchor,
+             **({"soup": run_method("uniform", store, deep, method_params("uniform"))} if refines else {})}
     params = method_params(name, search=TWO_CANDIDATES[name], **({"soup": "uniform"} if refines else {}))
     store = IngredientStore([ingredient.path for ingredient in store.ingredients])  # its counters are this method's
     with LiveTensorBytes() as made:

@@ -44,16 +44,20 @@ def test_init_never_overwrites_a_file_and_says_what_it_skipped(tmp_path):
     project.mkdir()
     (project / "params.yaml").write_text("# ours\n")
     (project / ".gitignore").write_text("/runs/costs/\nnotes/\n")
-    done = subprocess.run([sys.executable, "-m", "soup_pipeline.cli", "init", str(project)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "soup_pipeline.cli", "init", str(project)], capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr
     assert "skipped: params.yaml (exists)" in done.stdout and "wrote: dvc.yaml" in done.stdout
     assert (project / "params.yaml").read_text() == "# ours\n"
     ignored = (project / ".gitignore").read_text().splitlines()
-    assert ignored[:2] == ["/runs/costs/", "notes/"] and ignored.count("/runs/costs/") == 1 and "/runs/resume/" in ignored
+    assert (ignored[:2] == ["/runs/costs/", "notes/"] and ignored.count("/runs/costs/") == 1
+            and "/runs/resume/" in ignored)
     assert (project / ".git").is_dir() and (project / ".dvc").is_dir()
-    remote = sh(sys.executable, "-m", "dvc", "config", "remote.local.url", cwd=project)  # `remote list` wraps long paths
+    # `remote list` wraps long paths
+    remote = sh(sys.executable, "-m", "dvc", "config", "remote.local.url", cwd=project)
     assert remote.strip() == str(tmp_path / "project-dvc-remote")
-    again = subprocess.run([sys.executable, "-m", "soup_pipeline.cli", "init", str(project)], capture_output=True, text=True)
+    again = subprocess.run([sys.executable, "-m", "soup_pipeline.cli", "init", str(project)], capture_output=True,
+                           text=True)
     assert "wrote:" not in again.stdout and "skipped: dvc.yaml (exists)" in again.stdout
 
 
@@ -120,9 +124,11 @@ def test_a_teams_own_flow_calls_the_soup_subflow_on_a_real_prefect_server(tmp_pa
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with prefect_server(tmp_path / "prefect") as api:
         done = subprocess.run([sys.executable, str(example), str(tmp_path / "out")], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=600, env={**os.environ, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": uri})
+                              text=True, timeout=600,
+                              env={**os.environ, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": uri})
         assert done.returncode == 0, done.stderr[-3000:]
-        request = urllib.request.Request(f"{api}/flow_runs/filter", data=b"{}", headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(f"{api}/flow_runs/filter", data=b"{}",
+                                         headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=10) as response:
             runs = json.loads(response.read())
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -157,6 +163,7 @@ def test_the_subflows_ingredient_task_refuses_a_checkpoint_that_does_not_fit_and
     spec = classifier_spec("soup-tiny-vit", 10)
     state = classifier_from_spec(classifier_spec("soup-tiny-vit", 7)).state_dict()  # a head for 7 classes, not 10
     save_file(state, str(tmp_path / "seven.safetensors"))
-    with pytest.raises(IngredientError, match=r"head\.weight' has shape \[7, .*soup-tiny-vit with 10 classes needs \[10, "):
+    with pytest.raises(IngredientError,
+                       match=r"head\.weight' has shape \[7, .*soup-tiny-vit with 10 classes needs \[10, "):
         ingredient_task.fn(str(tmp_path / "seven.safetensors"), 0, spec, None, None, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
