@@ -53,9 +53,10 @@ def test_bad_params_give_one_clear_error(tmp_path):
 
 @pytest.mark.parametrize("methods, message", [
     ("{learned_soup: {lrr: 0.1}}", "methods.learned_soup.lrr: Extra inputs are not permitted (got 0.1)"),
-    ("{mehl_soup_plus: {model_batch: 0}}", "methods.mehl_soup_plus.model_batch: Input should be greater than 0 (got 0)"),
-    ("{learned_soup_plus: {grouping: auto}}", "methods.learned_soup_plus.grouping: Input should be 'tensor', 'block' or "
-                                              "'model'; Input should be a valid list (got 'auto')"),
+    ("{mehl_soup_plus: {model_batch: 0}}",
+     "methods.mehl_soup_plus.model_batch: Input should be greater than 0 (got 0)"),
+    ("{learned_soup_plus: {grouping: auto}}", "methods.learned_soup_plus.grouping: Input should be 'tensor', "
+                                              "'block' or 'model'; Input should be a valid list (got 'auto')"),
     ("{ensemble: {}}", "unknown soup methods ['ensemble']"),
 ])
 def test_a_bad_method_section_names_the_method_and_key(tmp_path, methods, message):

@@ -1,6 +1,6 @@
-"""The basin diagnostic (soup_pipeline.soups.comparators.basin) on both regimes: fine-tunes around one solution, whose average is as
-good as they are, and the same solution with its hidden units permuted (each member exactly as accurate, their
-average far worse): only the second is warned about."""
+"""The basin diagnostic (soup_pipeline.soups.comparators.basin) on both regimes: fine-tunes around one solution,
+whose average is as good as they are, and the same solution with its hidden units permuted (each member exactly as
+accurate, their average far worse): only the second is warned about."""
 
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ def diagnosed(store, start) -> Basin:
 def test_members_around_one_solution_share_a_basin_and_are_not_warned_about(tmp_path):
     start, solution = trained_toy()
     torch.manual_seed(1)
-    nearby = [{k: v + 0.02 * torch.randn_like(v) if v.is_floating_point() and k != "shift" else v for k, v in solution.items()}
+    nearby = [{k: v + 0.02 * torch.randn_like(v) if v.is_floating_point() and k != "shift" else v
+               for k, v in solution.items()}
               for _ in range(4)]
     basin = diagnosed(members(tmp_path, nearby), start)
     assert basin.best_fit_acc > 0.85 and abs(basin.gap) < 0.05 and not basin.apart and basin.warning is None
@@ -81,12 +82,13 @@ def test_the_mean_pairwise_cosine_is_the_direct_mean_over_pairs(tmp_path, K):
     floating = [key for key, value in anchor.items() if value.is_floating_point()]
     taus = [torch.cat([(store.load(k)[key] - anchor[key]).flatten() for key in floating]) for k in range(K)]
     pairs = list(itertools.combinations(taus, 2))
-    expected = sum(float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in pairs) / len(pairs) if pairs else 1.0
+    expected = (sum(float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in pairs) / len(pairs)
+                if pairs else 1.0)
     assert mean_pairwise_cosine(store, anchor) == pytest.approx(expected, abs=1e-12)
 
 
 def test_without_theta_0_the_diagnostic_still_compares_the_uniform_soup_with_the_best_member(tmp_path):
     _, solution = trained_toy()
-    basin = diagnose(members(tmp_path, [solution, permuted(solution, torch.arange(HIDDEN).flip(0))]), toy_objective(n=400),
-                     None, gap_limit=0.1, device=torch.device("cpu"))
+    basin = diagnose(members(tmp_path, [solution, permuted(solution, torch.arange(HIDDEN).flip(0))]),
+                     toy_objective(n=400), None, gap_limit=0.1, device=torch.device("cpu"))
     assert basin.mean_cosine is None and basin.apart and "cosine of the task vectors is not measured" in basin.summary

@@ -87,7 +87,8 @@ def test_digits_default_splits_sizes_and_source_disjointness():
     assert not sources["fit"] & sources["select"] and not (sources["fit"] | sources["select"]) & sources["test"]
     assert len(sources["fit"] | sources["select"]) == 397 and len(sources["test"]) == 1000
     for name in ("fit", "select", "test"):  # each view is labelled like its source image
-        assert torch.equal(getattr(splits, name).tensors[1], torch.as_tensor(load_digits().target)[splits.sources[name]])
+        assert torch.equal(getattr(splits, name).tensors[1],
+                           torch.as_tensor(load_digits().target)[splits.sources[name]])
     assert torch.equal(splits.test.tensors[1], splits.test_shift.tensors[1])
     assert not torch.allclose(splits.test.tensors[0], splits.test_shift.tensors[0])
     again = digits_splits(DataParams())
@@ -181,12 +182,14 @@ def test_an_empty_class_folder_is_named(tmp_path):
 def test_a_class_folder_missing_from_one_split_names_the_split_and_the_class(tmp_path):
     _write_folder(tmp_path, classes=("a", "b", "c"))
     shutil.rmtree(tmp_path / "test" / "c")
-    assert _error(tmp_path).startswith(f"split 'test' ({tmp_path / 'test'}) lacks class folder(s) ['c'] and has extra []")
+    assert _error(tmp_path).startswith(f"split 'test' ({tmp_path / 'test'}) lacks class folder(s) ['c'] "
+                                       "and has extra []")
     shutil.copytree(tmp_path / "train" / "c", tmp_path / "test" / "c")
     shutil.copytree(tmp_path / "train", tmp_path / "test_shift")
     shutil.copytree(tmp_path / "train" / "a", tmp_path / "test_shift" / "d")
     message = _error(tmp_path)
-    assert message.startswith(f"split 'test_shift' ({tmp_path / 'test_shift'}) lacks class folder(s) [] and has extra ['d']")
+    assert message.startswith(f"split 'test_shift' ({tmp_path / 'test_shift'}) lacks class folder(s) [] "
+                              "and has extra ['d']")
     assert "give every split the same class folders" in message
 
 
@@ -225,7 +228,8 @@ def test_a_bad_params_file_names_the_file_and_key(tmp_path, text, message):
 
 def test_held_out_roles_stay_put_when_members_are_added():
     params = Params()
-    grown = params.model_copy(update={"sweep": params.sweep.model_copy(update={"members": [*params.sweep.members, 12]})})
+    grown = params.model_copy(update={"sweep": params.sweep.model_copy(
+        update={"members": [*params.sweep.members, 12]})})
     before, after = load_splits(params), load_splits(grown)
     for role in ("fit", "select"):
         assert torch.equal(before.sources[role], after.sources[role])

@@ -67,7 +67,8 @@ def test_a_rank_crashing_in_block_two_fails_the_run_and_a_rerun_resumes_identica
     assert len(saved) == 1 and load_file(str(saved[0]))["X"].abs().sum() > 0  # blocks 0 and 1 are kept
     on_two_ranks(tmp_path, "mehl_soup_plus")
     assert json.loads((tmp_path / "rank-0.json").read_text())["blocks_reused"] == 2  # resumed, not recomputed
-    plain, resumed = (load_file(str(folder / "result.safetensors")) for folder in (two_ranks["mehl_soup_plus"], tmp_path))
+    plain, resumed = (load_file(str(folder / "result.safetensors"))
+                      for folder in (two_ranks["mehl_soup_plus"], tmp_path))
     assert all(plain[key].equal(resumed[key]) for key in plain)  # bit for bit the uninterrupted 2-rank run
 
 
@@ -81,7 +82,8 @@ def alone(out: Path, method: str, *extra: str, check: bool = True) -> subprocess
 
 
 @pytest.mark.parametrize("crashed_on, resumed_on", [(2, 1), (1, 2)])
-def test_a_run_killed_inside_a_block_resumes_on_another_number_of_processes(two_ranks, tmp_path, crashed_on, resumed_on):
+def test_a_run_killed_inside_a_block_resumes_on_another_number_of_processes(two_ranks, tmp_path, crashed_on,
+                                                                            resumed_on):
     run = {1: alone, 2: on_two_ranks}
     toy_ingredients(tmp_path / "ingredients", K=K)
     crashed = run[crashed_on](tmp_path, "mehl_soup_plus", "--crash-at", "2", check=False)
@@ -89,5 +91,6 @@ def test_a_run_killed_inside_a_block_resumes_on_another_number_of_processes(two_
     run[resumed_on](tmp_path, "mehl_soup_plus")
     record = json.loads((tmp_path / "rank-0.json").read_text())
     assert record["world"] == resumed_on and record["blocks_reused"] == 2  # the saved blocks, not recomputed
-    plain, resumed = (load_file(str(folder / "result.safetensors")) for folder in (two_ranks["mehl_soup_plus"], tmp_path))
+    plain, resumed = (load_file(str(folder / "result.safetensors"))
+                      for folder in (two_ranks["mehl_soup_plus"], tmp_path))
     assert max(float((plain[key] - resumed[key]).abs().max()) for key in plain) < 1e-10  # the uninterrupted run's

@@ -106,7 +106,8 @@ def test_one_methods_parameter_reruns_only_that_soup_and_what_reads_the_soups(re
     log = sh("dvc", "repro", cwd=repo)
     ran = set(re.findall(r"Running stage '([^']+)'", log))
     assert ran == {"soup@learned_soup", "evaluate", "ablate"}, log
-    assert {"soup@uniform", "soup@greedy", "soup@mehl_soup_plus"} <= set(re.findall(r"Stage '([^']+)' didn't change", log))
+    assert ({"soup@uniform", "soup@greedy", "soup@mehl_soup_plus"}
+            <= set(re.findall(r"Stage '([^']+)' didn't change", log)))
 
 
 def test_imported_checkpoints_are_souped_beside_the_fine_tunes_without_touching_them(repo, tmp_path):

@@ -50,7 +50,8 @@ def test_ingredient_matches_classifier_from_spec(pretrained_base, tiny_splits, t
     base, _ = pretrained_base
     ingredient = finetune(base, ONE_EPOCH, tiny_splits, tmp_path / "m.safetensors", member=3, device="cpu")
     meta = ingredient.meta
-    assert meta["member"] == 3 and meta["hparams"] == ONE_EPOCH and 0.0 <= meta["fit_acc"] <= 1.0 and 0.0 <= meta["select_acc"] <= 1.0
+    assert (meta["member"] == 3 and meta["hparams"] == ONE_EPOCH and 0.0 <= meta["fit_acc"] <= 1.0
+            and 0.0 <= meta["select_acc"] <= 1.0)
     assert meta["base_model"].startswith(f"{TINY_ARCH}@sha256:")
     state = load_file(ingredient.path)
     empty = classifier_from_spec(meta["classifier_spec"]).state_dict()

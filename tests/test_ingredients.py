@@ -260,7 +260,8 @@ def test_non_finite_loss_stops_naming_block_and_step(tmp_path):
 
     objective.loss_fn = flaky_loss
     params = params_for("mehl_soup_plus", **PARAMS, model_batch=2)  # 4 steps per block
-    with pytest.raises(SoupError, match=r"non-finite held-out loss \(nan\) at block 1 \(ingredients \[\d, \d\]\), step 2"):
+    with pytest.raises(SoupError,
+                       match=r"non-finite held-out loss \(nan\) at block 1 \(ingredients \[\d, \d\]\), step 2"):
         run_method("mehl_soup_plus", store, objective, params)
 
 

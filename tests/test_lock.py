@@ -61,7 +61,8 @@ def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path, start_holder):
             pass
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
-    assert (tmp_path / "runs" / ".lock").read_text().startswith(f"pid {holder.pid}")  # the file stays, the lock does not
+    # the file stays, the lock does not
+    assert (tmp_path / "runs" / ".lock").read_text().startswith(f"pid {holder.pid}")
     with root_lock(tmp_path, "run"):
         assert (tmp_path / "runs" / ".lock").read_text().startswith(f"pid {os.getpid()}")
 

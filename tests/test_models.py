@@ -78,7 +78,8 @@ def test_classifier_is_scaled_cosine_without_text_tower(clip):
 
 def test_classifier_from_spec_matches_and_survives_json(clip):
     classifier = classifier_from_clip(clip.model, torch.randn(3, 128))
-    spec = json.loads(json.dumps({**classifier_spec(TINY_ARCH, 3), "builder": "portable_classifier:classifier_from_spec"}))
+    spec = json.loads(json.dumps({**classifier_spec(TINY_ARCH, 3),
+                                  "builder": "portable_classifier:classifier_from_spec"}))
     empty = classifier_from_spec(spec)
     assert isinstance(empty, ImageClassifier)
     assert _signature(empty.state_dict()) == _signature(classifier.state_dict())

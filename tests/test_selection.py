@@ -1,5 +1,5 @@
-"""`register_method: auto` (soup_pipeline.evaluation.selection): greedy soup is kept unless a candidate's select loss is lower
-by a paired interval (resampled by source image) that excludes zero; test data are not an input."""
+"""`register_method: auto` (soup_pipeline.evaluation.selection): greedy soup is kept unless a candidate's select
+loss is lower by a paired interval (resampled by source image) that excludes zero; test data are not an input."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def test_a_candidate_whose_select_loss_is_clearly_lower_is_registered_with_its_e
     chosen = choose(best_individual=GREEDY + 0.1, greedy=GREEDY, mehl_soup_auto=learned)
     assert chosen.method == "mehl_soup_auto" and chosen.reference == "greedy"
     row = next(r for r in chosen.candidates if r["method"] == "mehl_soup_auto")
-    assert row["loss_vs_reference"] == pytest.approx(float(learned.mean()) - 0.8) and row["ci_high"] < 0 and row["chosen"]
+    assert (row["loss_vs_reference"] == pytest.approx(float(learned.mean()) - 0.8) and row["ci_high"] < 0
+            and row["chosen"])
     assert row["select_acc"] == pytest.approx(float((learned < 0.7).double().mean()))
     assert chosen.reason.startswith(f"mehl_soup_auto: select loss {row['select_loss']:.4f}, ")
 
@@ -66,7 +67,8 @@ def test_the_ensemble_and_the_zero_shot_model_are_never_registered_and_without_g
 
 def test_the_interval_resamples_whole_source_images():
     # the three views of each source image move together: resampled by image the interval is wider than by view
-    per_image = torch.randn(N // 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64).repeat_interleave(3)
+    per_image = torch.randn(N // 3, generator=torch.Generator().manual_seed(3),
+                            dtype=torch.float64).repeat_interleave(3)
     learned = GREEDY - 0.05 + 0.3 * per_image
     rows = {name: next(r for r in choose(groups, greedy=GREEDY, learned=learned).candidates if r["method"] == "learned")
             for name, groups in (("image", GROUPS), ("view", torch.arange(N)))}
@@ -113,4 +115,5 @@ def test_the_registration_decision_has_one_owner():
                          re.MULTILINE)
     elsewhere = {str(path.relative_to(owner.parents[1])): spelled.findall(path.read_text())
                  for path in owner.parents[1].rglob("*.py") if path != owner}
-    assert {path: found for path, found in elsewhere.items() if found} == {"evaluation/scoring.py": ["compare_to_reference("]}
+    assert ({path: found for path, found in elsewhere.items() if found}
+            == {"evaluation/scoring.py": ["compare_to_reference("]})

@@ -41,7 +41,8 @@ CHAMPION = f"models:/{MODEL}@champion"
 
 def serving_block(containing: str) -> str:
     """The one bash block of the documentation's "Serve and export the soup" that holds `containing`."""
-    blocks = [b for b in re.findall(r"```bash\n(.*?)```", section("Serve and export the soup"), re.S) if containing in b]
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", section("Serve and export the soup"), re.S)
+              if containing in b]
     assert len(blocks) == 1, f'"Serve and export the soup" has {len(blocks)} bash blocks with {containing!r}'
     return blocks[0]
 
@@ -120,7 +121,8 @@ def test_the_documented_curl_example_answers_a_png_with_class_names_and_probabil
     (row,) = answer["predictions"]
     probabilities = {name: row[f"p_{name}"] for name in splits.classnames}
     assert set(row) == {"label", "probability", *(f"p_{name}" for name in splits.classnames)}
-    assert row["label"] == max(probabilities, key=probabilities.get) and row["probability"] == max(probabilities.values())
+    assert (row["label"] == max(probabilities, key=probabilities.get)
+            and row["probability"] == max(probabilities.values()))
     assert sum(probabilities.values()) == pytest.approx(1, abs=1e-5)
 
 

@@ -25,14 +25,16 @@ def _full_set(store, objective):
     model = objective.model_factory()
     keys = [n for n, _ in model.named_parameters()]
     thetas = [store.load(k) for k in range(len(store))]
-    centre = {key: torch.stack([t[key] for t in thetas]).mean(0) if thetas[0][key].is_floating_point() else thetas[0][key]
+    centre = {key: (torch.stack([t[key] for t in thetas]).mean(0) if thetas[0][key].is_floating_point()
+                    else thetas[0][key])
               for key in thetas[0]}
     directions = {key: torch.stack([t[key] for t in thetas]) - centre[key] for key in keys}
     return model, keys, centre, directions
 
 
 def _combined(centre, directions, X, grouping):
-    return {key: centre[key] + torch.tensordot(X[:, grouping.group_of[key]], d, dims=1) for key, d in directions.items()}
+    return {key: centre[key] + torch.tensordot(X[:, grouping.group_of[key]], d, dims=1)
+            for key, d in directions.items()}
 
 
 def test_projected_gradient_equals_autograd(tmp_path):
@@ -49,7 +51,8 @@ def test_projected_gradient_equals_autograd(tmp_path):
     model.load_state_dict({**centre, **{k: v.detach() for k, v in theta.items()}})
     objective.loss_fn(model(inputs), targets).backward()
     grads = {k: p.grad for k, p in model.named_parameters()}
-    projected = group_rows(tensor_rows(grads, directions, torch.float64), tensor_columns(grouping, keys, "cpu"), grouping.size)
+    projected = group_rows(tensor_rows(grads, directions, torch.float64), tensor_columns(grouping, keys, "cpu"),
+                           grouping.size)
     assert (projected - autograd_grad).abs().max() < 1e-10
     assert autograd_grad.abs().max() > 1e-3  # the comparison is not between zeros
 
@@ -197,7 +200,8 @@ def test_the_fused_step_equals_the_per_tensor_step(tmp_path, monkeypatch, groupi
     projected, rebuilt = [], []
     monkeypatch.setattr(fused, "stack_projections", lambda *args: projected.append(1) or stack_projections(*args))
     monkeypatch.setattr(fused, "stack_rebuild", lambda *args: rebuilt.append(1) or stack_rebuild(*args))
-    settings = {**PARAMS, "model_batch": 2, "grouping": grouping, "grad_clip": grad_clip, "normalize_directions": normalize}
+    settings = {**PARAMS, "model_batch": 2, "grouping": grouping, "grad_clip": grad_clip,
+                "normalize_directions": normalize}
     one = hyperplane_soup(store, objective, params_for("mehl_soup_plus", **settings, fused_step=True), layerwise=True)
     blocks = 3  # K = 5 in blocks of b = 2
     assert len(projected) == len(one.history)  # every step's projection fused

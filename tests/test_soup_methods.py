@@ -54,7 +54,8 @@ def test_greedy_orders_on_fit_data_and_keeps_only_strict_improvements(tmp_path):
                    for name, t in [("A", 1.0), ("B", 5.0), ("C", 2.0), ("D", 30.0), ("E", 4.0), ("T", 4.2)]]
     result = run_method("greedy", IngredientStore(ingredients), objective, params_for("greedy", **PARAMS))
     assert [step["ingredient"] for step in result.info["trail"]] == ["C", "E", "T", "A", "B", "D"]
-    # C alone 5/6; C+E: t=3 -> 6/6 kept; +T: t=3.4 -> 6/6, a tie: rejected; +A: t=2.33 -> 5/6; +B: t=3.67 -> 5/6; +D: 3/6
+    # C alone 5/6; C+E: t=3 -> 6/6 kept; +T: t=3.4 -> 6/6, a tie: rejected; +A: t=2.33 -> 5/6; +B: t=3.67 -> 5/6;
+    # +D: 3/6
     assert [step["kept"] for step in result.info["trail"]] == [True, True, False, False, False, False]
     assert [round(step["fit_acc"], 4) for step in result.info["trail"]] == [0.8333, 1.0, 1.0, 0.8333, 0.8333, 0.5]
     assert result.info["members"] == ["C", "E"]
@@ -71,8 +72,10 @@ def test_learned_soup_weights_sum_to_one_and_lower_heldout_loss(tmp_path, name):
     assert torch.allclose(learned.beta.sum(0), torch.ones(learned.beta.shape[1], dtype=torch.float64))
     assert (learned.beta >= 0).all() and (learned.beta - 0.25).abs().max() > 0.01
     device = torch.device("cpu")
-    before = loss_and_accuracy(model_at(objective, uniform.state_dict, device), objective.fit, objective.batch_size, device)[0]
-    after = loss_and_accuracy(model_at(objective, learned.state_dict, device), objective.fit, objective.batch_size, device)[0]
+    before = loss_and_accuracy(model_at(objective, uniform.state_dict, device), objective.fit, objective.batch_size,
+                               device)[0]
+    after = loss_and_accuracy(model_at(objective, learned.state_dict, device), objective.fit, objective.batch_size,
+                              device)[0]
     assert after < before - 0.01
 
 
@@ -120,7 +123,8 @@ def test_at_most_b_ingredients_resident(tmp_path, prefetch):
     per_ingredient = store.ingredient_bytes()
     counts = []
     params = params_for("mehl_soup_plus", **PARAMS, model_batch=2, prefetch=prefetch)
-    hyperplane_soup(store, toy_objective(), params, layerwise=True, on_step=lambda e: counts.append(store.resident_count))
+    hyperplane_soup(store, toy_objective(), params, layerwise=True,
+                    on_step=lambda e: counts.append(store.resident_count))
     limit = 2 * (2 if prefetch else 1)
     assert max(counts) <= limit and store.peak_resident_count <= limit
     assert store.peak_resident_bytes <= limit * per_ingredient

@@ -92,7 +92,8 @@ def test_auto_grouping_needs_select_data_and_is_refused_where_it_cannot_run(tmp_
     store = toy_ingredients(tmp_path, K=3)
     with pytest.raises(SoupError, match="select data"):
         run_method("mehl_soup_auto", store, toy_objective(), method_params("mehl_soup_auto", device="cpu", passes=0.5))
-    with pytest.raises(SoupError, match=r"learned_soup_plus.*\n  grouping: Input should be 'tensor', 'block' or 'model'"):
+    with pytest.raises(SoupError,
+                       match=r"learned_soup_plus.*\n  grouping: Input should be 'tensor', 'block' or 'model'"):
         method_params("learned_soup_plus", device="cpu", grouping="auto")
     with pytest.raises(SoupError, match="mehl_soup_auto.*\n  grouping: Input should be 'auto'"):
         method_params("mehl_soup_auto", grouping="tensor")
@@ -153,4 +154,5 @@ def test_each_candidate_keeps_the_memory_bound_of_mehl_soup(tmp_path):
     objective.select = toy_data(60, seed=5)
     params = method_params("mehl_soup_auto", device="cpu", passes=0.5, model_batch=2, prefetch=False)  # default grid: 6
     run_method("mehl_soup_auto", store, objective, params)
-    assert store.peak_resident_count == 2 and store.resident_count == 0  # one block of b at a time, over every candidate
+    # one block of b at a time, over every candidate
+    assert store.peak_resident_count == 2 and store.resident_count == 0

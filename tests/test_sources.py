@@ -55,7 +55,8 @@ def test_a_folder_or_a_glob_becomes_members_in_name_order(tmp_path, pattern):
     files = {name: write(state, tmp_path / "ckpts" / name) for name, state in states.items()}
     (tmp_path / "ckpts/notes.txt").write_text("not a checkpoint")
     ingredients = importer.run_many(PARAMS, tmp_path, [str(tmp_path / pattern)], first_member=4)
-    assert [i.path.name for i in ingredients] == ["member-4.safetensors", "member-5.safetensors", "member-6.safetensors"]
+    assert [i.path.name for i in ingredients] == ["member-4.safetensors", "member-5.safetensors",
+                                                  "member-6.safetensors"]
     for ingredient, name in zip(ingredients, ["a.safetensors", "b.pt", "c.pth"]):
         assert ingredient.meta["source_uri"] == str((tmp_path / "ckpts" / name).resolve())
         assert ingredient.meta["source_sha256"] == file_sha256(files[name])
@@ -66,7 +67,8 @@ def test_a_folder_or_a_glob_becomes_members_in_name_order(tmp_path, pattern):
 
 def test_the_cli_takes_several_sources_and_prints_a_line_per_member(tmp_path, capsys):
     params = tmp_path / "params.yaml"
-    params.write_text("data: {pretrain_size: 10, train_size: 10, heldout_size: 50, test_size: 10}\nsoup: {device: cpu}\n")
+    params.write_text("data: {pretrain_size: 10, train_size: 10, heldout_size: 50, test_size: 10}\n"
+                      "soup: {device: cpu}\n")
     single = write(weights(0), tmp_path / "single.pt")
     write(weights(1), tmp_path / "more/a.safetensors")
     write(weights(2), tmp_path / "more/b.safetensors")
@@ -77,7 +79,8 @@ def test_the_cli_takes_several_sources_and_prints_a_line_per_member(tmp_path, ca
                  "--source", str(tmp_path / "more"), "--member", "2"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and [line.split(":")[0] for line in lines] == [
-        f"member 2 <- {(tmp_path / 'single.pt').resolve()}", f"member 3 <- {(tmp_path / 'more/a.safetensors').resolve()}",
+        f"member 2 <- {(tmp_path / 'single.pt').resolve()}",
+        f"member 3 <- {(tmp_path / 'more/a.safetensors').resolve()}",
         f"member 4 <- {(tmp_path / 'more/b.safetensors').resolve()}"]
     assert all("fit accuracy" in line for line in lines)
     sidecar = json.loads((tmp_path / "runs/imported/member-2.json").read_text())
@@ -182,7 +185,8 @@ def test_experiment_order_asc_and_every_finished_run(tmp_path, sweep):
     ("models:/soup-member/7", "source 'models:/soup-member/7': .*check the name and version"),
     ("runs:/0123456789abcdef/ckpt/model.safetensors", "source 'runs:/0123456789abcdef/.*check the run id"),
     ("runs:/{run}/ckpt/other.pt", "run {run} has no artifact 'ckpt/other.pt'; check the path"),
-    ("runs:/{failed}/two", "source 'runs:/{failed}/two' is a folder with 2 checkpoint files \\['a.pt', 'b.pt'\\], not one"),
+    ("runs:/{failed}/two",
+     "source 'runs:/{failed}/two' is a folder with 2 checkpoint files \\['a.pt', 'b.pt'\\], not one"),
     ("experiment:nope/ckpt", "there is no experiment named 'nope'"),
     ("experiment:sweep/ckpt?metric=fit_acc&top=two", "top=two is not a positive whole number"),
     ("experiment:sweep/ckpt/model.safetensors?metric=select_acc",

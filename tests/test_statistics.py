@@ -1,4 +1,5 @@
-"""Paired tests and intervals (soup_pipeline.evaluation.statistics) against hand-computed values, and the seeds summary."""
+"""Paired tests and intervals (soup_pipeline.evaluation.statistics) against hand-computed values, and the seeds
+summary."""
 
 from __future__ import annotations
 
@@ -255,7 +256,8 @@ def test_seeds_auto_row_is_the_row_of_the_model_auto_registered_in_that_seed(tmp
 
 
 def test_seeds_settings_are_yaml_values_under_a_section_and_a_bad_one_says_how():
-    assert seeds_benchmark.parse_settings(["sweep.lr_range=[0.001, 0.003]", "sweep.members=[0, 1]", "pretrain.epochs=5"]) \
+    assert seeds_benchmark.parse_settings(["sweep.lr_range=[0.001, 0.003]", "sweep.members=[0, 1]",
+                                           "pretrain.epochs=5"]) \
         == {"sweep": {"lr_range": [0.001, 0.003], "members": [0, 1]}, "pretrain": {"epochs": 5}}
     with pytest.raises(SystemExit, match="SECTION.KEY=VALUE"):
         seeds_benchmark.parse_settings(["epochs=5"])
@@ -268,7 +270,8 @@ def test_the_mean_interval_of_real_differences_is_exact_on_constants_and_refuses
     values = np.random.default_rng(0).normal(0.1, 1.0, 400)
     low, high = bootstrap_mean_interval(values, seed=0, n_resamples=4000)
     half = 1.96 * values.std(ddof=1) / math.sqrt(len(values))
-    assert low == pytest.approx(values.mean() - half, abs=0.02) and high == pytest.approx(values.mean() + half, abs=0.02)
+    assert (low == pytest.approx(values.mean() - half, abs=0.02)
+            and high == pytest.approx(values.mean() + half, abs=0.02))
     with pytest.raises(SoupError, match="finite numbers"):
         bootstrap_mean_interval([0.1, float("nan")], seed=0)
 

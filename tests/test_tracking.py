@@ -190,7 +190,8 @@ def test_registered_champion_loads_and_predicts_like_the_torch_module(backend):
 def stored_weights(name: str, version: str) -> Path:
     """The registered version's weights.safetensors where the (local) artifact store keeps it."""
     model_id = MlflowClient().get_model_version(name, version).source.removeprefix("models:/")
-    return Path(urlparse(mlflow.get_logged_model(model_id).artifact_location).path) / "artifacts" / "weights.safetensors"
+    return (Path(urlparse(mlflow.get_logged_model(model_id).artifact_location).path) / "artifacts"
+            / "weights.safetensors")
 
 
 def test_a_changed_byte_in_the_registered_weights_is_refused_when_loaded(local_uri):

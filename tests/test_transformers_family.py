@@ -150,7 +150,8 @@ def test_soup_subflow_soups_and_evaluates_a_text_classifier_and_refuses_to_regis
                   select=splits.select, test=splits.test, pretrained=str(folder / "base.safetensors"), batch_size=20)
     checkpoints = [str(m.path) for m in members]
     with pytest.raises(ValueError, match="registered model answers images"):
-        soup_subflow(checkpoints, methods={"uniform": {}}, register="uniform", workdir=str(tmp_path / "refused"), **common)
+        soup_subflow(checkpoints, methods={"uniform": {}}, register="uniform", workdir=str(tmp_path / "refused"),
+                     **common)
     assert not (tmp_path / "refused").exists()
     methods = {"uniform": {}, "greedy": {}, "mehl_soup_plus": {"passes": 1, "lr": 0.05},
                "ties": {"search": {"scales": [1.0], "densities": [0.5]}}}
