@@ -57,7 +57,8 @@ def parse_settings(settings: list[str]) -> dict[str, dict]:
     return out
 
 
-def run_seed(params_path: str, root: Path, seed: int, base: Path | None, settings: dict[str, dict] | None = None) -> list[dict]:
+def run_seed(params_path: str, root: Path, seed: int, base: Path | None,
+             settings: dict[str, dict] | None = None) -> list[dict]:
     """One full pipeline with sweep and soup seeds = `seed` (on top of `settings`), from `base` when given (else
     pre-trained here)."""
     overrides = {section: dict(values) for section, values in (settings or {}).items()}

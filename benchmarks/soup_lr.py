@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({**row, "max abs(beta - 1/K)": float((result.beta - 1.0 / len(store)).abs().max()),
                      "seconds": result.seconds})
         print(markdown_table(rows[-1:]), flush=True)
-    print(f"fitted on {len(objective.fit)} fit examples, scored on them and on {len(objective.select)} select examples:")
+    print(f"fitted on {len(objective.fit)} fit examples, scored on them and on {len(objective.select)} "
+          "select examples:")
     print(markdown_table(rows))
 
 

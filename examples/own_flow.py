@@ -51,7 +51,8 @@ def my_sweep(out_dir: str) -> dict:
     save_file(pretrained_model().state_dict(), out / "pretrained.safetensors")  # what the merge methods start from
     checkpoints = [my_finetune(lr, splits.train, out / f"lr-{lr}.safetensors") for lr in (3e-4, 1e-3, 2e-3)]
     return soup_subflow(checkpoints, arch=ARCH, num_classes=CLASSES, fit=splits.fit, select=splits.select,
-                        test=splits.test, methods={"uniform": {}, "greedy": {}, "mehl_soup": {"passes": 1.0}, "ties": {}},
+                        test=splits.test,
+                        methods={"uniform": {}, "greedy": {}, "mehl_soup": {"passes": 1.0}, "ties": {}},
                         register="mehl_soup", registered_model="my-team-soup", workdir=str(out / "soup"),
                         pretrained=str(out / "pretrained.safetensors"))
 
