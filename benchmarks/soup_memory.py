@@ -6,11 +6,13 @@ trained weights). Every configuration runs in a fresh process (or, with --worlds
 torchrun groups of that many ranks: gloo on a CPU, NCCL on GPUs); peak memory is measured above
 each process's baseline (CPU RSS by sampling; the CUDA allocator peak on a GPU) and reported for
 the rank that peaked highest, beside the ingredient bytes one rank held. Prints a Markdown table.
-Examples (the tables of docs/memory-and-speed.md):
+Examples (the tables of docs/memory-and-speed.md; the last, the merge methods alone at K = 4 and 32
+on the small ViT-S-32 tower):
 
     python benchmarks/soup_memory.py --arch ViT-B-32 --ks 4 8 16 32 --bs 1 2 4 --device cuda
     python benchmarks/soup_memory.py --arch ViT-B-32 --ks 8 --bs 4 --worlds 1 2 --device cpu --batch 8 --steps 3
-    python benchmarks/soup_memory.py --arch ViT-B-32 --ks 4 32 --bs 2 --device cpu --batch 8 --steps 3 --merges
+    python benchmarks/soup_memory.py --arch ViT-S-32 --ks 4 32 --batch 8 --steps 3 --device cpu --merges \
+        --skip learned_soup_plus hl_soup_plus mehl_soup_plus
 
 A merge method is timed over one point of its grid (the construction and the select-data score of
 one candidate; a grid of n points costs about n times that), from theta_0 = the unperturbed init.
@@ -32,11 +34,11 @@ import torch
 from torch.utils.data import TensorDataset
 
 from soup_pipeline.core.ingredients import IngredientStore, save_ingredient
-from soup_pipeline.runtime.meters import measure
 from soup_pipeline.core.models import classifier_spec
 from soup_pipeline.core.portable_classifier import classifier_from_spec
-from soup_pipeline.soups import Objective, params_from, run_method
 from soup_pipeline.runtime.devices import rank_device, resolve_device
+from soup_pipeline.runtime.meters import measure
+from soup_pipeline.soups import Objective, params_from, run_method
 from soup_pipeline.soups.engine.distributed import process_group
 
 NUM_CLASSES = 10
@@ -123,7 +125,8 @@ def run_one(args) -> dict:
     store = IngredientStore(paths, storage_dtype=getattr(torch, args.storage_dtype) if args.storage_dtype else None)
     clock = StepClock(device)
     objective = Objective(lambda: classifier_from_spec(classifier_spec(args.arch, NUM_CLASSES)),
-                          heldout(args.image_size, args.batch, args.steps), select=heldout(args.image_size, args.batch, 1),
+                          heldout(args.image_size, args.batch, args.steps),
+                          select=heldout(args.image_size, args.batch, 1),
                           batch_size=args.batch, loss_fn=clock)
     settings = dict(device=args.device, model_batch=args.b, passes=1.0, epochs=1, batch_size=args.batch,
                     prefetch=not args.no_prefetch, storage_dtype=args.storage_dtype, fused_step=not args.per_tensor,
@@ -133,7 +136,8 @@ def run_one(args) -> dict:
     with process_group(device) as ranks:
         result = run_method(args.method, store, objective, params, **options)
     steps_per_block = result.info.get("steps_per_block", result.info.get("steps"))
-    return {"step_s": clock.step_seconds(steps_per_block) if steps_per_block else float("nan"), "peak_bytes": result.peak_bytes, "seconds": result.seconds,
+    step_s = clock.step_seconds(steps_per_block) if steps_per_block else float("nan")
+    return {"step_s": step_s, "peak_bytes": result.peak_bytes, "seconds": result.seconds,
             "resident_peak": store.peak_resident_count, "resident_peak_bytes": store.peak_resident_bytes,
             "ingredient_bytes": store.ingredient_bytes(), "rank": ranks.rank}
 

@@ -1,6 +1,6 @@
 """Model families beyond open_clip: timm, torchvision and a team's own builder go through the same pipeline
-(specs, bases, preprocessing, import, registration); end to end through `dvc repro` (timm, digits) and
-`soup-pipeline run` (torchvision, an image folder, registered and served)."""
+(specs, bases, preprocessing, import, registration); each of timm and torchvision end to end through `dvc repro`
+(the digits) and through the flow `soup-pipeline run` runs (an image folder, registered and served)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def test_each_family_builds_from_its_json_spec_and_starts_from_a_base_state_dict
     spec = json.loads(json.dumps(family.spec(model, 5)))  # what the ingredients and the registry store
     module = make_module(spec)
     assert module(torch.zeros(2, 3, 32, 32)).shape == (2, 5) and not family.zero_shot
-    save_file({key: value.contiguous() for key, value in module.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    state = {key: value.contiguous() for key, value in module.state_dict().items()}
+    save_file(state, str(tmp_path / "base.safetensors"))
     started = family.base_classifier(model, tmp_path / "base.safetensors", splits_of(5))
     assert all(torch.equal(started.state_dict()[key], value) for key, value in module.state_dict().items())
     preprocess = family.preprocess(model, 48)
@@ -99,25 +100,31 @@ def image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int = 6) 
                 Image.fromarray(pixels).save(root / split / name / f"{i}.png")
 
 
+BUILDERS = {"timm": "timm:create_model", "torchvision": "torchvision.models:get_model"}
+ARCHS = {"timm": "test_resnet", "torchvision": "squeezenet1_1"}  # small: the runs test the path, not the model
+
+
 @pytest.mark.slow
-def test_a_timm_model_through_dvc_repro_on_the_digits(tmp_path):
+@pytest.mark.parametrize("family", ["timm", "torchvision"])
+def test_a_library_model_through_dvc_repro_on_the_digits(family, tmp_path):
     repo = make_repo(tmp_path)
-    write_params(repo, {**SMALL_RUN, "model": {"family": "timm", "arch": "resnet10t", "kwargs": {}}})
+    write_params(repo, {**SMALL_RUN, "model": {"family": family, "arch": ARCHS[family], "kwargs": {}}})
     sh("dvc", "repro", "-q", cwd=repo)
     rows = {row["method"]: row for row in json.loads((repo / "runs/eval/methods.json").read_text())}
     assert {"zero_shot", "best_individual", "mehl_soup_plus", "ties", "ensemble"} <= set(rows)
     assert all(0 <= rows[m]["test_acc"] <= 1 for m in rows)
     spec = read_ingredient(repo / "runs/soups/mehl_soup_plus/soup.safetensors").meta["classifier_spec"]
-    assert spec["family"] == "timm" and spec["builder"] == "timm:create_model"
+    assert spec["family"] == family and spec["builder"] == BUILDERS[family]
     assert json.loads(sh("dvc", "status", "--json", cwd=repo) or "{}") == {}
 
 
 @pytest.mark.slow
-def test_a_torchvision_model_through_the_flow_on_an_image_folder_registers_a_model_that_serves_pngs(
-        harness, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", ["torchvision", "timm"])
+def test_a_library_model_through_the_flow_on_an_image_folder_registers_a_model_that_serves_pngs(
+        family, harness, tmp_path, monkeypatch):
     image_folder(tmp_path / "images")
     repo = make_repo(tmp_path)
-    write_params(repo, {**SMALL_RUN, "model": {"family": "torchvision", "arch": "resnet18", "kwargs": {}},
+    write_params(repo, {**SMALL_RUN, "model": {"family": family, "arch": ARCHS[family], "kwargs": {}},
                         "data": {"source": "image_folder", "root": str(tmp_path / "images"), "image_size": 32,
                                  "select_fraction": 0.5}})
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -129,7 +136,7 @@ def test_a_torchvision_model_through_the_flow_on_an_image_folder_registers_a_mod
     uri = "models:/soup-pipeline-soup@champion"
     model_dir = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "model")))
     spec = json.loads(next(model_dir.rglob("model_spec.json")).read_text())
-    assert spec["builder"] == "torchvision.models:get_model" and spec["classnames"] == ["cat", "dog", "fox"]
+    assert spec["builder"] == BUILDERS[family] and spec["classnames"] == ["cat", "dog", "fox"]
     pngs = sorted((tmp_path / "images/test").rglob("*.png"))
     frame = pd.DataFrame({"image": [base64.b64encode(path.read_bytes()).decode() for path in pngs]})
     answer = mlflow.pyfunc.load_model(uri).predict(frame)
@@ -156,7 +163,8 @@ def soup_state(path: Path) -> dict[str, torch.Tensor]:
 
 def test_a_teams_own_builder_must_be_importable_where_the_model_loads():
     script = ("import portable_classifier, sys\n"
-              "try:\n    portable_classifier.make_module({'builder': 'no_such_team_pkg.models:net', 'builder_kwargs': {}})\n"
+              "try:\n"
+              "    portable_classifier.make_module({'builder': 'no_such_team_pkg.models:net', 'builder_kwargs': {}})\n"
               "except ValueError as exc:\n    print(exc)\n")
     folder = Path(__file__).parents[1] / "soup_pipeline" / "core"
     out = subprocess.run([sys.executable, "-c", script], cwd=folder, capture_output=True, text=True, check=True).stdout

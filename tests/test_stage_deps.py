@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from dvc_repo import PROJECT, TINY, sh, write_params
-from flow_run import lock_file
+from flow_run import lock_file, run_flow
 from params_reads import recording
 from soup_pipeline.cli import MODULES_RECORD_ENV
 from soup_pipeline.config import load_params
@@ -76,7 +76,8 @@ def stage_modules(tmp_path_factory) -> dict[str, list[str]]:
                             "wise_ft_soup": {"soup": "uniform", "search": {"alphas": [0.5]}}}},
                         "evaluate": {"ingredient_counts": [], "remove_top": [], "bootstrap_resamples": 100},
                         "tracking": {"system_metrics": False, "register_method": "uniform"}})
-    for stage in ("prepare", "pretrain", "finetune", "import", "soup", "refine", "evaluate", "ablate"):  # as DVC orders them
+    # as DVC orders them
+    for stage in ("prepare", "pretrain", "finetune", "import", "soup", "refine", "evaluate", "ablate"):
         if stage == "import":
             external.mkdir()
             state = load_file(str(root / "runs/ingredients/member-0.safetensors"))
@@ -88,7 +89,8 @@ def stage_modules(tmp_path_factory) -> dict[str, list[str]]:
     for path in record.glob("*.json"):
         run = json.loads(path.read_text())
         loaded.setdefault(run["command"], []).append(run["modules"])
-    assert {stage: len(runs) for stage, runs in loaded.items()} == {stage: 1 for stage in DVC_STAGES}  # one process each
+    # one process each
+    assert {stage: len(runs) for stage, runs in loaded.items()} == {stage: 1 for stage in DVC_STAGES}
     return {stage: runs[0] for stage, runs in loaded.items()}
 
 
@@ -141,12 +143,14 @@ def run_recorded(params, root: Path) -> dict[str, set[str]]:
 def test_each_stage_declares_exactly_the_params_keys_it_reads(tmp_path):
     params_file = tmp_path / "params.yaml"
     values = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    for section, changes in {**TINY, "pretrain": {"epochs": 1}, "sweep": {"members": [0, 1, 2], "epochs_range": [1, 1]}}.items():
+    small = {**TINY, "pretrain": {"epochs": 1}, "sweep": {"members": [0, 1, 2], "epochs_range": [1, 1]}}
+    for section, changes in small.items():
         values[section] = {**values[section], **changes}
     values["soup"]["methods"] = {"uniform": {}, "greedy": {}, "learned_soup": {"epochs": 1},
                                  "mehl_soup_plus": {"passes": 0.5}, "mehl_soup_auto": {"passes": 0.5, "search": {
                                      "groupings": ["model"], "lrs": [0.05], "weight_decays": [0.0]}},
-                                 "dare": {"search": {"scales": [0.3], "drops": [0.5]}},  # a merge method: theta_0, soup.seed
+                                 # a merge method: theta_0, soup.seed
+                                 "dare": {"search": {"scales": [0.3], "drops": [0.5]}},
                                  "model_stock": {"search": {"groupings": ["model"]}}}
     values["soup"]["refine"] = {"wise_ft_soup": {"soup": "mehl_soup_auto", "search": {"alphas": [0.5]}}}
     external = tmp_path / "external" / "checkpoint.safetensors"  # one imported member beside the fine-tunes
@@ -184,7 +188,7 @@ def flow_reuses(repo: Path) -> set[str]:
 
 
 @pytest.mark.slow
-def test_a_code_edit_reruns_what_runs_that_code_in_dvc_and_in_the_flow_alike(pipeline, tmp_path):
+def test_a_code_edit_reruns_what_runs_that_code_in_dvc_and_in_the_flow_alike(pipeline, tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     shutil.copytree(pipeline.repo, repo, symlinks=True)
     trained = {"pretrain", *(f"finetune@{k}" for k in (0, 1, 2))}
@@ -210,3 +214,31 @@ def test_a_code_edit_reruns_what_runs_that_code_in_dvc_and_in_the_flow_alike(pip
     presets.write_text(presets.read_text().replace("noise=0.1)", "noise=0.12)"))
     assert changed_stages(repo) == trained  # not prepare nor import: they run no augmentation
     assert flow_reuses(repo) == set()  # the flow recomputes exactly what DVC calls changed
+    ran = re.findall(r"^Running stage '([^']+)'", sh("dvc", "repro", cwd=repo), flags=re.MULTILINE)
+    assert trained <= set(ran) and "prepare" not in ran  # DVC ran them (and what reads their new sidecars), not prepare
+    assert changed_stages(repo) == set()
+
+    # the presets back: DVC and the flow see the trained stages changed
+    sh("git", "checkout", "soup_pipeline", cwd=repo)
+    assert changed_stages(repo) == trained and flow_reuses(repo) == set()
+    before = output_times(repo)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_flow(repo)
+    after = output_times(repo)
+    rewritten = {stage for stage in before if after[stage] != before[stage]}
+    assert trained <= rewritten and "prepare" not in rewritten  # the flow ran them again (and import, which reads the
+    assert "import" in ran and "import" in rewritten              # base), as DVC did, and left prepare's outputs alone
+
+
+def output_times(repo: Path) -> dict[str, list[int]]:
+    """Per stage in dvc.lock, the modification times (ns) of every file of its outputs."""
+    times = {}
+    for stage, entry in lock_file(repo)["stages"].items():
+        files = [path for out in entry.get("outs", []) for path in sorted(walk(repo / out["path"]))]
+        times[stage] = [path.stat().st_mtime_ns for path in files]
+    return times
+
+
+def walk(path: Path):
+    """The file itself, or every file under a folder."""
+    return [path] if path.is_file() else [child for child in path.rglob("*") if child.is_file()]
