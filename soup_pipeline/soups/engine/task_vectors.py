@@ -11,6 +11,7 @@ whatever K. A method that needs a whole-vector number first (a norm) reads the i
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -109,23 +110,23 @@ def group_cosines(store: IngredientStore, anchor: Mapping[str, torch.Tensor], ke
                   group_of: Mapping[str, int], groups: int) -> list[float]:
     """Per group g of `keys`, the mean pairwise cosine of the task vectors restricted to g. Two passes, one tensor of
     one ingredient resident: the norms ||tau_k||_g, then sum_k tau_k / ||tau_k||_g tensor by tensor, of which only the
-    squared norm is kept."""
+    squared norm is kept. The sums are Python floats (float64, as 0-dim tensors would be): thousands of small tensors
+    kept across the passes would pin the C heap between the passes' temporaries, and it grew with K (to ~5 models)."""
     K = len(store)
-    squares = [[0] * K for _ in range(groups)]
+    squares = [[0.0] * K for _ in range(groups)]
     for key in keys:
         for index, tau in tensor_task_vectors(store, anchor, key):
-            squares[group_of[key]][index] = squares[group_of[key]][index] + (tau ** 2).sum()
-    norms = [[torch.sqrt(square) for square in row] for row in squares]
-    aligned = [0] * groups
+            squares[group_of[key]][index] += float((tau ** 2).sum())
+    norms = [[math.sqrt(square) for square in row] for row in squares]
+    aligned = [0.0] * groups
     for key in keys:
         group = group_of[key]
         direction = torch.zeros_like(anchor[key], dtype=torch.float64)
         for index, tau in tensor_task_vectors(store, anchor, key):
             if norms[group][index] > 0:
                 direction += tau / norms[group][index]
-        aligned[group] = aligned[group] + (direction ** 2).sum()
-    return [mean_cosine_from_sums(float(aligned[group]), sum(int(norm > 0) for norm in norms[group]), K)
-            for group in range(groups)]
+        aligned[group] += float((direction ** 2).sum())
+    return [mean_cosine_from_sums(aligned[group], sum(norm > 0 for norm in norms[group]), K) for group in range(groups)]
 
 
 def mean_pairwise_cosine(store: IngredientStore, anchor: Mapping[str, torch.Tensor]) -> float:
