@@ -57,6 +57,13 @@ def test_projected_gradient_equals_autograd(tmp_path):
     assert autograd_grad.abs().max() > 1e-3  # the comparison is not between zeros
 
 
+def test_a_rank_with_no_ingredients_in_a_block_projects_onto_no_rows_in_any_storage_dtype():
+    grads = {"w": torch.ones(2, 3)}  # a float32 gradient; a rank's empty share, held in float64 or float32
+    for dtype in (torch.float64, torch.float32):
+        rows = tensor_rows(grads, {"w": torch.empty(0, 2, 3, dtype=dtype)}, torch.float32)
+        assert rows.shape == (1, 0) and rows.dtype == torch.float32
+
+
 def _warmup_cosine(step, total, warmup):
     if step < warmup:
         return (step + 1) / warmup

@@ -25,7 +25,9 @@ from soup_pipeline.core.portable_classifier import classifier_from_spec
 from soup_pipeline.workspace.code import DVC_STAGES, imported_files, stage_code
 
 STAGES = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
-EXECUTION_ONLY = {"soup.nproc"}  # how a soup is run, not what it computes (documented in core.settings.SoupSettings)
+# how a stage runs, not what it computes (documented in core.settings; the reading tests show the same bytes)
+EXECUTION_ONLY = {"soup.nproc", "soup.nnodes", "soup.rdzv_endpoint", "soup.join_timeout", "sweep.workers",
+                  "evaluate.workers"}
 CONDITIONAL = {  # declared keys a stage reads only for some settings (the test's: digits, open_clip)
     "prepare": {"model.family": "image folders and torchvision sources use the model family's eval transform",
                 "model.arch": "the same", "model.kwargs": "timm's transform reads the model's own data config"},

@@ -233,13 +233,6 @@ def fetch_batch(dataset: Dataset, indices: Sequence[int] | torch.Tensor) -> tupl
     return default_collate([dataset[int(i)] for i in indices])
 
 
-def sequential_batches(dataset: Dataset, batch_size: int):
-    """Batches in data set order, for evaluation."""
-    n = len(dataset)
-    for start in range(0, n, batch_size):
-        yield fetch_batch(dataset, range(start, min(n, start + batch_size)))
-
-
 def take(dataset: TensorDataset, index: torch.Tensor) -> TensorDataset:
     """The examples `index` of a tensor data set, as a tensor data set."""
     return TensorDataset(*(tensor[index] for tensor in dataset.tensors))

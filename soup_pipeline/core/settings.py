@@ -27,8 +27,18 @@ class SoupSettings(Strict):
     device: str = "auto"  # "auto" takes the GPU when there is one; else "cpu", "cuda", "cuda:1"
     storage_dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = None  # ingredient dtype in memory;
     # None = the file's
-    nproc: int = Field(1, ge=1)  # processes (torchrun, one per GPU) for the methods that run distributed; results do
-    # not depend on it
+    nproc: int = Field(1, ge=1)  # processes per node (torchrun, one per GPU) for the methods that run distributed;
+    # results do not depend on it, nor on the three keys below
+    nnodes: int = Field(1, ge=1)  # nodes souping together, each running the same command on the same ingredients
+    rdzv_endpoint: str | None = None  # host:port of the c10d rendezvous every node's torchrun joins (nnodes > 1)
+    join_timeout: int = Field(600, gt=0)  # seconds a node waits for the others to join before the run is refused
+
+    @model_validator(mode="after")
+    def _rendezvous(self) -> "SoupSettings":
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"nnodes: {self.nnodes} nodes need rdzv_endpoint, the host:port of the c10d rendezvous "
+                             "every node joins (e.g. rdzv_endpoint: node0:29400)")
+        return self
 
 
 def error_lines(exc: ValidationError, prefix: str = "") -> list[str]:
@@ -80,6 +90,7 @@ def load_yaml(path: str | Path) -> dict:
 # -- model, data, pre-training and sweep ---------------------------------------------------
 
 Augmentation = Literal["none", "light", "strong"]  # presets in soup_pipeline.training.augment.AUGMENTATIONS
+Precision = Literal["float32", "bf16"]  # forward passes: float32, or bfloat16 autocast (runtime.precision)
 
 
 def _check_range(name: str, bounds: tuple[float, float]) -> None:
@@ -175,6 +186,7 @@ class FinetuneParams(Strict):
     seed: int = 0  # seeds the shuffling and the augmentation
     batch_size: int = Field(64, gt=0)  # images per step
     warmup_frac: float = Field(0.1, ge=0, lt=1)  # linear warm-up share of the steps, cosine decay after
+    precision: Precision = "float32"  # forward passes in float32, or bf16 autocast (float32 weights)
 
 
 class SweepParams(Strict):
@@ -194,6 +206,9 @@ class SweepParams(Strict):
     # reruns
     per_device: int = Field(1, ge=1)  # fine-tunes that share one GPU at a time (the flow; on Dask, one GPU resource
     # each)
+    workers: int | None = Field(None, ge=0)  # DataLoader processes reading each fine-tune's batches; None: 0 for data
+    # held in memory (the digits), half the cores (at most 4) for files. Results do not depend on it
+    precision: Precision = "float32"  # fine-tuning's forward passes: float32, or bf16 autocast where the device has it
 
     @field_validator("members", mode="before")
     @classmethod
@@ -228,6 +243,9 @@ class EvaluateParams(Strict):
     bootstrap_resamples: int = Field(2000, gt=0)  # paired-bootstrap resamples
     basin_gap: float = Field(0.1, ge=0, le=1)  # warn when the uniform soup's fit accuracy is this far below the best
     # member's
+    workers: int | None = Field(None, ge=0)  # DataLoader processes reading the evaluation batches (None: as the sweep's
+    # rule, 0 for data held in memory, half the cores, at most 4, for files). Results do not depend on it
+    precision: Precision = "float32"  # evaluation's forward passes: float32, or bf16 autocast
 
 
 class KeyRuleParams(Strict):

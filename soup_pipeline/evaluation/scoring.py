@@ -12,7 +12,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..core.batches import forward, to_device
-from ..core.data import DataSplits, sequential_batches
+from ..core.data import DataSplits
+from ..core.reading import sequential_batches
+from ..core.settings import Precision
+from ..runtime.precision import autocast
 from .statistics import paired_comparison
 
 SPLIT_COLUMNS = {"fit": "fit_acc", "select": "select_acc", "test": "test_acc", "test_shift": "shifted_test_acc"}
@@ -20,14 +23,15 @@ Predict = Callable[[Dataset], torch.Tensor]  # data set -> logits [N, classes]
 
 
 @torch.no_grad()
-def model_outputs(model: nn.Module, dataset: Dataset, batch_size: int,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, targets) of a model over a whole data set, read once, in data set order, on the CPU
-    (half-precision logits promoted to float32)."""
+def model_outputs(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, *,
+                  workers: int | None = 0, precision: Precision = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) of a model over a whole data set, read once, in data set order (by `workers` DataLoader
+    processes, `core.reading`), on the CPU (bfloat16 and half-precision logits promoted to float32)."""
     model.eval()
     logits, targets = [], []
-    for inputs, batch_targets in sequential_batches(dataset, batch_size):
-        logits.append(forward(model, to_device(inputs, device)).cpu())
+    for inputs, batch_targets in sequential_batches(dataset, batch_size, workers=workers, device=device):
+        with autocast(precision, device):
+            logits.append(forward(model, to_device(inputs, device)).cpu())
         targets.append(batch_targets)
     out = torch.cat(logits)
     return out.to(torch.promote_types(out.dtype, torch.float32)), torch.cat(targets)
@@ -56,9 +60,10 @@ def loss_and_accuracy(model: nn.Module, dataset: Dataset, batch_size: int, devic
     return float(loss_fn(logits, targets)), accuracy(logits, targets)
 
 
-def predictor(model: nn.Module, batch_size: int, device: torch.device) -> Predict:
-    """`predict(dataset) -> logits` of a model."""
-    return lambda dataset: model_logits(model, dataset, batch_size, device)
+def predictor(model: nn.Module, batch_size: int, device: torch.device, *, workers: int | None = 0,
+              precision: Precision = "float32") -> Predict:
+    """`predict(dataset) -> logits` of a model (read by `workers` processes, in `precision`)."""
+    return lambda dataset: model_outputs(model, dataset, batch_size, device, workers=workers, precision=precision)[0]
 
 
 def split_outcomes(predict: Predict, splits: DataSplits,

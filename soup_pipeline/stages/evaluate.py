@@ -54,7 +54,9 @@ def evaluate_rows(params: Params, paths: StagePaths, store: IngredientStore,
              **{method: read_json(paths.soup_dir(method) / "metrics.json") for method in params.soup.built}}
     correct, select_losses = {}, {}
     for method, state in tqdm(states.items(), desc="evaluate", unit="model", disable=None):
-        correct[method], losses = split_outcomes(predictor(model_at(objective, state(), device), batch, device), splits)
+        predict = predictor(model_at(objective, state(), device), batch, device, workers=params.evaluate.workers,
+                            precision=params.evaluate.precision)
+        correct[method], losses = split_outcomes(predict, splits)
         select_losses[method] = losses["select"]
         reached("evaluate-method")
     correct["ensemble"] = split_outcomes(lambda ds: ensemble_logits(store, objective, device, ds), splits)[0]

@@ -46,6 +46,6 @@ def run(params: Params, root: str | Path, member: int, *, reuse: bool = False) -
     inputs = stage_inputs_sha256(root, "finetune", params)
     device = member_device(member, sweep_devices(params.sweep.device, visible_gpus()))
     ingredient = finetune(base, hparams, load_splits(params), target, member=member, model_params=params.model,
-                          device=device, extra_meta={"inputs_sha256": inputs})
+                          device=device, workers=params.sweep.workers, extra_meta={"inputs_sha256": inputs})
     reached("finetune-saved", member)
     return ingredient

@@ -3,6 +3,7 @@ and write it with its mixing weights."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..config import Params
+from ..config import Params, SoupSettings
 from ..runtime.devices import rank_device, resolve_device
 from ..runtime.errors import SoupError
 from ..runtime.kill_points import armed, reached
@@ -43,14 +44,15 @@ def run(params: Params, root: str | Path, method: str) -> SoupResult:
     (and search.json, the candidate table, when the grouping was chosen on select data): the same
     bytes for the same inputs on a CPU. Its seconds, peak memory and processes go to runs/costs/soup-METHOD.json.
 
-    With `nproc` > 1 a method that runs distributed is launched on that many processes by torchrun
-    (one per GPU on a GPU machine, gloo on the CPU); rank 0 writes the files, read back here.
+    With `nproc` > 1 (or `nnodes` > 1) a method that runs distributed is launched on that many processes (per node)
+    by torchrun (one per GPU on a GPU machine, gloo on the CPU); every rank ends with the same soup, and the first
+    rank of each node writes the files into that node's root, read back here.
     """
     paths = StagePaths(Path(root))
     settings = params.soup.method(method)
     spec = get_spec(method)
-    if settings.nproc > 1 and spec.distributed and launched_world() == 1:
-        launch(params, paths, method, settings.nproc)
+    if spec.distributed and settings.nproc * settings.nnodes > 1 and launched_world() == 1:
+        launch(params, paths, method, settings)
         return read_result(paths, method)
     store = open_store(params, paths, settings=settings)
     objective = soup_objective(params, store, load_splits(params), settings)
@@ -70,15 +72,45 @@ def run(params: Params, root: str | Path, method: str) -> SoupResult:
     return result
 
 
-def launch(params: Params, paths: StagePaths, method: str, nproc: int) -> None:
-    """`soup-pipeline soup --method METHOD` on `nproc` processes under torchrun, with these very params."""
+def launch(params: Params, paths: StagePaths, method: str, settings: SoupSettings) -> None:
+    """`soup-pipeline soup --method METHOD` on `nproc` processes under torchrun, with these very params: on this node
+    alone, or as one of `nnodes` nodes meeting at the c10d rendezvous `rdzv_endpoint`."""
+    given_params = json.dumps(params.model_dump(mode="json"))  # JSON is YAML: the CLI reads it as its params file
     with tempfile.TemporaryDirectory(prefix="soup-params-") as folder:
-        given = Path(folder) / "params.json"  # JSON is YAML: the CLI reads it as its params file
-        given.write_text(json.dumps(params.model_dump(mode="json")))
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                   "-m", "soup_pipeline.cli", "--params", str(given), "--root", str(paths.root), "soup",
-                   "--method", method]
-        done = subprocess.run(command, env={**os.environ, LOCK_HELD_ENV: "1"})
+        given, error_file = Path(folder) / "params.json", Path(folder) / "torchrun-error.json"
+        given.write_text(given_params)
+        command = [sys.executable, "-m", "torch.distributed.run", *placement(method, settings, given_params),
+                   f"--nproc-per-node={settings.nproc}", "-m", "soup_pipeline.cli", "--params", str(given),
+                   "--root", str(paths.root), "soup", "--method", method]
+        # torchrun's agent writes to its error file the error it stops on itself, such as other nodes never joining
+        env = {**os.environ, LOCK_HELD_ENV: "1", "TORCHELASTIC_ERROR_FILE": str(error_file)}
+        done = subprocess.run(command, env=env)
+        unmet = rendezvous_error(error_file) if done.returncode != 0 else None
+    if unmet is not None:
+        raise SoupError(f"{method}: not all {settings.nnodes} nodes joined the rendezvous at {settings.rdzv_endpoint} "
+                        f"within join_timeout={settings.join_timeout} s ({unmet}). Start `soup-pipeline soup --method "
+                        f"{method}` with the same params on every node, each able to reach {settings.rdzv_endpoint}, "
+                        "within that time of each other (or raise join_timeout)")
     if done.returncode != 0:
-        raise SoupError(f"{method} on {nproc} processes failed (torchrun exit code {done.returncode}); the log above "
-                        "names the rank and its error. Finished blocks are kept: rerun to resume after the last one")
+        nodes = f"{settings.nnodes} nodes x " if settings.nnodes > 1 else ""
+        raise SoupError(f"{method} on {nodes}{settings.nproc} processes failed (torchrun exit code {done.returncode}); "
+                        "the log above names the rank and its error. Finished blocks are kept: rerun to resume after "
+                        "the last one")
+
+
+def rendezvous_error(error_file: Path) -> str | None:
+    """The rendezvous error torchrun's agent gave up on before starting any rank (named in its error file), None for
+    any other end."""
+    message = json.loads(error_file.read_text()).get("message") if error_file.is_file() else None
+    name = message["message"].split(":")[0] if isinstance(message, dict) else ""
+    return name if name.startswith("Rendezvous") else None
+
+
+def placement(method: str, settings: SoupSettings, given_params: str) -> list[str]:
+    """torchrun's options placing this node: alone (`--standalone`), or among `nnodes` nodes meeting at the c10d
+    rendezvous `rdzv_endpoint` under one id that every node derives alike (the method and a digest of the params)."""
+    if settings.nnodes == 1:
+        return ["--standalone"]
+    run_id = f"soup-{method}-{hashlib.sha256(given_params.encode()).hexdigest()[:16]}"
+    return [f"--nnodes={settings.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={settings.rdzv_endpoint}",
+            f"--rdzv-id={run_id}", f"--rdzv-conf=join_timeout={settings.join_timeout}", "--max-restarts=0"]

@@ -19,15 +19,17 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..core.batches import Inputs, forward, to_device
-from ..core.data import DataSplits, fetch_batch
+from ..core.data import DataSplits
 from ..core.families import family_of
 from ..core.ingredients import Ingredient, save_ingredient
 from ..core.models import base_model_id
+from ..core.reading import read_batches
 from ..core.schedule import warmup_cosine_scheduler
 from ..core.settings import FinetuneParams, ModelParams, parse_section
 from ..evaluation.scoring import predictor, split_accuracies
 from ..runtime.devices import resolve_device
 from ..runtime.errors import SoupError
+from ..runtime.precision import autocast
 from ..runtime.randomness import OwnGlobalRNG
 from .augment import augment
 
@@ -47,9 +49,10 @@ def adamw_warmup_cosine(model: nn.Module, *, lr: float, weight_decay: float, tot
 
 def train_loop(model: nn.Module, dataset: Dataset, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
                epochs: int, batch_size: int, lr: float, weight_decay: float, warmup_frac: float,
-               generator: torch.Generator, rng: OwnGlobalRNG, desc: str,
-               on_epoch: EpochCallback | None = None) -> list[float]:
-    """Train for `epochs` seeded passes; `loss_fn(images, labels)` gets CPU batches. Returns mean loss per epoch.
+               generator: torch.Generator, rng: OwnGlobalRNG, desc: str, on_epoch: EpochCallback | None = None,
+               workers: int | None = 0, device: torch.device | str = "cpu") -> list[float]:
+    """Train for `epochs` seeded passes; `loss_fn(images, labels)` gets CPU batches (pinned for a GPU `device`),
+    read by `workers` DataLoader processes (`core.reading`). Returns mean loss per epoch.
 
     `generator` orders the batches; `loss_fn` (the forward pass) runs with `rng` as torch's global generators.
     """
@@ -62,8 +65,7 @@ def train_loop(model: nn.Module, dataset: Dataset, loss_fn: Callable[[torch.Tens
     history = []
     for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=None):
         order, total = torch.randperm(len(dataset), generator=generator), 0.0
-        for start in range(0, len(dataset), batch_size):
-            images, labels = fetch_batch(dataset, order[start:start + batch_size])
+        for images, labels in read_batches(dataset, order.split(batch_size), workers=workers, device=device):
             with rng.active():
                 loss = loss_fn(images, labels)
             optimizer.zero_grad(set_to_none=True)
@@ -78,12 +80,14 @@ def train_loop(model: nn.Module, dataset: Dataset, loss_fn: Callable[[torch.Tens
 
 
 def finetune(base: str | Path, hparams: Mapping, splits: DataSplits, out_path: str | Path, *, member: int,
-             model_params: ModelParams = ModelParams(), device: str = "cpu",
+             model_params: ModelParams = ModelParams(), device: str = "cpu", workers: int | None = None,
              on_epoch: EpochCallback | None = None, extra_meta: Mapping | None = None) -> Ingredient:
     """Fine-tune the classifier the model's family starts from `base` (open_clip: a CLIP file or cached tag and its
     zero-shot head; else the family's module with the base weights) and save it as an ingredient.
 
-    hparams: the keys of `FinetuneParams`. The sidecar records hparams, fit_acc and select_acc
+    hparams: the keys of `FinetuneParams` (`precision: bf16` runs the forward passes under bfloat16 autocast).
+    `workers`: DataLoader processes reading the batches (None: `core.reading.resolve_workers`); the ingredient is
+    the same bytes whatever it is. The sidecar records hparams, fit_acc and select_acc
     (accuracy on the two held-out roles), the mean training loss per epoch, base_model, member
     and classifier_spec (to rebuild an empty model), plus `extra_meta`.
     """
@@ -101,17 +105,19 @@ def finetune(base: str | Path, hparams: Mapping, splits: DataSplits, out_path: s
         elif hp.augmentation != "none":
             raise SoupError(f"member {member}: augmentation {hp.augmentation!r} transforms images; the inputs are "
                             f"named tensors ({sorted(inputs)}): give augmentation 'none'")
-        logits = forward(model, to_device(inputs, target))
+        with autocast(hp.precision, target):
+            logits = forward(model, to_device(inputs, target))
         return F.cross_entropy(logits, labels.to(target), label_smoothing=hp.label_smoothing)
 
     losses = train_loop(model, splits.train, loss_fn, epochs=hp.epochs, batch_size=hp.batch_size, lr=hp.lr,
                         weight_decay=hp.weight_decay, warmup_frac=hp.warmup_frac, generator=generator, rng=rng,
-                        desc=f"fine-tune member {member}", on_epoch=on_epoch)
+                        desc=f"fine-tune member {member}", on_epoch=on_epoch, workers=workers, device=target)
     meta = {
         **dict(extra_meta or {}),
         "train_loss": losses,
         "hparams": hp.model_dump(),
-        **split_accuracies(predictor(model, 256, target), splits, roles=("fit", "select")),
+        **split_accuracies(predictor(model, 256, target, workers=workers, precision=hp.precision), splits,
+                           roles=("fit", "select")),
         "base_model": base_model_id(model_params.arch, base),
         "member": int(member),
         "classifier_spec": family.spec(model_params, len(splits.classnames)),

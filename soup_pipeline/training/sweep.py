@@ -26,6 +26,7 @@ def sample_hparams(params: SweepParams, member: int) -> dict:
         seed=int(rng.integers(2**31)),
         batch_size=params.batch_size,
         warmup_frac=params.warmup_frac,
+        precision=params.precision,
     ).model_dump()
 
 

@@ -19,6 +19,7 @@ from ...core.ingredients import IngredientStore
 from ...core.settings import SoupSettings
 from ...evaluation.scoring import loss_and_accuracy
 from ...runtime.errors import SoupError
+from ...runtime.precision import autocast
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Method = Callable[..., "SoupResult"]
@@ -165,10 +166,13 @@ def role_metrics(model: nn.Module, objective: Objective, device: torch.device) -
 
 
 def step_loss(logits_of: Callable[[Inputs], torch.Tensor], objective: Objective, stream: HeldOutStream,
-              device: torch.device) -> torch.Tensor:
-    """Forward one held-out mini-batch (`logits_of(inputs)`, inputs on `device`) and return its loss."""
+              device: torch.device, precision: str = "float32") -> torch.Tensor:
+    """Forward one held-out mini-batch (`logits_of(inputs)`, inputs on `device`, under `precision`'s autocast) and
+    return its loss (bfloat16 logits promoted to float32 first)."""
     inputs, targets = fetch_batch(objective.fit, stream.next())
-    return objective.loss_fn(logits_of(to_device(inputs, device)), targets.to(device))
+    with autocast(precision, device):
+        logits = logits_of(to_device(inputs, device))
+    return objective.loss_fn(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets.to(device))
 
 
 class LossLog:

@@ -6,12 +6,14 @@ a rank loads, holds and projects onto its share only, and steps the coefficients
 
 - per step, one parameter-sized sum: each rank's part of sum_k alpha_k d_k, all-reduced, so the
   soup theta = base + sum is the same on every rank (`Combiner`);
-- per block, the K x L coefficients and direction norms of the block (`Ranks.assemble`).
+- per block, the K x L coefficients and direction norms of the block (`Ranks.assemble`);
+- once, whether every rank starts from the same soup (`Ranks.same`): nodes souping in roots of their own must have
+  restored the same saved progress.
 
 Every rank runs the same forward and backward pass on the same fit mini-batch: the batch is not
 split across ranks, which would add a second parameter-sized all-reduce per step (the gradient)
 to save compute the method does not need to save; the point of the ranks is memory. torchrun
-describes the group in the environment; `process_group` joins it (gloo on CPUs, NCCL on GPUs).
+describes the group in the environment, on one node or several; `process_group` joins it (gloo on CPUs, NCCL on GPUs).
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from ...runtime.errors import SoupError
 from .fused import BlockStep, FlatTensors, ShapeOrder
 
 TIMEOUT = datetime.timedelta(minutes=10)  # a collective waiting longer than this fails the run
+BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # an integer type of each element size
 
 
 @dataclass(frozen=True)
@@ -37,19 +41,22 @@ class Ranks:
     rank: int = 0
     world: int = 1
     comm_device: torch.device = torch.device("cpu")  # where collectives run: the GPU under NCCL
+    local_rank: int = 0  # its rank among the processes of its node (torchrun's LOCAL_RANK)
 
     @classmethod
     def current(cls) -> "Ranks":
         if dist.is_available() and dist.is_initialized():
             nccl = dist.get_backend() == "nccl"
             device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-            return cls(dist.get_rank(), dist.get_world_size(), device)
+            rank = dist.get_rank()
+            return cls(rank, dist.get_world_size(), device, int(os.environ.get("LOCAL_RANK", rank)))
         return cls()
 
     @property
     def leader(self) -> bool:
-        """Rank 0 writes files and logs for the group."""
-        return self.rank == 0
+        """The first rank of each node writes files and logs for its node: every rank holds the same soup, coefficients
+        and progress, so each node's root gets them all (the same bytes, renamed into place, where nodes share one)."""
+        return self.local_rank == 0
 
     def share(self, block: Sequence[int]) -> list[int]:
         """This rank's contiguous part of a block: at most ceil(b / world) ingredients (possibly none)."""
@@ -73,6 +80,15 @@ class Ranks:
         if self.world > 1:
             dist.barrier()
 
+    def same(self, values: torch.Tensor) -> bool:
+        """Whether every rank holds the same bits in `values` (compared by their sum as integers: in any order)."""
+        if self.world == 1:
+            return True
+        bits = values.reshape(-1).view(BITS[values.element_size()]).sum(dtype=torch.int64)
+        bounds = torch.stack([bits, -bits]).to(self.comm_device)
+        dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+        return bool(bounds[0] == -bounds[1])
+
 
 class Combiner:
     """out = base + sum over every rank's share of alpha_k d_k, through the block's step (`fused.block_step`).
@@ -82,6 +98,11 @@ class Combiner:
     """
 
     def __init__(self, ranks: Ranks, like: FlatTensors, order: ShapeOrder):
+        """like: the soup the descent starts from, which every rank must hold alike."""
+        if not ranks.same(like.flat):
+            raise SoupError("the ranks start from different soups: their nodes restored different saved progress (the "
+                            "resume folder, runs/resume/METHOD in a pipeline root). Give every node the same copy of "
+                            "that folder, or remove it on every node, and rerun")
         self.partial = FlatTensors.empty(order, like.flat) if ranks.world > 1 else None
 
     def __call__(self, out: FlatTensors, base: FlatTensors, alpha: torch.Tensor, step: BlockStep) -> None:

@@ -54,8 +54,10 @@ def rebuild_(out: torch.Tensor, base: torch.Tensor | None, coeffs: torch.Tensor,
 
 
 def project(grad: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
-    """<grad, stacked[j]> for every row j, in grad's dtype."""
+    """<grad, stacked[j]> for every row j, in grad's dtype (none for no rows: a rank's empty share of a block)."""
     flat_grad = grad.reshape(-1)
+    if len(stacked) == 0:
+        return flat_grad.new_zeros(0)
     if stacked.dtype == grad.dtype:
         return rows_of(stacked) @ flat_grad
     return torch.stack([torch.dot(row.reshape(-1).to(grad.dtype), flat_grad) for row in stacked])

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ...core.batches import forward
 from ...core.ingredients import BlockPrefetcher, IngredientStore
 from ...core.schedule import warmup_cosine_scheduler
-from ...core.settings import SoupSettings
+from ...core.settings import Precision, SoupSettings
 from ...runtime.devices import rank_device, resolve_device
 from ...runtime.errors import SoupError
 from ..engine.base import (
@@ -52,9 +52,9 @@ from ..engine.resume import load_state, resume_key, save_state, state_path
 MASK_RTOL = 1e-6  # a direction with |d_{k,l}| <= MASK_RTOL * |c_l| is masked (its coefficient stays 0)
 
 
-# How a soup is computed, not what: left out of the resume key, so a run killed on 2 processes resumes on 1 (or
-# on another device, or with prefetching or the fused step switched), its saved blocks being the same numbers.
-EXECUTION_ONLY = ("nproc", "prefetch", "fused_step", "device")
+# How a soup is computed, not what: left out of the resume key, so a run killed on 2 processes (or nodes) resumes on 1
+# (or on another device, or with prefetching or the fused step switched), its saved blocks being the same numbers.
+EXECUTION_ONLY = ("nproc", "nnodes", "rdzv_endpoint", "join_timeout", "prefetch", "fused_step", "device")
 
 
 class HLParams(SoupSettings):
@@ -68,6 +68,8 @@ class HLParams(SoupSettings):
     normalize_directions: bool = False  # use d/|d| (the reference script) instead of raw d
     prefetch: bool = True  # load the next block on a background thread
     fused_step: bool = True  # one batched product per shape (soups/engine/fused.py); False: per tensor
+    precision: Precision = "float32"  # the inner steps' forward passes: float32, or bf16 autocast (the soup, its
+    # coefficients and their arithmetic stay in their own dtype)
 
 
 class MEHLParams(HLParams):
@@ -271,7 +273,8 @@ class BlockDescent:
         schedule = warmup_cosine_scheduler(optimizer, self.plan.steps, params.warmup_frac)
         for index in range(self.plan.steps):
             soup.grads.flat.zero_()
-            loss = step_loss(functools.partial(forward, soup.model), self.objective, self.stream, X_block.device)
+            loss = step_loss(functools.partial(forward, soup.model), self.objective, self.stream, X_block.device,
+                             params.precision)
             losses.add(loss, f"block {position} (ingredients {self.plan.blocks[position]}), step {index}")
             loss.backward()
             if params.grad_clip is not None:
@@ -294,7 +297,7 @@ class BlockDescent:
         self.on_step(StepEvent(position, self.plan.blocks[position], index, self.progress.losses.values[-1], now))
 
     def save(self, saved_at: Path) -> None:
-        """Write the progress after a block (rank 0); every rank waits until it is on disk."""
+        """Write the progress after a block (the first rank of each node); every rank waits until it is on disk."""
         if self.ranks.leader:
             save_state(saved_at, next_block=self.progress.next_block, X=self.progress.X, norms=self.progress.norms,
                        soup=self.soup.theta.views, stream=self.stream.state(), history=self.progress.losses.values)
