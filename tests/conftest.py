@@ -1,5 +1,6 @@
 """Shared test settings: keep every tool off the network and out of the user's home."""
 
+import collections
 import os
 import re
 import subprocess
@@ -15,6 +16,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="soup-prefect-home-"))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of pytest-xdist's workers (pyproject: -n 2)
+    # a Prefect home (profiles, results) of its own, and one torch thread in it and in the commands it starts: two
+    # workers of two threads each on two cores spend their time waiting on each other's threads
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"soup-prefect-home-{os.environ['PYTEST_XDIST_WORKER']}-")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 for _name in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
     os.environ.setdefault(_name, "soup-pipeline tests")
 for _name in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
@@ -43,6 +49,20 @@ def _quick_popen(test: str) -> type[subprocess.Popen]:
             super().__init__(args, *rest, **options)
 
     return QuickPopen
+
+
+# The files that take longest (`pytest --durations`), longest first.
+LONGEST_FIRST = ("test_faults.py", "test_plugin.py", "test_stage_deps.py", "test_dvc_pipeline.py", "test_flows.py",
+                 "test_families.py", "test_serving.py", "test_clip_soups.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest files first, then the rest by their number of slow tests (each file's tests in their own order):
+    pytest-xdist hands whole files to its workers in this order, so the long ones start at once and the short ones
+    fill in at the end."""
+    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow") is not None)
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), -slow[item.path]))
 
 
 @pytest.hookimpl(wrapper=True)

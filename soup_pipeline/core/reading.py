@@ -3,7 +3,7 @@
 Workers only read (decode files, apply the data set's own deterministic transform, collate): the caller draws the
 order and every random number, so the batches hold the same bytes whatever the number of workers. Data sets held in
 memory as tensors are read in the calling thread by default (a worker would only copy them); data sets read from
-files get half the cores, at most four.
+files get half the cores, at most four, on machines of four cores or more.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from .batches import Inputs
 from .data import TokenizedDataset, fetch_batch
 
 MAX_AUTO_WORKERS = 4
+MIN_CORES_FOR_WORKERS = 4
 
 
 def held_in_memory(dataset: Dataset) -> bool:
@@ -28,11 +29,13 @@ def held_in_memory(dataset: Dataset) -> bool:
 
 
 def resolve_workers(setting: int | None, dataset: Dataset) -> int:
-    """The worker processes for reading `dataset`: the setting, or for None 0 for data held in memory and half the
-    cores (at most four) for data read from files."""
+    """The worker processes for reading `dataset`: the setting, or for None 0 for data held in memory, and for data
+    read from files half the cores, at most four, where there are four or more (on fewer, workers take the cores
+    the training needs: `benchmarks/throughput.py`)."""
     if setting is not None:
         return setting
-    return 0 if held_in_memory(dataset) else min(MAX_AUTO_WORKERS, max(1, (os.cpu_count() or 1) // 2))
+    cores = os.cpu_count() or 1
+    return 0 if held_in_memory(dataset) or cores < MIN_CORES_FOR_WORKERS else min(MAX_AUTO_WORKERS, cores // 2)
 
 
 class _WholeBatches(Dataset):

@@ -207,7 +207,7 @@ class SweepParams(Strict):
     per_device: int = Field(1, ge=1)  # fine-tunes that share one GPU at a time (the flow; on Dask, one GPU resource
     # each)
     workers: int | None = Field(None, ge=0)  # DataLoader processes reading each fine-tune's batches; None: 0 for data
-    # held in memory (the digits), half the cores (at most 4) for files. Results do not depend on it
+    # held in memory (the digits), half the cores (at most 4, on 4+ cores) for files. Results do not depend on it
     precision: Precision = "float32"  # fine-tuning's forward passes: float32, or bf16 autocast where the device has it
 
     @field_validator("members", mode="before")
@@ -244,7 +244,7 @@ class EvaluateParams(Strict):
     basin_gap: float = Field(0.1, ge=0, le=1)  # warn when the uniform soup's fit accuracy is this far below the best
     # member's
     workers: int | None = Field(None, ge=0)  # DataLoader processes reading the evaluation batches (None: as the sweep's
-    # rule, 0 for data held in memory, half the cores, at most 4, for files). Results do not depend on it
+    # rule). Results do not depend on it
     precision: Precision = "float32"  # evaluation's forward passes: float32, or bf16 autocast
 
 
