@@ -44,9 +44,6 @@ class _WholeBatches(Dataset):
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
     def __getitem__(self, indices: torch.Tensor) -> tuple[Inputs, torch.Tensor]:
         return fetch_batch(self.dataset, indices)
 

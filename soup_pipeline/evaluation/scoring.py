@@ -37,9 +37,10 @@ def model_outputs(model: nn.Module, dataset: Dataset, batch_size: int, device: t
     return out.to(torch.promote_types(out.dtype, torch.float32)), torch.cat(targets)
 
 
-def model_logits(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device) -> torch.Tensor:
+def model_logits(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, *,
+                 workers: int | None = 0, precision: Precision = "float32") -> torch.Tensor:
     """Logits of a model over a whole data set, in data set order, on the CPU."""
-    return model_outputs(model, dataset, batch_size, device)[0]
+    return model_outputs(model, dataset, batch_size, device, workers=workers, precision=precision)[0]
 
 
 def dataset_targets(dataset: Dataset, batch_size: int = 1024) -> torch.Tensor:
@@ -63,7 +64,7 @@ def loss_and_accuracy(model: nn.Module, dataset: Dataset, batch_size: int, devic
 def predictor(model: nn.Module, batch_size: int, device: torch.device, *, workers: int | None = 0,
               precision: Precision = "float32") -> Predict:
     """`predict(dataset) -> logits` of a model (read by `workers` processes, in `precision`)."""
-    return lambda dataset: model_outputs(model, dataset, batch_size, device, workers=workers, precision=precision)[0]
+    return lambda dataset: model_logits(model, dataset, batch_size, device, workers=workers, precision=precision)
 
 
 def split_outcomes(predict: Predict, splits: DataSplits,
