@@ -24,7 +24,8 @@ class SoupSettings(Strict):
 
     batch_size: int = Field(128, gt=0)  # held-out mini-batch size
     seed: int = 0  # seeds the ingredient permutations and the held-out stream
-    device: str = "auto"  # "auto" takes the GPU when there is one; else "cpu", "cuda", "cuda:1"
+    device: str = "auto"  # "auto"/"cuda": every visible GPU, soup i on GPU i mod count (a torchrun rank on its own);
+    # else "cpu" or "cuda:1"
     storage_dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = None  # ingredient dtype in memory;
     # None = the file's
     nproc: int = Field(1, ge=1)  # processes per node (torchrun, one per GPU) for the methods that run distributed;

@@ -30,7 +30,7 @@ from soup_pipeline.core.ingredients import Ingredient
 from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.runtime.kill_points import reached
 from soup_pipeline.runtime.lock import file_lock, root_lock
-from soup_pipeline.runtime.placement import device_slots, member_device, sweep_devices, visible_gpus
+from soup_pipeline.runtime.placement import device_slots, placed_device, visible_gpus
 from soup_pipeline.soups import SoupResult
 from soup_pipeline.soups.engine.base import overfitting_said_once
 from soup_pipeline.stages import ablate, evaluate, finetune, importer, prepare, pretrain, soup
@@ -77,7 +77,7 @@ def pretrain_task(params: Params, root: str) -> dict:
 @stage_task(retries=1, retry_delay_seconds=2)
 def finetune_task(params: Params, root: str, member: int, tracker: track.Tracker) -> Ingredient:
     """One member on its device, waiting while `sweep.per_device` fine-tunes of this process hold that GPU."""
-    device = member_device(member, sweep_devices(params.sweep.device, visible_gpus()))
+    device = placed_device(params.sweep.device, member, visible_gpus())
     with device_slots(params.sweep.per_device).hold(device):
         return track.tracked_finetune(tracker, member, StagePaths(Path(root)).ingredient(member),
                                       lambda: finetune.run(params, root, member, reuse=True))

@@ -1,22 +1,26 @@
-"""Where each fine-tune of a sweep runs: on CUDA, the sweep's members dealt round robin over the visible GPUs, at
-most `per_device` of them on one GPU at a time; on the CPU, as before (one fine-tune per core).
+"""Where each job of the pipeline runs: on CUDA, a sweep's members and the soups dealt round robin over the visible
+GPUs (at most `per_device` fine-tunes on one GPU at a time), a torchrun rank on its own GPU; on the CPU, as before.
 
-The assignment is a pure function of the device setting, the number of visible GPUs and the member id, so the flow
-and a `dvc repro` stage put member k on the same GPU. On Dask each fine-tune asks for one `GPU` worker resource and
-runs on that worker's GPU."""
+The assignment is a pure function of the device setting, the number of visible GPUs, the job's slot (a member id, a
+soup's place in `soup.built`, a model's place in the evaluation) and the torchrun local rank, so the flow and a
+`dvc repro` stage put a job on the same GPU. On Dask each fine-tune asks for one `GPU` worker resource and runs on
+that worker's GPU."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
-from typing import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
 from .errors import SoupError
 
 CPU = "cpu"
+T = TypeVar("T")
 
 
 def visible_gpus() -> int:
@@ -24,24 +28,43 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def sweep_devices(setting: str, cuda_count: int) -> list[str]:
-    """The devices a sweep spreads over: every visible GPU for "cuda" (and for "auto" where there is one), the one
-    named for "cuda:i" or "cpu"."""
+def spread_devices(setting: str, cuda_count: int, key: str = "sweep.device") -> list[str]:
+    """The devices jobs spread over: every visible GPU for "cuda" (and for "auto" where there is one), the one named
+    for "cuda:i" or "cpu". `key` names the setting in errors."""
     if setting == "auto":
         setting = "cuda" if cuda_count else CPU
     if setting.startswith("cuda") and not cuda_count:
-        raise SoupError(f"sweep.device {setting!r} asked for but no CUDA GPU is visible; use auto or cpu")
+        raise SoupError(f"{key} {setting!r} asked for but no CUDA GPU is visible; use auto or cpu")
     if setting == "cuda":
         return [f"cuda:{index}" for index in range(cuda_count)]
     if setting.startswith("cuda:") and int(setting.split(":")[1]) >= cuda_count:
-        raise SoupError(f"sweep.device {setting!r}: only {cuda_count} GPU(s) are visible "
+        raise SoupError(f"{key} {setting!r}: only {cuda_count} GPU(s) are visible "
                         f"(cuda:0 to cuda:{cuda_count - 1})")
     return [setting]
 
 
-def member_device(member: int, devices: Sequence[str]) -> str:
-    """The device of member `member`: dealt round robin by member id (so growing the sweep moves no member)."""
-    return devices[member % len(devices)]
+def dealt_device(slot: int, devices: Sequence[str]) -> str:
+    """The device of job `slot`: dealt round robin (a member by its id, so growing the sweep moves no member)."""
+    return devices[slot % len(devices)]
+
+
+def placed_device(setting: str, slot: int, cuda_count: int, *, local_rank: int | None = None,
+                  key: str = "sweep.device") -> str:
+    """The device of job `slot` under `setting`: a torchrun rank's own GPU (`local_rank`) where the setting names no
+    GPU index, else dealt round robin over `spread_devices`."""
+    devices = spread_devices(setting, cuda_count, key)
+    if local_rank is not None and setting in ("auto", "cuda") and devices[0] != CPU:
+        if local_rank >= cuda_count:
+            raise SoupError(f"{key} {setting!r}: local rank {local_rank} has no GPU of its own ({cuda_count} visible); "
+                            f"run at most {cuda_count} processes per node")
+        return f"cuda:{local_rank}"
+    return dealt_device(slot, devices)
+
+
+def device_for(setting: str, slot: int, key: str) -> torch.device:
+    """`placed_device` for this process: the GPUs it sees, and its local rank when torchrun started it."""
+    local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
+    return torch.device(placed_device(setting, slot, visible_gpus(), local_rank=local_rank, key=key))
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,3 +92,24 @@ class DeviceSlots:
             slot = self._slots.setdefault(device, threading.BoundedSemaphore(self.per_device))
         with slot:
             yield
+
+
+def on_devices(jobs: Sequence[Callable[[torch.device], T]], devices: Sequence[torch.device]) -> list[T]:
+    """Run job i on devices[i] and return their results in order: the jobs of one device one after another, those of
+    different devices side by side (a thread per device); all in this thread where there is one device."""
+    queues: dict[torch.device, list[int]] = {}
+    for index, device in enumerate(devices):
+        queues.setdefault(device, []).append(index)
+    results: dict[int, T] = {}
+
+    def run_queue(device: torch.device) -> None:
+        for index in queues[device]:
+            results[index] = jobs[index](device)
+
+    if len(queues) == 1:
+        run_queue(next(iter(queues)))
+    else:
+        with ThreadPoolExecutor(max_workers=len(queues), thread_name_prefix="device") as pool:
+            for done in [pool.submit(run_queue, device) for device in queues]:
+                done.result()
+    return [results[index] for index in range(len(jobs))]

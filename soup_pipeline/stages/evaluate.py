@@ -6,6 +6,7 @@ Test data are read here only, once per method, after every soup is built; they d
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -20,9 +21,9 @@ from ..evaluation.scoring import predictor, split_outcomes
 from ..evaluation.selection import BEST_INDIVIDUAL, choose_on_select, compared_rows, registration_file
 from ..evaluation.tables import markdown_table
 from ..runtime.atomic import write_json
-from ..runtime.devices import resolve_device
 from ..runtime.errors import SoupError
 from ..runtime.kill_points import reached
+from ..runtime.placement import device_for, on_devices
 from ..soups.comparators.basin import diagnose
 from ..soups.comparators.ensemble import ensemble_logits
 from ..soups.engine.base import best_individual, model_at
@@ -43,8 +44,6 @@ def evaluate_rows(params: Params, paths: StagePaths, store: IngredientStore,
     per-example correctness (method -> split -> booleans) and cross-entropy on the select data (method -> losses),
     for `register_method: auto`."""
     objective = soup_objective(params, store, splits)
-    device = resolve_device(params.soup.device)
-    batch = params.evaluate.batch_size
     best = best_individual(store)
     rows = [{"method": "zero_shot", **read_json(paths.base_info)["zero_shot"]}]
     states = {BEST_INDIVIDUAL: lambda: store.load(best),
@@ -52,13 +51,22 @@ def evaluate_rows(params: Params, paths: StagePaths, store: IngredientStore,
                  for method in params.soup.built}}
     extra = {BEST_INDIVIDUAL: {"member": store.ingredients[best].name},
              **{method: read_json(paths.soup_dir(method) / "metrics.json") for method in params.soup.built}}
-    correct, select_losses = {}, {}
-    for method, state in tqdm(states.items(), desc="evaluate", unit="model", disable=None):
-        predict = predictor(model_at(objective, state(), device), batch, device, workers=params.evaluate.workers,
-                            precision=params.evaluate.precision)
-        correct[method], losses = split_outcomes(predict, splits)
-        select_losses[method] = losses["select"]
-        reached("evaluate-method")
+    with tqdm(total=len(states), desc="evaluate", unit="model", disable=None) as progress:
+
+        def outcomes(state, device: torch.device) -> tuple[dict, dict]:
+            predict = predictor(model_at(objective, state(), device), params.evaluate.batch_size, device,
+                                workers=params.evaluate.workers, precision=params.evaluate.precision)
+            scored = split_outcomes(predict, splits)
+            progress.update()
+            reached("evaluate-method")
+            return scored
+
+        # model i dealt over the GPUs as the soups are (runtime.placement): several GPUs score side by side
+        devices = [device_for(params.soup.device, slot, "soup.device") for slot in range(len(states))]
+        scored = on_devices([functools.partial(outcomes, state) for state in states.values()], devices)
+    correct = {method: outcome[0] for method, outcome in zip(states, scored)}
+    select_losses = {method: outcome[1]["select"] for method, outcome in zip(states, scored)}
+    device = devices[0]
     correct["ensemble"] = split_outcomes(lambda ds: ensemble_logits(store, objective, device, ds), splits)[0]
     rows += compared_rows(correct, seed=params.evaluate.bootstrap_seed, resamples=params.evaluate.bootstrap_resamples,
                           extra=extra)
@@ -91,7 +99,7 @@ def run(params: Params, root: str | Path) -> list[dict]:
                               seed=params.evaluate.bootstrap_seed, resamples=params.evaluate.bootstrap_resamples)
     write_json(registration_file(out), chosen.as_dict())
     basin = diagnose(store, soup_objective(params, store, splits), anchor_if_known(paths, store),
-                     gap_limit=params.evaluate.basin_gap, device=resolve_device(params.soup.device))
+                     gap_limit=params.evaluate.basin_gap, device=device_for(params.soup.device, 0, "soup.device"))
     write_json(out / "basin.json", basin.as_dict())
     if basin.warning:
         warnings.warn(basin.warning, stacklevel=2)

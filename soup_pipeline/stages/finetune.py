@@ -8,7 +8,7 @@ from ..config import Params
 from ..core.ingredients import Ingredient, read_ingredient
 from ..core.models import base_model_id
 from ..runtime.kill_points import reached
-from ..runtime.placement import member_device, sweep_devices, visible_gpus
+from ..runtime.placement import placed_device, visible_gpus
 from ..training.finetune import finetune
 from ..training.sweep import sample_hparams
 from ..workspace.inputs import stage_inputs_sha256
@@ -44,7 +44,7 @@ def run(params: Params, root: str | Path, member: int, *, reuse: bool = False) -
     base = base_reference(params, paths)
     hparams = sample_hparams(params.sweep, member)
     inputs = stage_inputs_sha256(root, "finetune", params)
-    device = member_device(member, sweep_devices(params.sweep.device, visible_gpus()))
+    device = placed_device(params.sweep.device, member, visible_gpus())
     ingredient = finetune(base, hparams, load_splits(params), target, member=member, model_params=params.model,
                           device=device, workers=params.sweep.workers, extra_meta={"inputs_sha256": inputs})
     reached("finetune-saved", member)

@@ -11,11 +11,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from ..config import Params, SoupSettings
-from ..runtime.devices import rank_device, resolve_device
 from ..runtime.errors import SoupError
 from ..runtime.kill_points import armed, reached
 from ..runtime.lock import LOCK_HELD_ENV
+from ..runtime.placement import device_for
 from ..soups import SoupResult, get_spec, run_method
 from ..soups.engine.base import Objective, model_at, role_metrics
 from ..soups.engine.distributed import launched_world, process_group
@@ -39,6 +41,12 @@ def soup_metrics(result: SoupResult, objective: Objective, device) -> dict:
     }
 
 
+def soup_device(params: Params, method: str) -> torch.device:
+    """Where soup `method` is built (`runtime.placement`): dealt by its place in `soup.built` over the GPUs its
+    `device` spreads over (`auto` and `cuda`: every visible one), a torchrun rank on its own GPU, else the CPU."""
+    return device_for(params.soup.method(method).device, params.soup.built.index(method), "soup.device")
+
+
 def run(params: Params, root: str | Path, method: str) -> SoupResult:
     """Run `method` and write runs/soups/METHOD/{soup.safetensors, beta.json, metrics.json, history.json}
     (and search.json, the candidate table, when the grouping was chosen on select data): the same
@@ -54,6 +62,8 @@ def run(params: Params, root: str | Path, method: str) -> SoupResult:
     if spec.distributed and settings.nproc * settings.nnodes > 1 and launched_world() == 1:
         launch(params, paths, method, settings)
         return read_result(paths, method)
+    device = soup_device(params, method)
+    settings = settings.model_copy(update={"device": str(device)})  # the method runs where it was placed
     store = open_store(params, paths, settings=settings)
     objective = soup_objective(params, store, load_splits(params), settings)
     options = {"resume_dir": paths.runs / "resume" / method} if spec.resumable else {}
@@ -63,7 +73,6 @@ def run(params: Params, root: str | Path, method: str) -> SoupResult:
         options["soup"] = read_result(paths, settings.soup)
     if spec.resumable and armed("mehl-block"):
         options["on_step"] = lambda event: reached("mehl-block") if event.position > 0 else None
-    device = rank_device(resolve_device(settings.device))
     with process_group(device) as ranks:
         result = run_method(method, store, objective, settings, **options)
     if ranks.leader:
