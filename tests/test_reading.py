@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 from torchvision.datasets import ImageFolder
 
-from soup_pipeline.core.data import CLIP_MEAN, CLIP_STD, digits_preprocess, image_folder_splits
+from soup_pipeline.core.data import CLIP_MEAN, CLIP_STD, DataSplits, digits_preprocess, image_folder_splits
 from soup_pipeline.core.ingredients import file_sha256
 from soup_pipeline.core.portable_classifier import image_transform
 from soup_pipeline.core.reading import held_in_memory, read_batches, resolve_workers, sequential_batches
@@ -23,6 +23,7 @@ from soup_pipeline.evaluation.scoring import model_outputs
 from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.runtime.precision import autocast
 from soup_pipeline.soups import run_method
+from soup_pipeline.soups.comparators.ensemble import ensemble_logits
 from soup_pipeline.training.finetune import finetune
 from soup_pipeline.training.sweep import sample_hparams
 from toys import params_for, toy_ingredients, toy_objective
@@ -141,6 +142,53 @@ def test_bf16_evaluation_gives_float32_logits_close_to_float32s(tiny_splits):
     rounded, _ = model_outputs(model, tiny_splits.test, 64, torch.device("cpu"), precision="bf16")
     assert rounded.dtype == torch.float32 and not torch.equal(exact, rounded)
     assert torch.allclose(exact, rounded, atol=0.05 * exact.abs().max())
+
+
+def test_the_ensemble_is_scored_in_the_evaluations_precision_and_the_same_with_workers(tmp_path):
+    store = toy_ingredients(tmp_path, 3, dtype=torch.float32)
+    seen = []
+    objective = toy_objective(torch.float32)
+    build = objective.model_factory
+
+    def recording_model():
+        model = build()
+        model.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        return model
+
+    objective = dataclasses.replace(objective, model_factory=recording_model)
+    cpu, data = torch.device("cpu"), objective.fit
+    exact = ensemble_logits(store, objective, cpu, data)
+    assert set(seen) == {torch.float32}
+    seen.clear()
+    rounded = ensemble_logits(store, objective, cpu, data, precision="bf16")
+    assert set(seen) == {torch.bfloat16} and rounded.dtype == torch.float32  # each member's forward passes, rounded
+    assert not torch.equal(exact, rounded) and torch.allclose(exact, rounded, atol=0.05 * exact.abs().max())
+    assert torch.equal(ensemble_logits(store, objective, cpu, data, workers=2), exact)
+
+
+def test_a_teams_subflow_scores_in_its_precision_and_the_same_with_workers(tmp_path):
+    from soup_pipeline.prefect.blocks import evaluate_task
+
+    store = toy_ingredients(tmp_path, 3, dtype=torch.float32)
+    seen = []
+    objective = toy_objective(torch.float32)
+    build = objective.model_factory
+
+    def recording_model():
+        model = build()
+        model.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        return model
+
+    objective = dataclasses.replace(objective, model_factory=recording_model)
+    data = objective.fit
+    splits = DataSplits(train=data, fit=data, select=data, test=data, classnames=(), templates=())
+    paths = [str(ingredient.path) for ingredient in store.ingredients]
+    exact = evaluate_task.fn({}, paths, objective, splits, batch_size=16)
+    assert set(seen) == {torch.float32}
+    seen.clear()
+    evaluate_task.fn({}, paths, objective, splits, batch_size=16, precision="bf16")
+    assert set(seen) == {torch.bfloat16}
+    assert evaluate_task.fn({}, paths, objective, splits, batch_size=16, workers=2) == exact
 
 
 def test_mehl_soup_inner_steps_run_in_bf16_and_the_soup_stays_float32(tmp_path):

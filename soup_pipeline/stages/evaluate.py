@@ -67,7 +67,9 @@ def evaluate_rows(params: Params, paths: StagePaths, store: IngredientStore,
     correct = {method: outcome[0] for method, outcome in zip(states, scored)}
     select_losses = {method: outcome[1]["select"] for method, outcome in zip(states, scored)}
     device = devices[0]
-    correct["ensemble"] = split_outcomes(lambda ds: ensemble_logits(store, objective, device, ds), splits)[0]
+    correct["ensemble"] = split_outcomes(lambda ds: ensemble_logits(store, objective, device, ds,
+                                                                    workers=params.evaluate.workers,
+                                                                    precision=params.evaluate.precision), splits)[0]
     rows += compared_rows(correct, seed=params.evaluate.bootstrap_seed, resamples=params.evaluate.bootstrap_resamples,
                           extra=extra)
     return rows, correct, select_losses

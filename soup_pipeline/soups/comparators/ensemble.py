@@ -8,20 +8,22 @@ import torch
 from torch.utils.data import Dataset
 
 from ...core.ingredients import IngredientStore
-from ...core.settings import SoupSettings
+from ...core.settings import Precision, SoupSettings
 from ...evaluation.scoring import model_logits
 from ...runtime.devices import resolve_device
 from ..engine.base import MethodSpec, Objective, SoupResult, check_ingredient_count, model_at, uniform_beta
 
 
 @torch.no_grad()
-def ensemble_logits(store: IngredientStore, objective: Objective, device: torch.device,
-                    dataset: Dataset) -> torch.Tensor:
-    """Mean logits of the K models over a data set, one model resident at a time."""
+def ensemble_logits(store: IngredientStore, objective: Objective, device: torch.device, dataset: Dataset, *,
+                    workers: int | None = 0, precision: Precision = "float32") -> torch.Tensor:
+    """Mean logits of the K models over a data set, one model resident at a time (each read by `workers` processes,
+    its forward passes in `precision`; the mean in float64)."""
     total = None
     for index in range(len(store)):
         model = model_at(objective, store.load(index), device)
-        logits = model_logits(model, dataset, objective.batch_size, device).double()
+        logits = model_logits(model, dataset, objective.batch_size, device, workers=workers,
+                              precision=precision).double()
         total = logits if total is None else total + logits
         del model
     return (total / len(store)).float()
