@@ -305,5 +305,7 @@ def test_a_run_of_several_soups_says_the_overfitting_warning_once_naming_them(tm
     assert str(overfitting[0].message).startswith("; ".join(
         f"{name}: 24 learned coefficients (K=4 x L=6) exceed the 20 fit examples" for name in PAPER_SOUPS))
     assert "these 4 soups may overfit them" in str(overfitting[0].message)
+    rebuilt = OverfittingWarning(str(overfitting[0].message))  # as pytest-xdist rebuilds a worker's warning
+    assert str(rebuilt) == str(overfitting[0].message) and rebuilt.soups == ()
     others = [str(w.message) for w in said if not issubclass(w.category, OverfittingWarning)]
     assert others == ["model_batch (b) = 8 exceeds K = 4; using b = 4"] * 2  # the MEHL soups': shown, not held back

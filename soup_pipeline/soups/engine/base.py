@@ -225,7 +225,11 @@ class Overfit:
 class OverfittingWarning(UserWarning):
     """The overfitting guard's warning, naming each soup it concerns (`soups`)."""
 
-    def __init__(self, soups: Sequence[Overfit]):
+    def __init__(self, soups: Sequence[Overfit] | str):
+        if isinstance(soups, str):  # rebuilt from its text (as pytest-xdist passes warnings between processes)
+            self.soups = ()
+            super().__init__(soups)
+            return
         self.soups = tuple(soups)
         verdict = ("the soup may overfit them" if len(self.soups) == 1
                    else f"these {len(self.soups)} soups may overfit them")
