@@ -22,7 +22,7 @@ from soup_pipeline.core.settings import DataParams, EvaluateParams, FinetunePara
 from soup_pipeline.evaluation.scoring import model_outputs
 from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.runtime.precision import autocast
-from soup_pipeline.soups import run_method
+from soup_pipeline.soups import Objective, run_method
 from soup_pipeline.soups.comparators.ensemble import ensemble_logits
 from soup_pipeline.training.finetune import finetune
 from soup_pipeline.training.sweep import sample_hparams
@@ -55,6 +55,18 @@ def write_digit_folder(splits, root: Path) -> None:
                 folder.mkdir(parents=True, exist_ok=True)
                 pixels = ((image * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
                 Image.fromarray(pixels).save(folder / f"{part}-{i}.png")
+
+
+def dtype_recording(objective: Objective) -> tuple[Objective, list[torch.dtype]]:
+    """The objective whose models note, in the list returned, the dtype of each forward pass's output."""
+    seen: list[torch.dtype] = []
+
+    def recording_model():
+        model = objective.model_factory()
+        model.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        return model
+
+    return dataclasses.replace(objective, model_factory=recording_model), seen
 
 
 @pytest.fixture(scope="module")
@@ -146,16 +158,7 @@ def test_bf16_evaluation_gives_float32_logits_close_to_float32s(tiny_splits):
 
 def test_the_ensemble_is_scored_in_the_evaluations_precision_and_the_same_with_workers(tmp_path):
     store = toy_ingredients(tmp_path, 3, dtype=torch.float32)
-    seen = []
-    objective = toy_objective(torch.float32)
-    build = objective.model_factory
-
-    def recording_model():
-        model = build()
-        model.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-        return model
-
-    objective = dataclasses.replace(objective, model_factory=recording_model)
+    objective, seen = dtype_recording(toy_objective(torch.float32))
     cpu, data = torch.device("cpu"), objective.fit
     exact = ensemble_logits(store, objective, cpu, data)
     assert set(seen) == {torch.float32}
@@ -170,16 +173,7 @@ def test_a_teams_subflow_scores_in_its_precision_and_the_same_with_workers(tmp_p
     from soup_pipeline.prefect.blocks import evaluate_task
 
     store = toy_ingredients(tmp_path, 3, dtype=torch.float32)
-    seen = []
-    objective = toy_objective(torch.float32)
-    build = objective.model_factory
-
-    def recording_model():
-        model = build()
-        model.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-        return model
-
-    objective = dataclasses.replace(objective, model_factory=recording_model)
+    objective, seen = dtype_recording(toy_objective(torch.float32))
     data = objective.fit
     splits = DataSplits(train=data, fit=data, select=data, test=data, classnames=(), templates=())
     paths = [str(ingredient.path) for ingredient in store.ingredients]
@@ -193,16 +187,7 @@ def test_a_teams_subflow_scores_in_its_precision_and_the_same_with_workers(tmp_p
 
 def test_mehl_soup_inner_steps_run_in_bf16_and_the_soup_stays_float32(tmp_path):
     store = toy_ingredients(tmp_path, 4, dtype=torch.float32)
-    seen = []
-    objective = toy_objective(torch.float32)
-    build = objective.model_factory
-
-    def recording_model():
-        model = build()
-        model.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-        return model
-
-    objective = dataclasses.replace(objective, model_factory=recording_model)
+    objective, seen = dtype_recording(toy_objective(torch.float32))
     settings = {"model_batch": 2, "passes": 2.0, "lr": 0.1, "seed": 0, "device": "cpu"}
     exact = run_method("mehl_soup", store, objective, params_for("mehl_soup", **settings))
     steps_in_float32 = seen.count(torch.float32)
