@@ -55,6 +55,8 @@ class SoupParams(SoupSettings):
 
     methods: dict[str, dict | None] = Field(default_factory=lambda: {name: {} for name in soup_methods(refining=False)})
     refine: dict[str, dict | None] = {}  # soups built on a soup of `methods` (named by their `soup` key), after it
+    side_by_side: bool = False  # `soup-pipeline run`: soups on different GPUs build at the same time (each GPU's in
+    # turn; their seconds then share the host's cores and disk); false: one after another, each timed alone
 
     @model_validator(mode="after")
     def _methods(self) -> "SoupParams":
@@ -78,7 +80,8 @@ class SoupParams(SoupSettings):
         """The typed parameters of `name`: the shared settings with its own section on top (its
         declared defaults when it is not listed)."""
         section = "refine" if name in self.refine else "methods"
-        values = {**self.model_dump(exclude={"methods", "refine"}), **(getattr(self, section).get(name) or {})}
+        shared = self.model_dump(exclude={"methods", "refine", "side_by_side"})
+        values = {**shared, **(getattr(self, section).get(name) or {})}
         try:
             return method_params_type(name).model_validate(values)
         except ValidationError as exc:

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -238,6 +239,51 @@ def test_the_flow_souped_on_two_processes_as_one_process_would(tracked, tmp_path
     (run,) = children(pipeline.summary["mlflow_run_id"])["mehl_soup_plus"]  # tracked from the files rank 0 wrote
     assert run.data.params["soup.nproc"] == "2" and run.data.metrics["construction_s"] > 0
     assert json.loads(StagePaths(pipeline.repo).soup_cost("mehl_soup_plus").read_text())["processes"] == 2  # torchrun
+
+
+def test_side_by_side_soups_on_different_gpus_build_at_once_and_a_refinement_waits_for_its_soup(tracked, tmp_path,
+                                                                                                monkeypatch):
+    """The flow's soups with `soup.side_by_side`, placed by a given device list (two GPU names; the soups compute on
+    the CPU): uniform and greedy, on two GPUs, meet while both build; wise_ft_soup, on uniform's GPU, starts after
+    greedy, the soup it refines, is written; the files are the bytes the sequential flow wrote."""
+    from prefect import flow
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from soup_pipeline.prefect.pipeline import build_soups
+
+    pipeline = tracked
+    root = tmp_path / "side"
+    for folder in ("data", "ingredients", "base"):
+        shutil.copytree(pipeline.repo / "runs" / folder, root / "runs" / folder)
+    params = load_params(pipeline.repo / "params.yaml", {
+        "soup": {"side_by_side": True, "methods": {"uniform": {}, "greedy": {}},
+                 "refine": {"wise_ft_soup": {"soup": "greedy", "search": {"alphas": [0.5, 1.0]}}}},
+        "tracking": {"register_method": "greedy"}})
+    placed = {"uniform": ["cuda:0"], "greedy": ["cuda:1"], "wise_ft_soup": ["cuda:0"]}
+    monkeypatch.setattr(soup_stage, "soup_devices", lambda params, method: placed[method])
+    build, meeting, spans = soup_stage.run, threading.Barrier(2, timeout=120), {}
+
+    def timed(params, root, method):
+        start = time.monotonic()
+        if method in ("uniform", "greedy"):
+            meeting.wait()  # broken, failing the flow, unless the other one builds at the same time
+        result = build(params, root, method)
+        spans[method] = (start, time.monotonic())
+        return result
+
+    monkeypatch.setattr(soup_stage, "run", timed)
+
+    @flow(task_runner=ThreadPoolTaskRunner(max_workers=3), validate_parameters=False)
+    def soups_only(params, root: str) -> dict:
+        return build_soups(params, root)
+
+    results = soups_only(params, str(root))
+    assert list(results) == ["uniform", "greedy", "wise_ft_soup"]
+    assert spans["wise_ft_soup"][0] >= spans["greedy"][1]
+    for method in ("uniform", "greedy"):
+        built = f"runs/soups/{method}/soup.safetensors"
+        assert file_sha256(root / built) == file_sha256(pipeline.repo / built), method
+    assert (root / "runs/soups/wise_ft_soup/soup.safetensors").is_file()
 
 
 def test_dvc_status_is_clean_and_pushed_after_a_flow_run(pipeline):

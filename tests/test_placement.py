@@ -14,7 +14,7 @@ from soup_pipeline.config import Params
 from soup_pipeline.runtime import placement
 from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.runtime.placement import DeviceSlots, dealt_device, on_devices, placed_device, spread_devices
-from soup_pipeline.stages.soup import soup_device
+from soup_pipeline.stages.soup import soup_device, soup_devices
 
 
 def test_auto_and_cuda_spread_over_every_visible_gpu_and_the_cpu_path_is_unchanged():
@@ -109,3 +109,36 @@ def test_jobs_of_one_device_run_one_after_another_and_different_devices_side_by_
     assert len({thread for _, thread in results}) == 2  # a thread per device
     here = on_devices([lambda device, index=index: job(index + 2, device) for index in range(3)], [gpus[0]] * 3)
     assert {thread for _, thread in here} == {threading.current_thread().name}  # one device: in this thread
+
+
+def test_soup_slots_hold_the_cpu_too_and_holders_of_overlapping_gpus_never_wait_on_each_other():
+    slots = DeviceSlots(per_device=1, cpu=True)
+    with slots.hold("cpu"):
+        waiting = threading.Thread(target=lambda: slots.hold("cpu").__enter__(), daemon=True)
+        waiting.start()
+        waiting.join(0.3)
+        assert waiting.is_alive()  # a second soup on the CPU waits for the first
+    done = []
+
+    def holder(devices: list[str]) -> None:
+        for _ in range(200):
+            with slots.hold_all(devices):
+                pass
+        done.append(devices)
+
+    threads = [threading.Thread(target=holder, args=(devices,), daemon=True)
+               for devices in (["cuda:0", "cuda:1"], ["cuda:1", "cuda:0"], ["cuda:1"])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(done) == 3  # in one order: no two holders each wait for the other's GPU
+
+
+def test_a_soup_on_several_processes_occupies_each_local_ranks_gpu(monkeypatch):
+    params = Params.model_validate({"soup": {"methods": {"uniform": {}, "mehl_soup": {"nproc": 2}}}})
+    monkeypatch.setattr(placement, "visible_gpus", lambda: 4)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert soup_devices(params, "mehl_soup") == ["cuda:0", "cuda:1"] and soup_devices(params, "uniform") == ["cuda:0"]
+    monkeypatch.setattr(placement, "visible_gpus", lambda: 0)
+    assert set(soup_devices(params, "mehl_soup")) == {"cpu"}

@@ -2,7 +2,7 @@
 
 prepare -> pretrain -> import (external checkpoints, when `imports.sources` names any) -> sweep (one task per
 member, fanned out on the task runner) -> one soup per method (one after another, so each is timed and measured
-alone) -> evaluate -> ablate ->
+alone; with `soup.side_by_side`, those on different GPUs at once) -> evaluate -> ablate ->
 `dvc commit` (+ `dvc push`) -> MLflow tables, soup runs and the registered soup.
 
 The task runner is threads by default; SOUP_TASK_RUNNER=dask runs the sweep on Dask, on the
@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task, unmapped
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
@@ -30,7 +31,7 @@ from soup_pipeline.core.ingredients import Ingredient
 from soup_pipeline.runtime.errors import SoupError
 from soup_pipeline.runtime.kill_points import reached
 from soup_pipeline.runtime.lock import file_lock, root_lock
-from soup_pipeline.runtime.placement import device_slots, placed_device, visible_gpus
+from soup_pipeline.runtime.placement import DeviceSlots, device_slots, placed_device, visible_gpus
 from soup_pipeline.soups import SoupResult
 from soup_pipeline.soups.engine.base import overfitting_said_once
 from soup_pipeline.stages import ablate, evaluate, finetune, importer, prepare, pretrain, soup
@@ -42,6 +43,7 @@ from soup_pipeline.workspace.loading import member_ids, with_members
 from soup_pipeline.workspace.paths import StagePaths
 
 MIN_MEMBERS = 2  # a soup of fewer ingredients is not a soup
+SOUP_SLOTS = DeviceSlots(per_device=1, cpu=True)  # one soup at a time on each device, the CPU included
 
 # Results stay in memory: the files under runs/ are the cache (DVC's and the stages' own reuse).
 stage_task = functools.partial(task, persist_result=False)
@@ -85,7 +87,9 @@ def finetune_task(params: Params, root: str, member: int, tracker: track.Tracker
 
 @stage_task
 def soup_task(params: Params, root: str, method: str) -> SoupResult:
-    return soup.run(params, root, method)
+    """One soup, holding every device it occupies while it builds."""
+    with SOUP_SLOTS.hold_all(soup.soup_devices(params, method)):
+        return soup.run(params, root, method)
 
 
 @stage_task
@@ -153,6 +157,23 @@ def gpu_resource(params: Params) -> contextlib.AbstractContextManager:
     return dask.annotate(resources={"GPU": 1})
 
 
+def build_soups(params: Params, root: str) -> dict[str, SoupResult]:
+    """Every soup of the build order: one after another, or with `soup.side_by_side` each as a task on the thread
+    runner, holding its devices (`SOUP_SLOTS`: soups on different GPUs build at the same time, those on one device,
+    the CPU included, in turn; a refinement waits for the soup it refines)."""
+    on_dask = os.environ.get("SOUP_TASK_RUNNER") == "dask"
+    if params.soup.side_by_side and on_dask:
+        get_run_logger().warning("soup.side_by_side holds the GPUs of this process's threads; on Dask the soups are "
+                                 "built here one after another")
+    if not params.soup.side_by_side or on_dask:
+        return {method: soup_task(params, root, method) for method in params.soup.built}
+    futures: dict[str, PrefectFuture] = {}
+    for method in params.soup.built:
+        refined = [futures[params.soup.method(method).soup]] if method in params.soup.refine else []
+        futures[method] = soup_task.submit(params, root, method, wait_for=refined)
+    return {method: future.result() for method, future in futures.items()}
+
+
 def run_sweep(params: Params, root: str, tracker: track.Tracker) -> list[int]:
     """Fine-tune every member on the task runner; return those that finished (a failed one is dropped)."""
     members = member_ids(params)
@@ -193,7 +214,7 @@ def soup_pipeline_flow(params_path: str = "params.yaml", root: str = ".", overri
             complete = kept == member_ids(params)
             params = with_members(params, kept)
             with overfitting_said_once():  # one warning names every soup whose coefficients outnumber the fit data
-                results = {method: soup_task(params, root, method) for method in params.soup.built}
+                results = build_soups(params, root)
                 rows = evaluate_task(params, root)
                 ablate_task(params, root)
             dvc_locked.close()  # DVC's lock is released for the flow's own `dvc commit` and `dvc push`

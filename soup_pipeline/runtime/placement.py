@@ -67,6 +67,11 @@ def device_for(setting: str, slot: int, key: str) -> torch.device:
     return torch.device(placed_device(setting, slot, visible_gpus(), local_rank=local_rank, key=key))
 
 
+def rank_devices(setting: str, nproc: int, key: str) -> list[str]:
+    """The devices of local ranks 0 to nproc - 1 of a job torchrun launches on this node (`placed_device` of each)."""
+    return [placed_device(setting, 0, visible_gpus(), local_rank=rank, key=key) for rank in range(nproc)]
+
+
 @functools.lru_cache(maxsize=None)
 def device_slots(per_device: int) -> "DeviceSlots":
     """The process's slots for `per_device` (one set shared by every thread of the sweep)."""
@@ -74,23 +79,33 @@ def device_slots(per_device: int) -> "DeviceSlots":
 
 
 class DeviceSlots:
-    """At most `per_device` holders of one GPU at a time among the threads of a process (the thread task runner's
-    fine-tunes); the CPU is not limited here (the runner's workers are)."""
+    """At most `per_device` holders of one device at a time among the threads of a process: of each GPU (the thread
+    task runner's fine-tunes), and of the CPU too with `cpu` (else the runner's workers limit it)."""
 
-    def __init__(self, per_device: int):
+    def __init__(self, per_device: int, *, cpu: bool = False):
         self.per_device = per_device
+        self.cpu = cpu
         self._slots: dict[str, threading.BoundedSemaphore] = {}
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def hold(self, device: str) -> Iterator[None]:
         """Wait for a free slot of `device`, hold it for the block."""
-        if device == CPU:
+        if device == CPU and not self.cpu:
             yield
             return
         with self._lock:
             slot = self._slots.setdefault(device, threading.BoundedSemaphore(self.per_device))
         with slot:
+            yield
+
+    @contextlib.contextmanager
+    def hold_all(self, devices: Sequence[str]) -> Iterator[None]:
+        """Hold a slot of each of `devices` for the block, taken in one order by every holder (so two holders of
+        overlapping sets never wait on each other)."""
+        with contextlib.ExitStack() as held:
+            for device in sorted(set(devices)):
+                held.enter_context(self.hold(device))
             yield
 
 

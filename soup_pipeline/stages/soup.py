@@ -17,7 +17,7 @@ from ..config import Params, SoupSettings
 from ..runtime.errors import SoupError
 from ..runtime.kill_points import armed, reached
 from ..runtime.lock import LOCK_HELD_ENV
-from ..runtime.placement import device_for
+from ..runtime.placement import device_for, rank_devices
 from ..soups import SoupResult, get_spec, run_method
 from ..soups.engine.base import Objective, model_at, role_metrics
 from ..soups.engine.distributed import launched_world, process_group
@@ -45,6 +45,15 @@ def soup_device(params: Params, method: str) -> torch.device:
     """Where soup `method` is built (`runtime.placement`): dealt by its place in `soup.built` over the GPUs its
     `device` spreads over (`auto` and `cuda`: every visible one), a torchrun rank on its own GPU, else the CPU."""
     return device_for(params.soup.method(method).device, params.soup.built.index(method), "soup.device")
+
+
+def soup_devices(params: Params, method: str) -> list[str]:
+    """Every device soup `method` occupies on this node: its own (`soup_device`), or, launched on several processes,
+    the GPU of each local rank."""
+    settings = params.soup.method(method)
+    if get_spec(method).distributed and settings.nproc * settings.nnodes > 1:
+        return rank_devices(settings.device, settings.nproc, "soup.device")
+    return [str(soup_device(params, method))]
 
 
 def run(params: Params, root: str | Path, method: str) -> SoupResult:
