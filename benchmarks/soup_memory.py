@@ -36,8 +36,9 @@ from torch.utils.data import TensorDataset
 from soup_pipeline.core.ingredients import IngredientStore, save_ingredient
 from soup_pipeline.core.models import classifier_spec
 from soup_pipeline.core.portable_classifier import classifier_from_spec
-from soup_pipeline.runtime.devices import rank_device, resolve_device
+from soup_pipeline.runtime.devices import resolve_device
 from soup_pipeline.runtime.meters import measure
+from soup_pipeline.runtime.placement import device_for
 from soup_pipeline.soups import Objective, params_from, run_method
 from soup_pipeline.soups.engine.distributed import process_group
 
@@ -118,7 +119,7 @@ def finetune_floor(args, device: torch.device) -> dict:
 
 def run_one(args) -> dict:
     """One configuration in this process; returns its measurements."""
-    device = rank_device(resolve_device(args.device))
+    device = device_for(args.device, 0, "--device")
     if args.method == "finetune":
         return finetune_floor(args, device)
     paths = make_ingredients(Path(args.workdir), args.arch, args.K, args.image_size, args.storage_dtype)

@@ -49,9 +49,14 @@ SOUP_SLOTS = DeviceSlots(per_device=1, cpu=True)  # one soup at a time on each d
 stage_task = functools.partial(task, persist_result=False)
 
 
+def runner_kind() -> str:
+    """The task runner SOUP_TASK_RUNNER names: "threads" (the default) or "dask"."""
+    return os.environ.get("SOUP_TASK_RUNNER", "threads")
+
+
 def task_runner() -> TaskRunner:
     """Threads by default; SOUP_TASK_RUNNER=dask gives a DaskTaskRunner (SOUP_DASK_ADDRESS: an existing scheduler)."""
-    kind = os.environ.get("SOUP_TASK_RUNNER", "threads")
+    kind = runner_kind()
     if kind == "threads":
         return ThreadPoolTaskRunner(max_workers=os.cpu_count())  # one fine-tune per core; per GPU: `device_slots`
     if kind == "dask":
@@ -150,7 +155,7 @@ def _dvc(root: str, *args: str, check: bool = True) -> subprocess.CompletedProce
 def gpu_resource(params: Params) -> contextlib.AbstractContextManager:
     """On Dask with `sweep.device` cuda: each fine-tune asks for one `GPU` worker resource (start the workers with
     `--resources GPU=<per_device>` per GPU); elsewhere nothing (the thread runner's fine-tunes share `device_slots`)."""
-    if os.environ.get("SOUP_TASK_RUNNER") != "dask" or not params.sweep.device.startswith("cuda"):
+    if runner_kind() != "dask" or not params.sweep.device.startswith("cuda"):
         return contextlib.nullcontext()
     import dask
 
@@ -161,7 +166,7 @@ def build_soups(params: Params, root: str) -> dict[str, SoupResult]:
     """Every soup of the build order: one after another, or with `soup.side_by_side` each as a task on the thread
     runner, holding its devices (`SOUP_SLOTS`: soups on different GPUs build at the same time, those on one device,
     the CPU included, in turn; a refinement waits for the soup it refines)."""
-    on_dask = os.environ.get("SOUP_TASK_RUNNER") == "dask"
+    on_dask = runner_kind() == "dask"
     if params.soup.side_by_side and on_dask:
         get_run_logger().warning("soup.side_by_side holds the GPUs of this process's threads; on Dask the soups are "
                                  "built here one after another")

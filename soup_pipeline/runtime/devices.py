@@ -1,8 +1,7 @@
-"""Which torch device a setting names: `auto`, a checked CUDA device, and a torchrun rank's own GPU."""
+"""Which torch device a setting names: `auto`, or a checked CUDA device (a job's place among several GPUs, and a
+torchrun rank's own GPU: `runtime.placement`)."""
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -18,9 +17,3 @@ def resolve_device(name: str) -> torch.device:
         raise SoupError(f"device '{name}' asked for but no CUDA GPU is available; use device: auto or cpu")
     return device
 
-
-def rank_device(device: torch.device) -> torch.device:
-    """The device of this rank: its own GPU (LOCAL_RANK) under torchrun, else `device` as given."""
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device

@@ -12,9 +12,9 @@ from pydantic import ValidationError
 from ..core.ingredients import IngredientStore
 from ..core.settings import SoupSettings, format_validation_error
 from ..runtime.allocator import map_large_allocations
-from ..runtime.devices import rank_device, resolve_device
 from ..runtime.errors import SoupError
 from ..runtime.meters import measure
+from ..runtime.placement import device_for
 from .comparators import ensemble
 from .engine.base import Method, MethodSpec, Objective, SoupResult
 from .engine.layers import SearchableParams
@@ -69,7 +69,7 @@ def run_method(name: str, store: IngredientStore, objective: Objective, params: 
     """
     map_large_allocations()
     method = get_method(name, params)
-    with measure(rank_device(resolve_device(params.device))) as meter:
+    with measure(device_for(params.device, 0, "soup.device")) as meter:
         result = method(store, objective, params, name=name, **options)
     result.seconds, result.peak_bytes = meter.seconds, meter.peak_bytes
     return result

@@ -30,8 +30,8 @@ from ...core.batches import forward
 from ...core.ingredients import BlockPrefetcher, IngredientStore
 from ...core.schedule import warmup_cosine_scheduler
 from ...core.settings import Precision, SoupSettings
-from ...runtime.devices import rank_device, resolve_device
 from ...runtime.errors import SoupError
+from ...runtime.placement import device_for
 from ..engine.base import (
     HeldOutStream,
     LossLog,
@@ -320,7 +320,7 @@ def hyperplane_soup(store: IngredientStore, objective: Objective, params: MEHLPa
     """
     K = len(store)
     check_ingredient_count(store)
-    device, ranks = rank_device(resolve_device(params.device)), Ranks.current()
+    device, ranks = device_for(params.device, 0, "soup.device"), Ranks.current()
     soup = bind(store, objective, params.grouping if layerwise else "model", device, name)
     warn_overfitting(name, K, soup.grouping.size, len(objective.fit))
     stream = HeldOutStream(len(objective.fit), params.batch_size, params.seed, batches)
